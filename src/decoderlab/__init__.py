@@ -1,0 +1,34 @@
+"""decoderlab: one causal transformer with an explicit attention-mask algebra.
+
+Train it, load and save Hugging Face checkpoints, generate, and look inside; every feature is a
+function over the one `Transformer`.
+"""
+
+from . import masks
+from .cache import KVCache
+from .checkpoint import load, read_config, save
+from .config import PRESETS, ModelConfig
+from .errors import CheckpointError, ConfigError, MaskError, UserError
+from .masks import Mask
+from .model import ModelOutput, Transformer
+from .tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ConfigError",
+    "KVCache",
+    "Mask",
+    "MaskError",
+    "ModelConfig",
+    "ModelOutput",
+    "Tokenizer",
+    "Transformer",
+    "UserError",
+    "load",
+    "masks",
+    "read_config",
+    "save",
+]

@@ -1,0 +1,67 @@
+"""Preallocated key/value cache: one buffer for all layers, written in place at explicit slots.
+
+It never grows with `torch.cat`; `length` counts the filled slots, `truncate` rolls back rejected
+speculative tokens, and `keep` compacts accepted tree nodes into consecutive slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+class KVCache:
+    """Keys and values for `batch_size` rows of up to `max_length` tokens each.
+
+    The model writes a forward pass's new keys and values at slots `length .. length + T - 1` in every
+    layer, then calls `advance(T)`. Slots are the mask algebra's key indices.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        max_length = max_length or config.context_length
+        if batch_size < 1 or max_length < 1:
+            raise UserError(f"KV cache needs batch_size >= 1 and max_length >= 1, got {batch_size}, {max_length}")
+        shape = (config.n_layers, batch_size, config.kv_heads, max_length, config.dim_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write `k`, `v` [B, H_kv, T, D] after the filled slots; return all keys/values so far (views)."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise UserError(f"KV cache is full: {end} tokens requested, room for {self.max_length}; "
+                            "allocate a longer cache or generate fewer tokens")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on (rollback of rejected tokens)."""
+        if not 0 <= length <= self.length:
+            raise UserError(f"cannot truncate a cache of length {self.length} to {length}")
+        self.length = length
+
+    def keep(self, start: int, slots: torch.Tensor) -> None:
+        """Move the entries at `slots` (absolute, ascending) to `start, start+1, ...` and cut the rest."""
+        n = slots.numel()
+        self.keys[:, :, :, start:start + n] = self.keys[:, :, :, slots]
+        self.values[:, :, :, start:start + n] = self.values[:, :, :, slots]
+        self.length = start + n
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,299 @@
+"""`Transformer`: the one decoder-only model every decoderlab feature runs on.
+
+Masks and positions are explicit inputs: with neither, it is a plain causal LM over positions
+0..T-1 and attention takes SDPA's `is_causal` fast path. Architecture differences (norm, positions,
+activation, GQA, biases, QK-norm, soft-cap, tied embeddings) are config switches, not subclasses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import masks
+from .cache import KVCache
+from .config import ModelConfig, rope_inv_freq
+from .errors import UserError
+
+
+@dataclass
+class ModelOutput:
+    """What `Transformer.forward` returns when hidden states or attention weights are asked for."""
+
+    logits: torch.Tensor
+    # Residual stream entering each block, then after the final norm: n_layers + 1 tensors [B, T, d].
+    hidden_states: list[torch.Tensor] | None = None
+    # Attention probabilities per layer [B, H, Tq, Tk] (eager path only).
+    attentions: list[torch.Tensor] | None = None
+
+
+def _norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [B, H, T, D] by angles given as cos/sin [B, 1, T, D] (half-split layout, as in HF)."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = config.n_heads, config.kv_heads, config.dim_head
+        # One fused projection: a single larger matmul is faster than three on CPU and GPU.
+        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=config.bias_qkv)
+        self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias_attn_out)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, attn: _AttnPlan,
+                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
+        q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k.to(cache.keys.dtype), v.to(cache.values.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        weights = None
+        if attn.eager:
+            y, weights = _eager_attention(q, k, v, attn.mask, attn.is_causal)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != H)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
+        return self.out(y), weights
+
+
+def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, so the probabilities can be returned (for interpretability)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+    if is_causal:
+        Tq, Tk = scores.shape[-2:]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(q.dtype)
+    return probs @ v, probs
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        width = config.mlp_width
+        self.gated = config.gated_mlp
+        # SwiGLU keeps gate and up in one matrix ([gate; up]) for one matmul.
+        self.up = nn.Linear(config.d_model, (2 if self.gated else 1) * width, bias=config.bias_mlp)
+        self.down = nn.Linear(width, config.d_model, bias=config.bias_mlp)
+        self.activation = config.activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        else:  # relu2
+            h = F.relu(h).square()
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = _norm(config, config.d_model)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = _norm(config, config.d_model)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope, attn: _AttnPlan, cache: KVCache | None):
+        a, weights = self.attn(self.attn_norm(x), rope, attn, cache)
+        x = x + self.dropout(a)
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x, weights
+
+
+@dataclass
+class _AttnPlan:
+    """How every layer of one forward pass attends: SDPA's causal flag, or a boolean mask."""
+
+    mask: torch.Tensor | None
+    is_causal: bool
+    eager: bool
+
+
+class Transformer(nn.Module):
+    """A decoder-only transformer configured by a `ModelConfig`.
+
+    `model(input_ids)` gives logits [B, T, V]. `positions` ([T] or [B, T]) set RoPE / learned
+    positions; `mask` (a `decoderlab.masks.Mask`) says which key slots each query slot sees; `cache`
+    (a `KVCache`) holds earlier slots, so the new tokens occupy slots cache.length .. +T-1.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = (nn.Embedding(config.context_length, config.d_model)
+                          if config.positions == "learned" else None)
+        self.embed_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = _norm(config, config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", torch.empty(config.dim_head // 2), persistent=False)
+        self.tie_weights()
+        if self.embed.weight.device.type != "meta":
+            self.reset_buffers()
+            self.apply(self._init_weights)
+            # Residual projections scaled down with depth (GPT-2), so the stream's variance stays put.
+            for name, p in self.named_parameters():
+                if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                    nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after loading onto a model built on the meta device)."""
+        device = self.embed.weight.device
+        self.rope_inv_freq = rope_inv_freq(self.config).to(device)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (not include_embeddings and name.startswith(("embed.", "pos_embed.", "lm_head."))):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch_size: int, max_length: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache on this model's device, in its dtype unless told."""
+        return KVCache(self.config, batch_size, max_length, device=self.device, dtype=dtype or self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: masks.Mask | None = None, cache: KVCache | None = None, *,
+                hidden_states: bool = False, attentions: bool = False,
+                logits_to_keep: int = 0) -> torch.Tensor | ModelOutput:
+        """Logits [B, T, V] for `input_ids` [B, T]; a `ModelOutput` if hidden states or attentions are asked.
+
+        `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
+        """
+        if input_ids.dim() != 2:
+            raise UserError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        ctx = self.config.context_length
+        if positions is None:
+            if self.pos_embed is not None and past + T > ctx:
+                raise UserError(f"{past + T} tokens exceed the context length {ctx} of this model's "
+                                "learned position embeddings; shorten the input")
+            positions = torch.arange(past, past + T, device=input_ids.device)
+        elif positions.shape[-1] != T:
+            raise UserError(f"positions has length {positions.shape[-1]} but input_ids has {T} tokens")
+        elif self.pos_embed is not None and not bool(((positions >= 0) & (positions < ctx)).all()):
+            raise UserError(f"positions must lie in [0, {ctx}) for learned position embeddings")
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = self.embed_dropout(x)
+        rope = self._rope(positions, x.dtype) if self.config.positions == "rope" else None
+        plan = self._attention_plan(mask, B, T, past, input_ids.device, eager=attentions)
+
+        all_hidden = [] if hidden_states else None
+        all_attn = [] if attentions else None
+        for block in self.blocks:
+            if all_hidden is not None:
+                all_hidden.append(x)
+            x, weights = block(x, rope, plan, cache)
+            if all_attn is not None:
+                all_attn.append(weights)
+        if cache is not None:
+            cache.advance(T)
+        x = self.final_norm(x)
+        if all_hidden is not None:
+            all_hidden.append(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        if hidden_states or attentions:
+            return ModelOutput(logits, all_hidden, all_attn)
+        return logits
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in fp32 whatever the compute dtype: bf16 positions lose integer precision past 256.
+        with torch.autocast(device_type=positions.device.type, enabled=False):
+            pos = positions.float()
+            if pos.dim() == 1:
+                pos = pos.unsqueeze(0)
+            freqs = pos.unsqueeze(-1) * self.rope_inv_freq.float()
+            emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
+            return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _attention_plan(self, mask: masks.Mask | None, B: int, T: int, past: int, device: torch.device,
+                        eager: bool) -> _AttnPlan:
+        window = self.config.sliding_window
+        if mask is None:
+            mask = masks.causal()
+        if window is not None and past + T > window:
+            mask = mask & masks.window(window)
+        if mask.is_causal:
+            if past == 0:
+                return _AttnPlan(None, True, eager)
+            if T == 1:  # one new token sees every cached slot
+                return _AttnPlan(None, False, eager)
+        dense = mask.materialize(torch.arange(past, past + T, device=device),
+                                 torch.arange(past + T, device=device), batch_size=B, device=device)
+        # A query that may see nothing (a padding row) would give NaN; let it see everything instead.
+        # Its output is garbage either way and is never used.
+        dense = dense | ~dense.any(dim=-1, keepdim=True)
+        return _AttnPlan(dense, False, eager)

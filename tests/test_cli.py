@@ -1,0 +1,34 @@
+"""The command line, run as a user runs it: a subprocess, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "decoderlab", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_info_on_hf_folder(hf_folder):
+    folder = hf_folder("qwen2")
+    out = _run("info", str(folder))
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads((folder / "config.json").read_text())
+    assert "Qwen2ForCausalLM" in out.stdout and "float32" in out.stdout
+    assert str(cfg["max_position_embeddings"]) in out.stdout
+
+
+def test_info_on_preset():
+    out = _run("info", "gpt2")
+    assert out.returncode == 0 and "124,439,808" in out.stdout and "1024" in out.stdout
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    for target, fragment in [(tmp_path / "missing", "not a folder"), (tmp_path, "has no config.json")]:
+        out = _run("info", str(target))
+        assert out.returncode == 2
+        assert out.stderr.strip().count("\n") == 0 and fragment in out.stderr
+        assert "Traceback" not in out.stderr
