@@ -6,6 +6,7 @@ traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -42,6 +43,140 @@ def presets() -> None:
         table.add_row(name, f"{cfg.num_params():,}", str(cfg.n_layers), str(cfg.n_heads), str(cfg.d_model),
                       str(cfg.context_length), cfg.positions)
     console.print(table)
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, object]:
+    """`--set key=value` pairs with JSON-ish values (numbers, true/false, null, strings)."""
+    import json
+
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@app.command()
+def prepare(
+    data: list[str] = typer.Argument(None, help="Files, folders or globs (.txt .md .py .jsonl); none: default corpus."),
+    out: str = typer.Option(..., "--out", help="Folder for the token shards and tokenizer."),
+    tokenizer: str = typer.Option("char", help="char, bpe, or a folder / tokenizer.json to reuse."),
+    vocab_size: int = typer.Option(4096, help="BPE vocabulary size."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl files."),
+) -> None:
+    """Tokenize a corpus into train/val token shards (re-running reuses what is there)."""
+    from .data import prepare as prepare_data
+
+    prepared = prepare_data(data or None, out, tokenizer=tokenizer, vocab_size=vocab_size, text_field=text_field)
+    meta = prepared.meta
+    console.print(f"prepared {out}: vocab {prepared.tokenizer.vocab_size}, "
+                  f"train {len(prepared.train):,} tokens, val {len(prepared.val):,} tokens")
+    if meta.get("replaced_bytes"):
+        console.print(f"[yellow]{meta['replaced_bytes']} invalid UTF-8 byte(s) were replaced")
+
+
+@app.command()
+def train(
+    data: list[str] = typer.Option(None, "--data", help="Files, folders or globs; default: the Python stdlib."),
+    tokenizer: str = typer.Option(None, help="char (default), bpe, or a tokenizer folder."),
+    vocab_size: int = typer.Option(None, help="BPE vocabulary size (default 4096)."),
+    time: str = typer.Option(None, "--time", help="Stop after this much training time, e.g. 90s, 3m."),
+    steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
+    tokens: int = typer.Option(None, help="Stop after this many training tokens."),
+    out: str = typer.Option(None, "--out", help="Run folder (default runs/latest)."),
+    preset: str = typer.Option(None, help="Model preset (default: our recipe for the data)."),
+    layers: int = typer.Option(None, help="Model override: number of layers."),
+    heads: int = typer.Option(None, help="Model override: attention heads."),
+    width: int = typer.Option(None, help="Model override: model width (d_model)."),
+    context: int = typer.Option(None, help="Context length (tokens per training row)."),
+    set_: list[str] = typer.Option(None, "--set", help="Model override key=value (any ModelConfig field)."),
+    batch_size: int = typer.Option(None, help="Rows per optimiser step (global)."),
+    grad_accum: int = typer.Option(None, help="Micro-batches per step."),
+    optimizer: str = typer.Option(None, help="muon (default) or adamw."),
+    lr: float = typer.Option(None, help="AdamW learning rate."),
+    muon_lr: float = typer.Option(None, help="Muon learning rate."),
+    schedule: str = typer.Option(None, help="wsd (default), cosine or constant."),
+    warmup: float = typer.Option(None, help="Warmup as a fraction of the run."),
+    weight_decay: float = typer.Option(None, help="Weight decay."),
+    dtype: str = typer.Option(None, help="bf16 (default) or fp32."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    objective: str = typer.Option(None, help="next (default), mtp or prefix."),
+    n_future: int = typer.Option(None, help="mtp: number of extra future-token heads."),
+    eval_interval: int = typer.Option(None, help="Evaluate every N steps (default: ten times per run)."),
+    save_interval: int = typer.Option(None, help="Save a resumable checkpoint every N steps (default: at evals)."),
+    log_interval: int = typer.Option(None, help="Log train loss every N steps (default 10)."),
+    seed: int = typer.Option(None, help="Random seed."),
+    device: str = typer.Option(None, help="auto, cpu or cuda."),
+    fsdp: bool = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard with FSDP instead of DDP."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run in this folder."),
+    sample_tokens: int = typer.Option(None, help="Characters/tokens to sample at the end (0 = none)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train a model (defaults: our best small-model recipe on the Python standard library, 2 minutes)."""
+    from .train import TrainConfig, resume_config
+    from .train import train as run_training
+
+    model = {"n_layers": layers, "n_heads": heads, "d_model": width}
+    model = {k: v for k, v in model.items() if v is not None} | _parse_sets(set_)
+    given = dict(data=data or None, tokenizer=tokenizer, vocab_size=vocab_size, time=time, steps=steps,
+                 tokens=tokens, out=out, preset=preset, model=model or None, context_length=context,
+                 batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
+                 schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype, compile=compile,
+                 objective=objective, n_future=n_future, eval_interval=eval_interval, save_interval=save_interval,
+                 log_interval=log_interval, seed=seed, device=device,
+                 fsdp=fsdp, sample_tokens=sample_tokens)
+    if resume:
+        if out is not None and out != resume:
+            raise UserError("--out contradicts --resume; a resumed run continues in its own folder")
+        cfg = resume_config(resume, given)
+    else:
+        cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    result = run_training(cfg, resume=bool(resume), progress=progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    console.print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
+                  f"val loss {val} (bits/byte {result.val_bits_per_byte:.3f}); saved to {result.run_dir}")
+    if cfg.sample_tokens:
+        console.print("[bold]sample:[/bold]")
+        console.print(_sample_text(str(result.run_dir), cfg.sample_prompt, cfg.sample_tokens, 0.8, 40, cfg.seed),
+                      markup=False, highlight=False)
+
+
+def _sample_text(run: str, prompt: str, n: int, temperature: float, top_k: int | None, seed: int) -> str:
+    import decoderlab
+
+    from .generate import generate
+
+    model = decoderlab.load(run)
+    tok = decoderlab.Tokenizer.from_folder(run)
+    ids = tok.encode(prompt) or [0]
+    result = generate(model, [ids], max_new_tokens=min(n, model.config.context_length * 64),
+                      temperature=temperature, top_k=top_k, seed=seed, tokenizer=tok)
+    return prompt + result.texts[0]
+
+
+@app.command()
+def sample(
+    run: str = typer.Argument(..., help="A run folder or checkpoint folder."),
+    prompt: str = typer.Argument("\n", help="Text to continue."),
+    tokens: int = typer.Option(200, "--tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
+    top_k: int = typer.Option(None, help="Sample among the k most likely tokens."),
+    seed: int = typer.Option(0, help="Random seed."),
+    num: int = typer.Option(1, "--num", help="Number of continuations."),
+) -> None:
+    """Print continuations of a prompt from a trained model."""
+    prompt = prompt.encode().decode("unicode_escape") if "\\" in prompt else prompt
+    for i in range(num):
+        if num > 1:
+            console.print(f"[bold]--- sample {i + 1}[/bold]")
+        console.print(_sample_text(run, prompt, tokens, temperature, top_k, seed + i), markup=False, highlight=False)
 
 
 def main() -> None:

@@ -60,6 +60,8 @@ class ModelConfig:
     qk_norm: bool = False
     logit_softcap: float | None = None
     sliding_window: int | None = None
+    # Extra heads predicting tokens t+2 .. t+1+n_future (multi-token prediction; self-speculation).
+    n_future: int = 0
     dropout: float = 0.0
     init_std: float = 0.02
     # Which Hugging Face family this maps to on save ("gpt2", "llama", "qwen2", "mistral"), or None
@@ -100,6 +102,7 @@ class ModelConfig:
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         need(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive or None")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None")
+        need(isinstance(self.n_future, int) and self.n_future >= 0, "n_future must be a non-negative integer")
         need(self.hf_family is None or self.hf_family in _FAMILY_TO_ARCH,
              f"unknown hf_family {self.hf_family!r}; choose one of {', '.join(_FAMILY_TO_ARCH)} or None")
 
@@ -157,7 +160,7 @@ class ModelConfig:
             mlp += n_in * self.mlp_width + d
         norm = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
         qk = 2 * h if self.qk_norm else 0
-        total = self.n_layers * (qkv + out + mlp + 2 * norm + qk) + norm
+        total = self.n_layers * (qkv + out + mlp + 2 * norm + qk) + norm + self.n_future * (mlp + norm)
         if include_embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
             if self.positions == "learned":
@@ -265,13 +268,13 @@ class ModelConfig:
     def _check_fits_family(self) -> None:
         family = self.hf_family
         if family == "gpt2":
-            want = dict(norm="layernorm", norm_bias=True, positions="learned", bias_qkv=True,
+            want = dict(n_future=0, norm="layernorm", norm_bias=True, positions="learned", bias_qkv=True,
                         bias_attn_out=True, bias_mlp=True, qk_norm=False, logit_softcap=None,
                         sliding_window=None, kv_heads=self.n_heads, dim_head=self.d_model // self.n_heads)
             if self.activation not in ("gelu", "gelu_tanh"):
                 raise ConfigError(f"config does not fit the gpt2 family: activation={self.activation!r}")
         else:
-            want = dict(norm="rmsnorm", positions="rope", activation="swiglu", qk_norm=False,
+            want = dict(n_future=0, norm="rmsnorm", positions="rope", activation="swiglu", qk_norm=False,
                         logit_softcap=None, bias_attn_out=self.bias_qkv if family == "llama" else False)
             if family == "qwen2":
                 want.update(bias_qkv=True, bias_mlp=False)

@@ -29,11 +29,20 @@ class ModelOutput:
     hidden_states: list[torch.Tensor] | None = None
     # Attention probabilities per layer [B, H, Tq, Tk] (eager path only).
     attentions: list[torch.Tensor] | None = None
+    # Logits of the future-token heads: entry k predicts the token k+2 places ahead.
+    future_logits: list[torch.Tensor] | None = None
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose weight follows the input's dtype, so bf16 activations take the fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 def _norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=config.norm_eps)
+        return RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
 
 
@@ -55,8 +64,8 @@ class Attention(nn.Module):
         # One fused projection: a single larger matmul is faster than three on CPU and GPU.
         self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=config.bias_qkv)
         self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias_attn_out)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, attn: _AttnPlan,
@@ -125,6 +134,21 @@ class MLP(nn.Module):
         return self.down(h)
 
 
+class FutureHead(nn.Module):
+    """A residual MLP on the trunk's last hidden state that predicts a token further ahead (Medusa-style).
+
+    It needs no attention, hence no KV cache, so drafting with it costs one small MLP per head.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = _norm(config, config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -167,6 +191,7 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = _norm(config, config.d_model)
+        self.future_heads = nn.ModuleList(FutureHead(config) for _ in range(config.n_future))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", torch.empty(config.dim_head // 2), persistent=False)
         self.tie_weights()
@@ -219,9 +244,10 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: masks.Mask | None = None, cache: KVCache | None = None, *,
-                hidden_states: bool = False, attentions: bool = False,
+                hidden_states: bool = False, attentions: bool = False, future: bool = False,
                 logits_to_keep: int = 0) -> torch.Tensor | ModelOutput:
-        """Logits [B, T, V] for `input_ids` [B, T]; a `ModelOutput` if hidden states or attentions are asked.
+        """Logits [B, T, V] for `input_ids` [B, T]; a `ModelOutput` if hidden states, attentions or the
+        future heads' logits (`future=True`) are asked for.
 
         `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
         """
@@ -256,17 +282,26 @@ class Transformer(nn.Module):
                 all_attn.append(weights)
         if cache is not None:
             cache.advance(T)
-        x = self.final_norm(x)
         if all_hidden is not None:
-            all_hidden.append(x)
+            all_hidden.append(self.final_norm(x))
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        trunk = x
+        x = self.final_norm(x)
+        logits = self.unembed(x)
+        future_logits = None
+        if future:
+            future_logits = [self.unembed(self.final_norm(head(trunk))) for head in self.future_heads]
+        if hidden_states or attentions or future:
+            return ModelOutput(logits, all_hidden, all_attn, future_logits)
+        return logits
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from normalised hidden states (the LM head, then the soft-cap if configured)."""
         logits = self.lm_head(x)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
-        if hidden_states or attentions:
-            return ModelOutput(logits, all_hidden, all_attn)
         return logits
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,142 @@
+"""`TrainConfig`: everything a training run needs to know, validated, saved with the run.
+
+Defaults are our best recipe for a small model on a CPU (Muon, RoPE, ReLU², QK-norm, warmup-stable-
+decay); `resolve_model_config` picks the model shape from a preset or the recipe, then overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("wsd", "cosine", "constant")
+OBJECTIVES = ("next", "mtp", "prefix")
+DTYPES = ("bf16", "fp32")
+# Changing these on --resume would make the run a different run.
+FROZEN_ON_RESUME = ("data", "tokenizer", "vocab_size", "preset", "model", "seed", "objective", "n_future",
+                    "batch_size", "context_length", "optimizer")
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """Seconds from "90s", "3m", "1h30m", "1.5h" or a bare number of seconds."""
+    if text is None or isinstance(text, int | float):
+        return None if text is None else float(text)
+    s = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|s)", s)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != s.replace(" ", ""):
+        raise UserError(f"cannot read duration {text!r}; write it like 90s, 3m, 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+@dataclass
+class TrainConfig:
+    # Data: files, folders or globs; None = the built-in default corpus (the Python standard library).
+    data: list[str] | None = None
+    tokenizer: str = "char"  # "char", "bpe", or a folder / tokenizer.json to reuse
+    vocab_size: int = 4096  # BPE only
+    out: str = "runs/latest"
+    # Model: a preset name (None = our recipe for the data), then field overrides.
+    preset: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    context_length: int | None = None
+    # Optimisation.
+    optimizer: str = "muon"
+    lr: float = 0.02  # AdamW's lr for embeddings/head/norms (and everything, with --optimizer adamw)
+    muon_lr: float = 0.05
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = 1.0
+    batch_size: int = 48  # global rows per optimiser step, split over ranks and accumulation
+    grad_accum: int = 1
+    schedule: str = "wsd"
+    warmup: float = 0.02  # fraction of the run
+    decay: float = 0.5  # wsd: fraction of the run spent decaying
+    lr_floor: float = 0.05
+    dtype: str = "bf16"
+    compile: bool = False
+    objective: str = "next"
+    n_future: int = 0  # mtp: extra future-token heads (predicting t+2 ..)
+    mtp_weight: float = 0.5  # mtp: weight of the first extra head; halves for each further head
+    prefix_max: float = 0.5  # prefix: prefix length drawn uniformly up to this fraction of the context
+    packed: bool = True
+    # When to stop (the first reached); with none given, `time` defaults to 2 minutes.
+    steps: int | None = None
+    tokens: int | None = None
+    time: float | None = None
+    # Bookkeeping.
+    eval_interval: int | None = None  # steps; None = about 10 evaluations per run
+    eval_batches: int | None = None  # None = the whole validation split
+    log_interval: int = 10
+    save_interval: int | None = None  # steps; None = at every evaluation
+    keep_last: int = 2
+    seed: int = 1337
+    device: str = "auto"
+    fsdp: bool = False
+    sample_tokens: int = 200
+    sample_prompt: str = "\n"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UserError(msg)
+
+        self.time = parse_duration(self.time)
+        need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}")
+        need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
+        need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
+        need(self.batch_size % self.grad_accum == 0,
+             f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
+        need(self.lr > 0 and self.muon_lr > 0, "learning rates must be positive")
+        for name in ("steps", "tokens"):
+            value = getattr(self, name)
+            need(value is None or value >= 1, f"--{name} must be positive, got {value}")
+        need(self.time is None or self.time > 0, "--time must be positive")
+        need(0 <= self.warmup < 1 and 0 <= self.decay <= 1, "warmup and decay are fractions of the run in [0, 1)")
+        need(self.objective != "mtp" or self.n_future >= 1, "--objective mtp needs --n-future 1 or more")
+        if self.steps is None and self.tokens is None and self.time is None:
+            self.time = 120.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+# Our recipe for a small model on a CPU: shallow and wide enough, RoPE, ReLU², QK-norm, no biases,
+# untied embeddings. The context follows the data's tokenizer (characters need fewer per window).
+RECIPE = dict(n_layers=2, n_heads=4, d_model=256, norm="rmsnorm", positions="rope", activation="relu2",
+              qk_norm=True, bias_qkv=False, bias_attn_out=False, bias_mlp=False, tie_embeddings=False,
+              hf_family=None)
+
+
+def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model to train: a preset or the recipe, sized to the vocabulary, with the overrides applied."""
+    if cfg.preset is not None:
+        base = ModelConfig.preset(cfg.preset)
+    else:
+        base = ModelConfig(vocab_size=vocab_size, context_length=cfg.context_length or 64, **RECIPE)
+    changes: dict[str, Any] = {"vocab_size": vocab_size, **cfg.model}
+    if cfg.context_length is not None:
+        changes["context_length"] = cfg.context_length
+    if cfg.objective == "mtp":
+        changes["n_future"] = cfg.n_future
+    if base.hf_family is not None and any(k not in ("vocab_size", "context_length", "n_layers", "n_heads",
+                                                    "d_model", "d_mlp", "dropout") for k in changes):
+        changes["hf_family"] = None  # an architecture change leaves the HF family
+    return base.replace(**changes)
