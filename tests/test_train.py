@@ -191,3 +191,26 @@ def test_failed_checkpoint_keeps_previous(corpus, tmp_path, monkeypatch):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000002"]
     decoderlab.load(tmp_path / "run" / "checkpoints" / "step-0000002")
+
+
+@pytest.mark.parametrize("mode, extra, tol", [
+    ("ddp", [], 3e-3),  # Muon's bf16 Newton-Schulz turns reduction-order noise into ~1e-3
+    ("fsdp", ["--fsdp", "--optimizer", "adamw", "--lr", "3e-3"], 1e-4),
+])
+def test_torchrun_matches_single_process(corpus, tmp_path, mode, extra, tol):
+    common = ["--data", str(corpus), "--steps", "10", "--batch-size", "8", "--context", "32", "--set", "n_layers=2",
+              "--set", "d_model=32", "--set", "n_heads=2", "--log-interval", "1", "--eval-interval", "5",
+              "--sample-tokens", "0", "--no-progress", "--dtype", "fp32", *extra]
+    env = {"DECODERLAB_CACHE": os.environ["DECODERLAB_CACHE"]}
+    _cli("train", *common, "--out", str(tmp_path / "single"), env=env)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "decoderlab",
+                          "train", *common, "--out", str(tmp_path / mode)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    single, multi = _metrics(tmp_path / "single"), _metrics(tmp_path / mode)
+    assert [r["step"] for r in single] == [r["step"] for r in multi] == list(range(1, 11))
+    for a, b in zip(single, multi, strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) <= tol * max(1.0, a["train_loss"])
+        if "val_loss" in a:
+            assert abs(a["val_loss"] - b["val_loss"]) <= tol * max(1.0, a["val_loss"])
+    decoderlab.load(tmp_path / mode)  # rank 0 saved a complete model

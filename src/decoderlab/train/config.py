@@ -102,6 +102,8 @@ class TrainConfig:
             need(value is None or value >= 1, f"--{name} must be positive, got {value}")
         need(self.time is None or self.time > 0, "--time must be positive")
         need(0 <= self.warmup < 1 and 0 <= self.decay <= 1, "warmup and decay are fractions of the run in [0, 1)")
+        need(not (self.fsdp and self.optimizer == "muon"),
+             "Muon needs whole matrices, which FSDP shards; use --optimizer adamw with --fsdp (or DDP)")
         need(self.objective != "mtp" or self.n_future >= 1, "--objective mtp needs --n-future 1 or more")
         if self.steps is None and self.tokens is None and self.time is None:
             self.time = 120.0

@@ -109,7 +109,7 @@ def sum(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:  # noqa: A001 - 
 
 def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistContext) -> dict:
     """A full (unsharded) optimizer state dict, gathered to every rank under FSDP."""
-    if ctx.distributed and not hasattr(model, "no_sync"):  # FSDP2
+    if is_fsdp(model, ctx):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -117,9 +117,40 @@ def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistConte
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, model: nn.Module, ctx: DistContext) -> None:
-    if ctx.distributed and not hasattr(model, "no_sync"):
+    if is_fsdp(model, ctx):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
         return
     opt.load_state_dict(state)
+
+
+def is_fsdp(model: nn.Module, ctx: DistContext) -> bool:
+    return ctx.distributed and not hasattr(model, "no_sync")
+
+
+def full_model(model: nn.Module, ctx: DistContext) -> nn.Module | None:
+    """The model with full (unsharded) weights for saving: itself, or under FSDP a CPU copy on rank 0."""
+    if not is_fsdp(model, ctx):
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not ctx.is_main:
+        return None
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.load_state_dict(state, assign=True)
+    copy.tie_weights()
+    copy.reset_buffers()
+    return copy
+
+
+def load_model_state(model: nn.Module, state: dict, ctx: DistContext) -> None:
+    """Load full (unsharded) weights into `model`, sharding them under FSDP."""
+    if is_fsdp(model, ctx):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(state)

@@ -219,6 +219,8 @@ class Trainer:
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             count += (y != -100).sum()
         model.train()
+        if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a forward without backward
+            model.reshard()
         total, count = dist.sum(total, self.ctx), dist.sum(count, self.ctx)
         loss = float(total / count.clamp(min=1))
         bpb = self.data.val.bits_per_byte(float(total)) if cfg.eval_batches is None else math.nan
@@ -298,6 +300,7 @@ class Trainer:
     def save(self, best: bool) -> None:
         """A resumable snapshot in checkpoints/step-N (renamed into place whole), then the latest model."""
         state_dicts = [dist.optimizer_state(opt, self.model, self.ctx) for opt in self.optimizers]
+        model = dist.full_model(self.raw_model, self.ctx)
         if not self.ctx.is_main:
             return
         snapshots = self.run_dir / "checkpoints"
@@ -306,7 +309,7 @@ class Trainer:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            save_model(self.raw_model, staging, tokenizer=self.tokenizer)
+            save_model(model, staging, tokenizer=self.tokenizer)
             torch.save(state_dicts, staging / OPTIM_FILE)
             rng = {"torch": torch.get_rng_state().tolist()}
             _write_json(staging / STATE_FILE, {"step": self.step, "tokens": self.tokens,
@@ -315,9 +318,9 @@ class Trainer:
                                                "train_config": self.cfg.to_dict()})
             shutil.rmtree(final, ignore_errors=True)
             os.replace(staging, final)
-            save_model(self.raw_model, self.run_dir, tokenizer=self.tokenizer)
+            save_model(model, self.run_dir, tokenizer=self.tokenizer)
             if best:
-                save_model(self.raw_model, self.run_dir / "best", tokenizer=self.tokenizer)
+                save_model(model, self.run_dir / "best", tokenizer=self.tokenizer)
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise UserError(f"could not save a checkpoint in {self.run_dir} ({e.strerror or e}); "
@@ -331,7 +334,7 @@ class Trainer:
         from ..checkpoint import load as load_model
 
         loaded = load_model(snapshot, device=self.device, dtype=torch.float32)
-        self.raw_model.load_state_dict(loaded.state_dict())
+        dist.load_model_state(self.raw_model, loaded.state_dict(), self.ctx)
         for opt, sd in zip(self.optimizers, torch.load(snapshot / OPTIM_FILE, weights_only=False), strict=True):
             dist.load_optimizer_state(opt, sd, self.model, self.ctx)
         self.step, self.tokens = state["step"], state["tokens"]

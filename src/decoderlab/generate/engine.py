@@ -1,0 +1,353 @@
+"""The generation loop: prefill a (left-padded) batch of prompts, then decode one token per step with a KV cache.
+
+`stream` yields each step's new tokens (and text); `generate` collects a whole stream into a `GenerationResult`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import masks
+from ..errors import UserError
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .sampling import SamplingParams, choose
+
+# What finished rows are fed; any id works, since their outputs are never read.
+PAD_ID = 0
+
+
+@dataclass
+class GenerationStep:
+    """One decode step of a batch, as `stream` yields it; every list has one entry per prompt.
+
+    tokens: the row's new token ids (empty once it has finished; a stop token is never included).
+    texts: the row's new text (None without a tokenizer). Text is held back while it ends in an incomplete
+        UTF-8 character or could be the start of a stop string, so it may lag the tokens.
+    finish_reasons: "stop" or "length" at the step the row finishes, else None.
+    stopped_by: the stop token id or stop string that finished the row, at that step, else None.
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    finish_reasons: list[str | None]
+    stopped_by: list[int | str | None]
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns; every list has one entry per prompt.
+
+    tokens: the new token ids, without the stop token; when a stop string ends a row, its tokens run through
+        the one that completed the stop string.
+    texts: `tokenizer.decode(tokens)` cut just before the stop string (None without a tokenizer).
+    finish_reasons: "stop" (a stop token or string) or "length" (max_new_tokens or the context length).
+    stopped_by: the stop token id or stop string that ended the row, or None.
+    prompt_tokens / completion_tokens: tokens read and generated per row (a stop token counts as generated).
+    """
+
+    tokens: list[list[int]]
+    texts: list[str] | None
+    finish_reasons: list[str]
+    stopped_by: list[int | str | None]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+
+
+def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float | None = None,
+             frequency_penalty: float | None = None, seed: int | None = None,
+             stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
+             tokenizer: Tokenizer | None = None) -> GenerationResult:
+    """Continue each prompt by up to `max_new_tokens` tokens; see `stream` for the arguments."""
+    steps = stream(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                   seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer)
+    B = len(steps.prompt_lengths)
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    texts = [""] * B
+    reasons: list[str | None] = [None] * B
+    stopped_by: list[int | str | None] = [None] * B
+    for step in steps:
+        for i in range(B):
+            tokens[i] += step.tokens[i]
+            if step.texts is not None:
+                texts[i] += step.texts[i]
+            if step.finish_reasons[i] is not None:
+                reasons[i], stopped_by[i] = step.finish_reasons[i], step.stopped_by[i]
+    # max_new_tokens=0 yields no step at all.
+    reasons = [r or "length" for r in reasons]
+    completion = [len(t) + isinstance(s, int) for t, s in zip(tokens, stopped_by, strict=True)]
+    return GenerationResult(tokens, texts if tokenizer is not None else None, reasons, stopped_by,
+                            list(steps.prompt_lengths), completion)
+
+
+def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           min_p: float | None = None, repetition_penalty: float | None = None,
+           frequency_penalty: float | None = None, seed: int | None = None,
+           stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
+           tokenizer: Tokenizer | None = None) -> Stream:
+    """Generate step by step: an iterator of `GenerationStep`, one per decoded token position.
+
+    input_ids: a LongTensor [B, T] or a list of B token-id lists (of any lengths; left-padded internally).
+    max_new_tokens: at most this many new tokens per prompt; fewer where the context length runs out.
+    temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature) after the
+    top_k / top_p / min_p filters. repetition_penalty divides (multiplies) the positive (negative) logits of
+    tokens already in the prompt or output, as transformers does; frequency_penalty subtracts penalty x count
+    of each token generated so far. `seed` makes sampling reproducible without touching the global RNG.
+    stop_tokens: ids that end a row (not included in its output); None means the model config's
+        eos_token_id plus the tokenizer's eos token, [] means none.
+    stop_strings: text that ends a row (needs `tokenizer`); the text is cut before it.
+
+    Arguments are checked here, before the first step; bad ones raise a one-line `UserError`.
+    """
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty)
+    prompts = _prompts(input_ids, model.config.vocab_size)
+    ctx = model.config.context_length
+    longest = max(len(p) for p in prompts)
+    if longest > ctx:
+        raise UserError(f"a prompt of {longest} tokens exceeds the model's context length of {ctx}; shorten it")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UserError(f"seed must be an integer or None, got {seed!r}")
+    stop_ids = _stop_tokens(stop_tokens, model, tokenizer)
+    stops = _stop_strings(stop_strings, tokenizer)
+    # The last token is sampled but never fed, so a prompt of length ctx still gets one new token.
+    steps = min(max_new_tokens, ctx - longest + 1)
+    return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer)
+
+
+class Stream:
+    """The iterator `stream` returns. `prompt_lengths` is known before the first step."""
+
+    def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
+                 seed: int | None, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None):
+        self.prompt_lengths = [len(p) for p in prompts]
+        self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer)
+
+    def __iter__(self) -> Iterator[GenerationStep]:
+        return self
+
+    def __next__(self) -> GenerationStep:
+        return next(self._steps)
+
+    def close(self) -> None:
+        """Stop early, freeing the KV cache (also what dropping the iterator does)."""
+        self._steps.close()
+
+
+def _run(model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams, seed: int | None,
+         stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None) -> Iterator[GenerationStep]:
+    """The host side of the loop: one sync per step to read the new tokens, then stop checks and text."""
+    if steps == 0:
+        return
+    B = len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = _Decoder(model, prompts, steps, params, seed)
+        texts = [_RowText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
+        finished = [False] * B
+        for step in range(steps):
+            new = decoder.next_tokens().tolist()
+            out = GenerationStep([[] for _ in range(B)], [""] * B if texts else None, [None] * B, [None] * B)
+            ended = []
+            for i, token in enumerate(new):  # a loop over rows, for the host-side stop checks
+                if finished[i]:
+                    continue
+                reason = stop = None
+                if token in stop_ids:
+                    reason, stop = "stop", token
+                else:
+                    out.tokens[i].append(token)
+                    if texts and (stop := texts[i].add(token)) is not None:
+                        reason = "stop"
+                if reason is None and step == steps - 1:
+                    reason = "length"
+                if texts:
+                    out.texts[i] = texts[i].take(final=reason is not None)
+                if reason is not None:
+                    finished[i] = True
+                    ended.append(i)
+                    out.finish_reasons[i], out.stopped_by[i] = reason, stop
+            if ended and step < steps - 1:
+                decoder.finish(ended)
+            yield out
+            if all(finished):
+                return
+    finally:
+        model.train(was_training)
+
+
+class _Decoder:
+    """The device side of one batch: KV cache, positions, mask and sampling state; yields tokens [B] per step.
+
+    Prompts are left-padded to a common length T, so every row's next token goes to the same cache slot.
+    A padded batch gets explicit positions (0 at each row's first real token) and the mask
+    causal & padding(valid), where `valid` is preallocated for the prompt and every generated slot: slots past
+    the cache's length are never read, so the same mask object serves every step. A batch without padding
+    takes the model's plain causal fast path.
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
+                 seed: int | None) -> None:
+        device, B, T = model.device, len(prompts), max(len(p) for p in prompts)
+        self.model, self.params = model, params
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        self.ids = torch.tensor([[PAD_ID] * (T - len(p)) + p for p in prompts], device=device)
+        valid = torch.arange(T, device=device) >= (T - lengths)[:, None]
+        self.mask = self.positions = self.next_positions = None
+        if not bool(valid.all()):
+            generated = torch.ones(B, steps, dtype=torch.bool, device=device)
+            self.mask = masks.causal() & masks.padding(torch.cat([valid, generated], dim=1))
+            self.positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            self.next_positions = lengths[:, None].clone()
+        # Every step but the last feeds its token back, so the last needs no slot.
+        self.cache = model.new_cache(B, T + steps - 1)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.generator = torch.Generator(device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        V = model.config.vocab_size
+        self.seen = self.counts = None
+        if params.needs_seen:
+            self.seen = torch.zeros(B, V, device=device).scatter_add_(1, self.ids, valid.float()) > 0
+        if params.needs_counts:
+            self.counts = torch.zeros(B, V, device=device)
+            self.ones = torch.ones(B, 1, device=device)
+        self.last: Tensor | None = None
+
+    @torch.inference_mode()
+    def next_tokens(self) -> Tensor:
+        """Run the model on the prompts (first call) or on the last tokens, and choose the next ones [B]."""
+        if self.last is None:
+            logits = self.model(self.ids, positions=self.positions, mask=self.mask, cache=self.cache,
+                                logits_to_keep=1)
+        else:
+            feed = self.last.masked_fill(self.done, PAD_ID)[:, None]
+            logits = self.model(feed, positions=self.next_positions, mask=self.mask, cache=self.cache,
+                                logits_to_keep=1)
+            if self.next_positions is not None:
+                self.next_positions += 1
+        tokens = choose(logits[:, -1], self.params, self.generator, self.seen, self.counts)
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens[:, None], self.ones)
+        self.last = tokens
+        return tokens
+
+    @torch.inference_mode()
+    def finish(self, rows: list[int]) -> None:
+        self.done[rows] = True
+
+
+class _RowText:
+    """One row's text as its tokens arrive: deltas that decode cleanly, and the stop-string check.
+
+    Incremental detokenization as in vLLM: decode a short window of recent tokens with and without the new
+    ones, and keep the difference only when it does not end in U+FFFD (an incomplete UTF-8 character). The
+    window gives tokenizers that drop a leading space at the start of a text the context they need.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, stop_strings
+        self.longest = max((len(s) for s in stop_strings), default=0)
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the window already turned into text
+        self.text = ""  # clean text so far
+        self.sent = 0  # characters of it already handed out
+        self.stopped = False
+
+    def add(self, token: int) -> str | None:
+        """Add a token; returns the stop string that the text now contains, if any (and cuts the text there)."""
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return None
+        start = max(0, len(self.text) - self.longest + 1)
+        self.text += after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        found = [(at, s) for s in self.stops if (at := self.text.find(s, start)) >= 0]
+        if not found:
+            return None
+        at, stop = min(found, key=lambda f: f[0])
+        self.text, self.stopped = self.text[:at], True
+        return stop
+
+    def take(self, final: bool) -> str:
+        """The text not handed out yet: all of it when the row is finished, else all but a tail that could
+        begin a stop string."""
+        if final and not self.stopped:
+            # Whatever is still held (an incomplete character at the end) is the text now.
+            before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+            self.text += self.tokenizer.decode(self.ids[self.prefix:])[len(before):]
+            self.prefix = self.read = len(self.ids)
+        end = len(self.text)
+        if not final:
+            end -= next((n for n in range(min(self.longest - 1, end - self.sent), 0, -1)
+                         if any(s.startswith(self.text[end - n:]) for s in self.stops)), 0)
+        delta, self.sent = self.text[self.sent:end], end
+        return delta
+
+
+def _prompts(input_ids: Tensor | Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    if isinstance(input_ids, Tensor):
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise UserError(f"input_ids must be an integer tensor [batch, time], got {input_ids.dtype} "
+                            f"{list(input_ids.shape)}")
+        prompts = input_ids.tolist()
+    elif isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
+        raise UserError(f"input_ids must be a tensor [batch, time] or a list of token-id lists, "
+                        f"got {type(input_ids).__name__}")
+    else:
+        prompts = [list(p) if isinstance(p, Sequence) and not isinstance(p, str) else p for p in input_ids]
+        if prompts and not all(isinstance(p, list) for p in prompts):
+            raise UserError("input_ids must be a list of token-id lists; for one prompt pass [ids]")
+    if not prompts:
+        raise UserError("input_ids holds no prompts; pass at least one")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise UserError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS token)")
+        bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size),
+                   None)
+        if bad is not None:
+            raise UserError(f"prompt {i} holds {bad!r}, not a token id in [0, {vocab_size})")
+    return prompts
+
+
+def _stop_tokens(stop_tokens: int | Iterable[int] | None, model: Transformer,
+                 tokenizer: Tokenizer | None) -> set[int]:
+    if stop_tokens is None:
+        eos = model.config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            ids.add(tokenizer.eos_id)
+        return ids
+    ids = [stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens)
+    bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)), None)
+    if bad is not None:
+        raise UserError(f"stop_tokens must be token ids (ints), got {bad!r}")
+    return set(ids)
+
+
+def _stop_strings(stop_strings: str | Iterable[str] | None, tokenizer: Tokenizer | None) -> list[str]:
+    if stop_strings is None:
+        return []
+    stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    if stops and tokenizer is None:
+        raise UserError("stop_strings need a tokenizer to read the generated text; pass tokenizer=...")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise UserError(f"stop_strings must be non-empty strings, got {stops!r}")
+    return stops
