@@ -214,3 +214,18 @@ def test_torchrun_matches_single_process(corpus, tmp_path, mode, extra, tol):
         if "val_loss" in a:
             assert abs(a["val_loss"] - b["val_loss"]) <= tol * max(1.0, a["val_loss"])
     decoderlab.load(tmp_path / mode)  # rank 0 saved a complete model
+
+
+def test_default_corpus_train_then_sample_cli(tmp_path):
+    env = {"DECODERLAB_CACHE": os.environ["DECODERLAB_CACHE"]}
+    out = _cli("train", "--steps", "3", "--batch-size", "4", "--set", "n_layers=1", "--width", "32", "--heads", "2",
+               "--out", str(tmp_path / "run"), "--sample-tokens", "20", "--no-progress", env=env)
+    assert "trained 3 steps" in out.stdout and "sample:" in out.stdout and "def " in out.stdout
+    cfg = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert cfg["data"] is None  # the built-in corpus
+    out = _cli("sample", str(tmp_path / "run"), "class ", "--tokens", "15", "--num", "2", "--seed", "3", env=env)
+    assert out.stdout.count("class ") >= 2 and "--- sample 2" in out.stdout
+    again = _cli("sample", str(tmp_path / "run"), "class ", "--tokens", "15", "--num", "2", "--seed", "3", env=env)
+    assert again.stdout == out.stdout  # seeded
+    bad = _cli("sample", str(tmp_path / "missing"), check=False)
+    assert "not a folder" in _error(bad)

@@ -4,14 +4,16 @@ Train it, load and save Hugging Face checkpoints, generate, and look inside; eve
 function over the one `Transformer`.
 """
 
-from . import masks
+from . import data, masks
 from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError, MaskError, UserError
+from .generate import GenerationResult, generate, stream
 from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
+from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -26,7 +28,14 @@ __all__ = [
     "ModelOutput",
     "Tokenizer",
     "Transformer",
+    "GenerationResult",
+    "TrainConfig",
+    "TrainResult",
     "UserError",
+    "data",
+    "generate",
+    "stream",
+    "train",
     "load",
     "masks",
     "read_config",

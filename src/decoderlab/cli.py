@@ -144,7 +144,8 @@ def train(
                   f"val loss {val} (bits/byte {result.val_bits_per_byte:.3f}); saved to {result.run_dir}")
     if cfg.sample_tokens:
         console.print("[bold]sample:[/bold]")
-        console.print(_sample_text(str(result.run_dir), cfg.sample_prompt, cfg.sample_tokens, 0.8, 40, cfg.seed),
+        prompt = cfg.sample_prompt if cfg.sample_prompt is not None else ("def " if cfg.data is None else "\n")
+        console.print(_sample_text(str(result.run_dir), prompt, cfg.sample_tokens, 0.8, 40, cfg.seed),
                       markup=False, highlight=False)
 
 

@@ -49,12 +49,12 @@ class TrainConfig:
     context_length: int | None = None
     # Optimisation.
     optimizer: str = "muon"
-    lr: float = 0.02  # AdamW's lr for embeddings/head/norms (and everything, with --optimizer adamw)
-    muon_lr: float = 0.05
+    lr: float = 0.01  # AdamW's lr for embeddings/head/norms (and everything, with --optimizer adamw)
+    muon_lr: float = 0.03
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
-    batch_size: int = 48  # global rows per optimiser step, split over ranks and accumulation
+    batch_size: int = 32  # global rows per optimiser step, split over ranks and accumulation
     grad_accum: int = 1
     schedule: str = "wsd"
     warmup: float = 0.02  # fraction of the run
@@ -81,7 +81,7 @@ class TrainConfig:
     device: str = "auto"
     fsdp: bool = False
     sample_tokens: int = 200
-    sample_prompt: str = "\n"
+    sample_prompt: str | None = None  # None: "def " on the default (Python) corpus, else a newline
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -120,9 +120,9 @@ class TrainConfig:
         return cls(**data)
 
 
-# Our recipe for a small model on a CPU: shallow and wide enough, RoPE, ReLU², QK-norm, no biases,
-# untied embeddings. The context follows the data's tokenizer (characters need fewer per window).
-RECIPE = dict(n_layers=2, n_heads=4, d_model=256, norm="rmsnorm", positions="rope", activation="relu2",
+# Our recipe for a small model on a CPU, from ablations on tinyshakespeare at a fixed token budget
+# (benchmarks/README.md): shallow and wide enough, RoPE, SwiGLU, QK-norm, no biases, untied embeddings.
+RECIPE = dict(n_layers=2, n_heads=4, d_model=256, d_mlp=688, norm="rmsnorm", positions="rope", activation="swiglu",
               qk_norm=True, bias_qkv=False, bias_attn_out=False, bias_mlp=False, tie_embeddings=False,
               hf_family=None)
 

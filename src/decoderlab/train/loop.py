@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..model import Transformer
 from . import distributed as dist
 from .config import FROZEN_ON_RESUME, TrainConfig, resolve_model_config
-from .optim import Muon, lr_factor, muon_splits
+from .optim import build_optimizers, lr_factor
 
 STATE_FILE = "state.json"
 OPTIM_FILE = "optimizer.pt"
@@ -97,23 +97,7 @@ class Trainer:
         return PreparedData.load(folder)
 
     def _build_optimizers(self) -> list[torch.optim.Optimizer]:
-        cfg, model = self.cfg, self.raw_model
-        hidden, other = [], []
-        for name, p in model.named_parameters():
-            is_matrix = p.dim() == 2 and not name.startswith(("embed.", "pos_embed.", "lm_head."))
-            (hidden if is_matrix and cfg.optimizer == "muon" else other).append(p)
-        seen: set[int] = set()
-        other = [p for p in other if not (id(p) in seen or seen.add(id(p)))]  # tied weights once
-        fused = {"fused": True} if self.device.type in ("cpu", "cuda") and not cfg.fsdp else {}
-        opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-            other, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0 if cfg.optimizer == "muon" else cfg.weight_decay,
-            eps=1e-10 if cfg.optimizer == "muon" else 1e-8, **fused)]
-        if hidden:
-            opts.append(Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, splits=muon_splits(model)))
-        for opt in opts:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return opts
+        return build_optimizers(self.raw_model, self.cfg, self.device)
 
     # ---- the loop ------------------------------------------------------------------------------
 

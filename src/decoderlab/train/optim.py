@@ -49,6 +49,7 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            params, pieces = [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -58,20 +59,23 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mom)
                 g = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-                sizes = self.splits.get(p)
-                if sizes and len(set(sizes)) == 1:  # equal parts: one batched iteration
-                    update = newton_schulz(g.view(len(sizes), sizes[0], -1), group["ns_steps"]).view_as(g)
-                    rows = sizes[0]
-                elif sizes:
-                    update = torch.cat([newton_schulz(part, group["ns_steps"]) for part in g.split(sizes)])
-                    rows = max(sizes)
-                else:
-                    update = newton_schulz(g, group["ns_steps"])
-                    rows = g.size(0)
+                params.append(p)
+                pieces.append(list(g.split(self.splits[p])) if p in self.splits else [g])
+            # Orthogonalise all matrices of one shape in one batched iteration: on small models the
+            # per-call overhead, not the arithmetic, dominates.
+            by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+            for parts in pieces:
+                for part in parts:
+                    by_shape.setdefault(tuple(part.shape), []).append(part)
+            done = {shape: iter(newton_schulz(torch.stack(mats), group["ns_steps"]).unbind(0))
+                    for shape, mats in by_shape.items()}
+            for p, parts in zip(params, pieces, strict=True):
+                # Scale so the update's RMS does not depend on the matrix's aspect ratio.
+                update = torch.cat([next(done[tuple(part.shape)]) * max(1.0, part.size(0) / part.size(1)) ** 0.5
+                                    for part in parts])
                 if wd:
                     p.mul_(1 - lr * wd)
-                # Scale so the update's RMS does not depend on the matrix's aspect ratio.
-                p.add_(update.to(p.dtype), alpha=-lr * max(1.0, rows / g.size(1)) ** 0.5)
+                p.add_(update.to(p.dtype), alpha=-lr)
 
 
 def muon_splits(model: nn.Module) -> dict[nn.Parameter, list[int]]:
@@ -84,6 +88,34 @@ def muon_splits(model: nn.Module) -> dict[nn.Parameter, list[int]]:
         if sizes:
             out[p] = sizes
     return out
+
+
+def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW for embeddings, head, norms and biases; Muon for hidden matrices (unless cfg.optimizer is adamw).
+
+    `cfg` is a `TrainConfig`. Each group remembers its `initial_lr` for the schedule.
+    """
+    hidden, other, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:  # tied weights appear twice
+            continue
+        seen.add(id(p))
+        is_matrix = p.dim() == 2 and not name.startswith(("embed.", "pos_embed.", "lm_head."))
+        (hidden if is_matrix and cfg.optimizer == "muon" else other).append(p)
+    fused = {"fused": True} if device.type in ("cpu", "cuda") and not cfg.fsdp else {}
+    muon = cfg.optimizer == "muon"
+    # Weight decay on matrices only (as nanoGPT): decaying norm gains and biases only hurts.
+    groups = [{"params": [p for p in other if p.dim() >= 2], "weight_decay": 0.0 if muon else cfg.weight_decay},
+              {"params": [p for p in other if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas,
+                                                           eps=1e-10 if muon else 1e-8, **fused)]
+    if hidden:
+        opts.append(Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, splits=muon_splits(model)))
+    for opt in opts:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return opts
 
 
 def lr_factor(progress: float, warmup: float, schedule: str, decay: float = 0.4, floor: float = 0.0) -> float:
