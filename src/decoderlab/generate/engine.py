@@ -63,28 +63,29 @@ def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], ma
              min_p: float | None = None, repetition_penalty: float | None = None,
              frequency_penalty: float | None = None, seed: int | None = None,
              stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
-             tokenizer: Tokenizer | None = None) -> GenerationResult:
+             tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None) -> GenerationResult:
     """Continue each prompt by up to `max_new_tokens` tokens; see `stream` for the arguments."""
     steps = stream(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
-                   seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer)
+                   seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
+                   cache_dtype=cache_dtype)
     B = len(steps.prompt_lengths)
     tokens: list[list[int]] = [[] for _ in range(B)]
-    texts = [""] * B
+    pieces: list[list[str]] = [[] for _ in range(B)]
     reasons: list[str | None] = [None] * B
     stopped_by: list[int | str | None] = [None] * B
     for step in steps:
         for i in range(B):
             tokens[i] += step.tokens[i]
             if step.texts is not None:
-                texts[i] += step.texts[i]
+                pieces[i].append(step.texts[i])
             if step.finish_reasons[i] is not None:
                 reasons[i], stopped_by[i] = step.finish_reasons[i], step.stopped_by[i]
     # max_new_tokens=0 yields no step at all.
     reasons = [r or "length" for r in reasons]
     completion = [len(t) + isinstance(s, int) for t, s in zip(tokens, stopped_by, strict=True)]
-    return GenerationResult(tokens, texts if tokenizer is not None else None, reasons, stopped_by,
-                            list(steps.prompt_lengths), completion)
+    texts = ["".join(p) for p in pieces] if tokenizer is not None else None
+    return GenerationResult(tokens, texts, reasons, stopped_by, list(steps.prompt_lengths), completion)
 
 
 def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
@@ -92,11 +93,12 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
            min_p: float | None = None, repetition_penalty: float | None = None,
            frequency_penalty: float | None = None, seed: int | None = None,
            stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
-           tokenizer: Tokenizer | None = None) -> Stream:
+           tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None) -> Stream:
     """Generate step by step: an iterator of `GenerationStep`, one per decoded token position.
 
     input_ids: a LongTensor [B, T] or a list of B token-id lists (of any lengths; left-padded internally).
-    max_new_tokens: at most this many new tokens per prompt; fewer where the context length runs out.
+    max_new_tokens: at most this many new tokens per prompt; fewer where the context length runs out (the
+        rows of a batch share cache slots, so the longest prompt sets that limit).
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature) after the
     top_k / top_p / min_p filters. repetition_penalty divides (multiplies) the positive (negative) logits of
     tokens already in the prompt or output, as transformers does; frequency_penalty subtracts penalty x count
@@ -104,6 +106,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
     stop_tokens: ids that end a row (not included in its output); None means the model config's
         eos_token_id plus the tokenizer's eos token, [] means none.
     stop_strings: text that ends a row (needs `tokenizer`); the text is cut before it.
+    cache_dtype: the KV cache's dtype; None means the model's.
 
     Arguments are checked here, before the first step; bad ones raise a one-line `UserError`.
     """
@@ -117,20 +120,23 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise UserError(f"seed must be an integer or None, got {seed!r}")
+    if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
+        raise UserError(f"cache_dtype must be a floating-point torch.dtype or None, got {cache_dtype!r}")
     stop_ids = _stop_tokens(stop_tokens, model, tokenizer)
     stops = _stop_strings(stop_strings, tokenizer)
     # The last token is sampled but never fed, so a prompt of length ctx still gets one new token.
     steps = min(max_new_tokens, ctx - longest + 1)
-    return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer)
+    return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype)
 
 
 class Stream:
     """The iterator `stream` returns. `prompt_lengths` is known before the first step."""
 
     def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
-                 seed: int | None, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None):
+                 seed: int | None, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
+                 cache_dtype: torch.dtype | None) -> None:
         self.prompt_lengths = [len(p) for p in prompts]
-        self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer)
+        self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype)
 
     def __iter__(self) -> Iterator[GenerationStep]:
         return self
@@ -144,7 +150,8 @@ class Stream:
 
 
 def _run(model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams, seed: int | None,
-         stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None) -> Iterator[GenerationStep]:
+         stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
+         cache_dtype: torch.dtype | None) -> Iterator[GenerationStep]:
     """The host side of the loop: one sync per step to read the new tokens, then stop checks and text."""
     if steps == 0:
         return
@@ -152,7 +159,7 @@ def _run(model: Transformer, prompts: list[list[int]], steps: int, params: Sampl
     was_training = model.training
     model.eval()
     try:
-        decoder = _Decoder(model, prompts, steps, params, seed)
+        decoder = _Decoder(model, prompts, steps, params, seed, cache_dtype)
         texts = [_RowText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
         finished = [False] * B
         for step in range(steps):
@@ -187,7 +194,7 @@ def _run(model: Transformer, prompts: list[list[int]], steps: int, params: Sampl
 
 
 class _Decoder:
-    """The device side of one batch: KV cache, positions, mask and sampling state; yields tokens [B] per step.
+    """The device side of one batch: KV cache, positions, mask and sampling state; `next_tokens` runs one step.
 
     Prompts are left-padded to a common length T, so every row's next token goes to the same cache slot.
     A padded batch gets explicit positions (0 at each row's first real token) and the mask
@@ -198,27 +205,26 @@ class _Decoder:
 
     @torch.inference_mode()
     def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
-                 seed: int | None) -> None:
-        device, B, T = model.device, len(prompts), max(len(p) for p in prompts)
+                 seed: int | None, cache_dtype: torch.dtype | None) -> None:
+        device, B, T, V = model.device, len(prompts), max(len(p) for p in prompts), model.config.vocab_size
         self.model, self.params = model, params
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
         self.ids = torch.tensor([[PAD_ID] * (T - len(p)) + p for p in prompts], device=device)
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
         valid = torch.arange(T, device=device) >= (T - lengths)[:, None]
         self.mask = self.positions = self.next_positions = None
-        if not bool(valid.all()):
+        if any(len(p) < T for p in prompts):
             generated = torch.ones(B, steps, dtype=torch.bool, device=device)
             self.mask = masks.causal() & masks.padding(torch.cat([valid, generated], dim=1))
             self.positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
             self.next_positions = lengths[:, None].clone()
         # Every step but the last feeds its token back, so the last needs no slot.
-        self.cache = model.new_cache(B, T + steps - 1)
+        self.cache = model.new_cache(B, T + steps - 1, dtype=cache_dtype)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.generator = torch.Generator(device)
         if seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(seed)
-        V = model.config.vocab_size
         self.seen = self.counts = None
         if params.needs_seen:
             self.seen = torch.zeros(B, V, device=device).scatter_add_(1, self.ids, valid.float()) > 0
@@ -304,27 +310,29 @@ class _RowText:
 
 def _prompts(input_ids: Tensor | Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
     if isinstance(input_ids, Tensor):
-        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise UserError(f"input_ids must be an integer tensor [batch, time], got {input_ids.dtype} "
-                            f"{list(input_ids.shape)}")
-        prompts = input_ids.tolist()
-    elif isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
+        if input_ids.dim() != 2:
+            raise UserError(f"input_ids must be a tensor [batch, time], got shape {list(input_ids.shape)}")
+        rows = list(input_ids)
+    elif isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
+        try:
+            rows = [torch.as_tensor(p) for p in input_ids]
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError("input_ids must be a list of token-id lists") from None
+    else:
         raise UserError(f"input_ids must be a tensor [batch, time] or a list of token-id lists, "
                         f"got {type(input_ids).__name__}")
-    else:
-        prompts = [list(p) if isinstance(p, Sequence) and not isinstance(p, str) else p for p in input_ids]
-        if prompts and not all(isinstance(p, list) for p in prompts):
-            raise UserError("input_ids must be a list of token-id lists; for one prompt pass [ids]")
-    if not prompts:
+    if not rows:
         raise UserError("input_ids holds no prompts; pass at least one")
-    for i, p in enumerate(prompts):
-        if not p:
+    for i, row in enumerate(rows):
+        if row.dim() == 1 and row.numel() == 0:
             raise UserError(f"prompt {i} is empty; every prompt needs at least one token (e.g. a BOS token)")
-        bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size),
-                   None)
-        if bad is not None:
-            raise UserError(f"prompt {i} holds {bad!r}, not a token id in [0, {vocab_size})")
-    return prompts
+        if row.dim() != 1 or row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            raise UserError("input_ids must hold integer token ids: a tensor [batch, time] or a list of token-id "
+                            "lists (for one prompt pass [ids])")
+        bad = row[(row < 0) | (row >= vocab_size)]
+        if bad.numel():
+            raise UserError(f"prompt {i} holds {int(bad[0])}, not a token id in [0, {vocab_size})")
+    return [row.tolist() for row in rows]
 
 
 def _stop_tokens(stop_tokens: int | Iterable[int] | None, model: Transformer,

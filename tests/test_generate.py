@@ -1,0 +1,454 @@
+"""Generation: greedy parity with transformers, sampling and its processors, stops, streaming, bad input."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import decoderlab
+from decoderlab import ModelConfig, Tokenizer, Transformer, UserError
+from decoderlab.generate import generate, sampling, stream
+
+FAST = settings(max_examples=100, deadline=None)
+# 97 one-character tokens: the vocabulary size of the tiny GPT-2 in conftest.HF_CASES.
+ALPHABET = string.ascii_letters + string.digits + string.punctuation + " " + "é日"
+
+
+@pytest.fixture(scope="module")
+def chars() -> Tokenizer:
+    tok = Tokenizer.train_char(texts=[ALPHABET])
+    assert tok.vocab_size == 97
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(hf_folder):
+    """(decoderlab model, transformers model) with the same random weights, fp32."""
+    import transformers
+
+    folder = hf_folder("gpt2")
+    return decoderlab.load(folder).eval(), transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
+def _tiny(vocab_size: int = 50, seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, n_layers=2, n_heads=2, d_model=32, context_length=64,
+                         **overrides)
+    return Transformer(config).eval()
+
+
+class Scripted(Transformer):
+    """A real (tiny) Transformer, run as usual to fill the cache, whose logits then force fixed per-row
+    token sequences: generation tests can then say exactly what comes out."""
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int, context_length: int = 64) -> None:
+        super().__init__(ModelConfig(vocab_size=vocab_size, n_layers=1, n_heads=2, d_model=16,
+                                     context_length=context_length))
+        self.scripts = scripts
+        self.prompt_length = 0
+        self.eval()
+
+    def forward(self, input_ids, positions=None, mask=None, cache=None, **kwargs):
+        if cache.length == 0:
+            self.prompt_length = input_ids.shape[1]
+        step = cache.length - self.prompt_length + 1 if cache.length else 0
+        logits = super().forward(input_ids, positions, mask, cache, **kwargs)
+        forced = torch.full_like(logits, -10.0)
+        for row, script in enumerate(self.scripts):
+            forced[row, -1, script[step] if step < len(script) else 0] = 10.0
+        return forced
+
+
+def _hf_greedy(hf_model, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """transformers' greedy continuation of one unpadded prompt, and the smallest top-2 logit gap on the way."""
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            output_scores=True, return_dict_in_generate=True)
+    gap = min(float(s[0].topk(2).values.diff().abs()) for s in out.scores)
+    return out.sequences[0, len(prompt):].tolist(), gap
+
+
+def _prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+# -- greedy parity ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "mistral-window"])
+def test_greedy_matches_transformers_single_and_ragged_batch(hf_folder, case):
+    import transformers
+
+    folder = hf_folder(case)
+    ours = decoderlab.load(folder).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompts = _prompts(ours.config.vocab_size, (5, 11, 1, 17))
+    n = 20
+    batch = generate(ours, prompts, n, stop_tokens=[])
+    for i, prompt in enumerate(prompts):
+        expected, gap = _hf_greedy(theirs, prompt, n)
+        # Random tiny models can have near-ties; these prompts were picked with clear margins.
+        assert gap > 1e-4, f"prompt {i} has a near-tie ({gap:.1e}); pick another prompt"
+        assert len(expected) == n
+        assert generate(ours, [prompt], n, stop_tokens=[]).tokens[0] == expected
+        assert batch.tokens[i] == expected
+    assert batch.finish_reasons == ["length"] * 4
+    assert batch.prompt_tokens == [5, 11, 1, 17] and batch.completion_tokens == [n] * 4
+
+
+def test_tensor_input_and_equal_lengths_take_the_unpadded_path(tiny_gpt2):
+    ours, _ = tiny_gpt2
+    prompts = _prompts(97, (6, 6, 6))
+    from_tensor = generate(ours, torch.tensor(prompts), 12, stop_tokens=[])
+    assert from_tensor.tokens == generate(ours, prompts, 12, stop_tokens=[]).tokens
+    for i, p in enumerate(prompts):
+        assert from_tensor.tokens[i] == generate(ours, [p], 12, stop_tokens=[]).tokens[0]
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(positions="rope", norm="rmsnorm", activation="swiglu")])
+def test_batch_result_equals_each_prompt_alone(variant):
+    model = _tiny(**variant)
+    prompts = _prompts(50, (3, 9, 1, 6, 9), seed=3)
+    batch = generate(model, prompts, 15, stop_tokens=[])
+    assert batch.tokens == [generate(model, [p], 15, stop_tokens=[]).tokens[0] for p in prompts]
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.float32])
+def test_bf16_model_generates(cache_dtype):
+    model = _tiny().to(torch.bfloat16)
+    result = generate(model, _prompts(50, (4, 7)), 6, temperature=0.8, seed=0, cache_dtype=cache_dtype)
+    assert [len(t) for t in result.tokens] == [6, 6]
+
+
+# -- sampling --------------------------------------------------------------------------------------------
+
+
+def test_seed_makes_sampling_reproducible_and_leaves_the_global_rng_alone():
+    model = _tiny()
+    prompts = _prompts(50, (4, 8))
+    kwargs = dict(temperature=1.2, top_k=20, top_p=0.95, min_p=0.01, repetition_penalty=1.1,
+                  frequency_penalty=0.2, stop_tokens=[])
+    rng = torch.get_rng_state()
+    a = generate(model, prompts, 20, seed=7, **kwargs).tokens
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert generate(model, prompts, 20, seed=7, **kwargs).tokens == a
+    assert generate(model, prompts, 20, seed=8, **kwargs).tokens != a
+    torch.manual_seed(0)
+    b = generate(model, prompts, 20, seed=7, **kwargs).tokens
+    assert b == a  # whatever the global RNG holds
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_filters_that_keep_one_token_are_greedy(kwargs):
+    model = _tiny()
+    prompts = _prompts(50, (4, 8))
+    greedy = generate(model, prompts, 20, stop_tokens=[]).tokens
+    assert generate(model, prompts, 20, temperature=1.5, seed=3, stop_tokens=[], **kwargs).tokens == greedy
+
+
+def test_greedy_repetition_penalty_matches_transformers(tiny_gpt2):
+    ours, theirs = tiny_gpt2
+    prompt = _prompts(97, (9,))[0]
+    expected = theirs.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 9, dtype=torch.long),
+                               max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0,
+                               repetition_penalty=1.3)[0, 9:].tolist()
+    result = generate(ours, [prompt], 20, repetition_penalty=1.3, stop_tokens=[]).tokens[0]
+    assert result == expected
+    assert result != generate(ours, [prompt], 20, stop_tokens=[]).tokens[0]  # the penalty did something
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_temperature_sampling_matches_softmax_of_scaled_logits():
+    model = _tiny(vocab_size=8, tie_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)  # logits spread over a few units, so temperature matters
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1].double()
+    n, T = 6000, 0.5
+    result = generate(model, [prompt] * n, 1, temperature=T, seed=0, stop_tokens=[])
+    counts = torch.bincount(torch.tensor([t[0] for t in result.tokens]), minlength=8).double()
+    right = (logits / T).softmax(-1)
+    assert right.max() < 0.6 and right.min() > 0.005  # a distribution worth testing (>= 30 expected each)
+    # chi-square, 7 degrees of freedom: 24.3 is its 0.1% tail. A temperature a little off lands far beyond it.
+    assert _chi2(counts, right) < 24.3
+    assert _chi2(counts, (logits / 0.6).softmax(-1)) > 40
+    assert _chi2(counts, logits.softmax(-1)) > 200
+
+
+def test_frequency_penalty_stops_repeats():
+    model = _tiny()
+    result = generate(model, [[1, 2, 3]], 30, frequency_penalty=1e4, stop_tokens=[])
+    assert len(set(result.tokens[0])) == 30
+
+
+def test_repetition_penalty_covers_the_prompt():
+    model = _tiny()
+    prompt = list(range(40))
+    result = generate(model, [prompt], 10, repetition_penalty=1e6, stop_tokens=[])
+    assert not set(result.tokens[0]) & set(prompt)
+
+
+# -- processors (property tests) -------------------------------------------------------------------------
+
+distinct_rows = st.integers(2, 30).flatmap(
+    lambda V: st.lists(st.lists(st.floats(-20, 20), min_size=V, max_size=V, unique=True), min_size=1,
+                       max_size=4))
+
+
+@FAST
+@given(rows=distinct_rows, k=st.integers(1, 35))
+def test_top_k_keeps_the_k_largest(rows, k):
+    logits = torch.tensor(rows, dtype=torch.float64)
+    out = sampling.top_k(logits, k)
+    kept = out.isfinite()
+    assert (kept.sum(-1) == min(k, logits.shape[-1])).all()
+    for row, keep in zip(logits, kept, strict=True):
+        assert row[keep].min() > row[~keep].max() if (~keep).any() else True
+    assert torch.equal(out[kept], logits[kept])
+
+
+@FAST
+@given(rows=distinct_rows, p=st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_set_reaching_p(rows, p):
+    logits = torch.tensor(rows, dtype=torch.float64)
+    kept = sampling.top_p(logits, p).isfinite()
+    probs = logits.softmax(-1)
+    for row, prob, keep in zip(logits, probs, kept, strict=True):
+        if (~keep).any():
+            assert row[keep].min() > row[~keep].max()  # the most likely tokens
+        mass = float(prob[keep].sum())
+        assert mass >= p - 1e-9  # reaches p ...
+        assert mass - float(prob[keep].min()) < p + 1e-9  # ... and one token fewer would not
+
+
+@FAST
+@given(rows=distinct_rows, p=st.floats(0.0, 1.0))
+def test_min_p_keeps_tokens_at_least_p_times_the_top(rows, p):
+    logits = torch.tensor(rows, dtype=torch.float64)
+    kept = sampling.min_p(logits, p).isfinite()
+    probs = logits.softmax(-1)
+    ratio = probs / probs.max(-1, keepdim=True).values
+    clear = (ratio - p).abs() > 1e-9
+    assert torch.equal(kept[clear], (ratio >= p)[clear])
+    assert kept.any(-1).all()
+
+
+@FAST
+@given(rows=distinct_rows, penalty=st.floats(1.01, 5.0), data=st.data())
+def test_repetition_penalty_lowers_seen_tokens_only(rows, penalty, data):
+    logits = torch.tensor(rows, dtype=torch.float64)
+    seen = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=logits.shape[1],
+                                                    max_size=logits.shape[1]),
+                                           min_size=logits.shape[0], max_size=logits.shape[0])))
+    out = sampling.repetition_penalty(logits, seen, penalty)
+    assert torch.equal(out[~seen], logits[~seen])
+    expected = torch.where(logits > 0, logits / penalty, logits * penalty)
+    assert torch.allclose(out[seen], expected[seen])
+    assert (out[seen] <= logits[seen]).all()
+
+
+@FAST
+@given(rows=distinct_rows, penalty=st.floats(-2.0, 2.0), data=st.data())
+def test_frequency_penalty_subtracts_penalty_times_count(rows, penalty, data):
+    logits = torch.tensor(rows, dtype=torch.float64)
+    counts = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 5), min_size=logits.shape[1],
+                                                      max_size=logits.shape[1]),
+                                             min_size=logits.shape[0], max_size=logits.shape[0]))).double()
+    out = sampling.frequency_penalty(logits, counts, penalty)
+    assert torch.allclose(out, logits - penalty * counts)
+    assert torch.equal(out[counts == 0], logits[counts == 0])
+
+
+def test_sample_draws_only_from_kept_tokens():
+    logits = sampling.top_k(torch.randn(2000, 10, generator=torch.Generator().manual_seed(0)), 3)
+    tokens = sampling.sample(logits, torch.Generator().manual_seed(1))
+    assert logits.gather(1, tokens[:, None]).isfinite().all()
+
+
+# -- stops and streaming ---------------------------------------------------------------------------------
+
+
+def test_stop_token_ends_each_row_and_is_not_included():
+    model = _tiny()
+    prompts = _prompts(50, (5, 8))
+    free = generate(model, prompts, 20, stop_tokens=[]).tokens
+    stop = free[0][6]
+    cut = generate(model, prompts, 20, stop_tokens=[stop])
+    first = free[0].index(stop)
+    assert cut.tokens[0] == free[0][:first]
+    assert cut.finish_reasons[0] == "stop" and cut.stopped_by[0] == stop
+    assert cut.completion_tokens[0] == first + 1
+    if stop in free[1]:
+        assert cut.tokens[1] == free[1][:free[1].index(stop)]
+    else:
+        assert cut.tokens[1] == free[1] and cut.finish_reasons[1] == "length"
+
+
+def test_default_stop_tokens_are_the_eos_ids():
+    model = Scripted([[5, 6, 7, 8]], vocab_size=20)
+    assert generate(model, [[1]], 4).tokens == [[5, 6, 7, 8]]
+    model.config.eos_token_id = 7
+    result = generate(model, [[1]], 4)
+    assert result.tokens == [[5, 6]] and result.stopped_by == [7]
+    assert generate(model, [[1]], 4, stop_tokens=[]).tokens == [[5, 6, 7, 8]]
+
+
+def test_finished_rows_freeze_and_generation_stops_when_all_have():
+    model = Scripted([[3, 4, 9, 5, 5, 5], [3, 9, 5, 5, 5, 5], [3, 4, 4, 9, 5, 5]], vocab_size=20)
+    steps = list(stream(model, [[1, 2], [1], [2, 2, 2]], 6, stop_tokens=[9]))
+    assert len(steps) == 4  # the last row stops at step 4 of 6
+    assert [s.tokens for s in steps] == [[[3], [3], [3]], [[4], [], [4]], [[], [], [4]], [[], [], []]]
+    assert [s.finish_reasons for s in steps] == [[None] * 3, [None, "stop", None], ["stop", None, None],
+                                                 [None, None, "stop"]]
+
+
+def test_stop_strings_cut_text_and_tokens(chars):
+    model = Scripted([[chars.token_to_id(c) for c in "ab<|end|>cd"], [chars.token_to_id(c) for c in "xyz<|qq"]],
+                     vocab_size=97)
+    result = generate(model, [[0], [0]], 11, tokenizer=chars, stop_strings=["<|end|>", "z<"])
+    assert result.texts == ["ab", "xy"]
+    assert result.tokens[0] == [chars.token_to_id(c) for c in "ab<|end|>"]  # through the completing token
+    assert result.tokens[1] == [chars.token_to_id(c) for c in "xyz<"]
+    assert result.finish_reasons == ["stop", "stop"] and result.stopped_by == ["<|end|>", "z<"]
+
+
+def test_stop_string_on_a_real_model(tiny_gpt2, chars):
+    ours, _ = tiny_gpt2
+    prompts = _prompts(97, (4, 9))
+    # Sampled (greedy text of this tiny model is one repeated letter); the other rows' draws do not depend on
+    # when a row stops, so the free run shows what the stopped one would have produced.
+    kwargs = dict(temperature=1.0, seed=0, stop_tokens=[], tokenizer=chars)
+    free = generate(ours, prompts, 30, **kwargs)
+    assert free.texts == [chars.decode(t) for t in free.tokens]
+    stop = free.texts[0][10:12]
+    result = generate(ours, prompts, 30, stop_strings=[stop], **kwargs)
+    at = free.texts[0].index(stop)
+    assert result.texts[0] == free.texts[0][:at]
+    assert result.tokens[0] == free.tokens[0][:at + len(stop)]
+    assert result.finish_reasons[0] == "stop" and result.stopped_by[0] == stop
+    if stop in free.texts[1]:
+        assert result.texts[1] == free.texts[1][:free.texts[1].index(stop)]
+    else:
+        assert result.tokens[1] == free.tokens[1] and result.finish_reasons[1] == "length"
+
+
+def test_stream_yields_what_generate_returns(tiny_gpt2, chars):
+    ours, _ = tiny_gpt2
+    prompts = _prompts(97, (3, 12, 7))
+    kwargs = dict(temperature=0.9, seed=5, tokenizer=chars)
+    free = generate(ours, prompts, 40, stop_tokens=[], **kwargs)
+    kwargs |= dict(stop_tokens=[free.tokens[0][8]], stop_strings=[free.texts[1][15:17], "Q"])
+    result = generate(ours, prompts, 40, **kwargs)
+    assert {type(s) for s in result.stopped_by} >= {int, str}  # both kinds of stop are exercised
+    tokens, texts, reasons = [[], [], []], ["", "", ""], [None] * 3
+    for step in stream(ours, prompts, 40, **kwargs):
+        for i in range(3):
+            tokens[i] += step.tokens[i]
+            texts[i] += step.texts[i]
+            assert reasons[i] is None or not step.tokens[i]  # nothing after a row finishes
+            reasons[i] = reasons[i] or step.finish_reasons[i]
+    assert tokens == result.tokens and texts == result.texts and reasons == result.finish_reasons
+
+
+def test_stream_holds_back_a_possible_stop_string(chars):
+    text = "ab<|en<|end|>"
+    model = Scripted([[chars.token_to_id(c) for c in text]], vocab_size=97)
+    deltas = [s.texts[0] for s in stream(model, [[0]], len(text), tokenizer=chars, stop_strings=["<|end|>"])]
+    assert "".join(deltas) == "ab<|en"
+    assert deltas[:3] == ["a", "b", ""]  # "<" could begin the stop string
+    assert all("<|end" not in d for d in deltas)
+
+
+def test_stream_text_never_splits_a_utf8_character():
+    tok = Tokenizer.train_bpe(texts=["x"], vocab_size=257)  # byte tokens only: "日" is 3 tokens
+    text = "héllo 日本 👋!"
+    ids = tok.encode(text)
+    assert len(ids) > len(text)
+    model = Scripted([ids], vocab_size=257)
+    deltas = [s.texts[0] for s in stream(model, [[0]], len(ids), tokenizer=tok, stop_tokens=[])]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert deltas.count("") >= len(ids) - len(text)
+    # Cut mid-character by the length limit: the rest comes out as the decoder renders it.
+    cut = generate(model, [[0]], 8, tokenizer=tok, stop_tokens=[])
+    assert cut.texts == [tok.decode(ids[:8])] and cut.finish_reasons == ["length"]
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return Tokenizer.train_bpe(texts=["Ünïcödé 日本語のテキスト 👋🏽 and ascii; κόσμε\n" * 20], vocab_size=300)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(st.integers(0, 299), min_size=1, max_size=25))
+def test_text_is_the_decoded_tokens_whatever_they_are(bpe, ids):
+    model = Scripted([ids], vocab_size=300)
+    result = generate(model, [[0]], len(ids), tokenizer=bpe, stop_tokens=[])
+    assert result.texts == [bpe.decode(ids)]
+
+
+def test_context_length_caps_new_tokens():
+    model = _tiny()  # context 64
+    result = generate(model, [[1] * 60, [2] * 10], 50, stop_tokens=[])
+    assert [len(t) for t in result.tokens] == [5, 5]  # the batch shares slots 60..64
+    assert result.finish_reasons == ["length", "length"]
+    assert len(generate(model, [[1] * 64], 9, stop_tokens=[]).tokens[0]) == 1
+
+
+def test_zero_new_tokens():
+    result = generate(_tiny(), [[1, 2]], 0)
+    assert result.tokens == [[]] and result.finish_reasons == ["length"] and result.completion_tokens == [0]
+
+
+def test_training_mode_is_restored():
+    model = _tiny(dropout=0.5).train()
+    prompts = _prompts(50, (5,))
+    a = generate(model, prompts, 10, stop_tokens=[]).tokens
+    assert model.training
+    assert generate(model, prompts, 10, stop_tokens=[]).tokens == a  # dropout was off
+
+
+# -- bad input -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(input_ids=[[1] * 65]), "exceeds the model's context length"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=1.0, top_p=0.0), "top_p"),
+    (dict(temperature=1.0, top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+    (dict(min_p=2.0), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(input_ids=[]), "no prompts"),
+    (dict(input_ids=[[1], []]), "prompt 1 is empty"),
+    (dict(input_ids=[[1, 50]]), "not a token id"),
+    (dict(input_ids=[1, 2, 3]), "for one prompt pass"),
+    (dict(input_ids=[[1.5, 2.0]]), "integer token ids"),
+    (dict(input_ids=torch.ones(3, dtype=torch.long)), "tensor \\[batch, time\\]"),
+    (dict(input_ids=torch.ones(1, 3)), "integer token ids"),
+    (dict(input_ids="hello"), "list of token-id lists"),
+    (dict(stop_strings=["x"]), "need a tokenizer"),
+    (dict(stop_tokens=["x"]), "stop_tokens"),
+    (dict(seed=1.5), "seed"),
+    (dict(cache_dtype=torch.long), "cache_dtype"),
+])
+def test_bad_input_is_a_one_line_user_error(kwargs, match):
+    model = _tiny()
+    args = dict(input_ids=[[1, 2, 3]], max_new_tokens=4) | kwargs
+    for fn in (generate, stream):
+        with pytest.raises(UserError, match=match) as info:
+            fn(model, **args)
+        assert "\n" not in str(info.value)
