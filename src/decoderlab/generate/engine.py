@@ -106,7 +106,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
     stop_tokens: ids that end a row (not included in its output); None means the model config's
         eos_token_id plus the tokenizer's eos token, [] means none.
     stop_strings: text that ends a row (needs `tokenizer`); the text is cut before it.
-    cache_dtype: the KV cache's dtype; None means the model's.
+    cache_dtype: the KV cache's dtype; None means fp32 on the CPU (faster attention), else the model's.
 
     Arguments are checked here, before the first step; bad ones raise a one-line `UserError`.
     """
@@ -218,6 +218,8 @@ class _Decoder:
             self.positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
             self.next_positions = lengths[:, None].clone()
         # Every step but the last feeds its token back, so the last needs no slot.
+        # On the CPU an fp32 cache keeps single-query attention in fp32, whose kernel is 3-7x faster than bf16's.
+        cache_dtype = cache_dtype or (torch.float32 if device.type == "cpu" else None)
         self.cache = model.new_cache(B, T + steps - 1, dtype=cache_dtype)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.generator = torch.Generator(device)
