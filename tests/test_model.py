@@ -156,3 +156,33 @@ def test_left_padded_batch_through_the_cache_matches_one_pass():
         rest = [model(ids[:, t:t + 1], positions=positions[:, t:t + 1], mask=mask, cache=cache) for t in range(5, 8)]
     got = torch.cat([first, *rest], dim=1)
     assert torch.allclose(got[valid], full[valid], atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not available")
+def test_packed_weights_match_and_go_stale():
+    model = _model("llama-like")
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        plain = model(ids)
+        model.pack(batch_size=2)
+        assert model.blocks[0].attn.qkv.packed is not None
+        assert (model(ids) - plain).abs().max() <= 1e-5
+        assert set(model.state_dict()) == set(_model("llama-like").state_dict())  # packing adds no weights
+        model.blocks[0].mlp.down.weight.mul_(2.0)  # an in-place edit makes the packed copy stale
+        edited = model(ids)
+    model.blocks[0].mlp.down.packed = None
+    with torch.no_grad():
+        assert torch.allclose(edited, model(ids), atol=1e-6)
+
+
+def test_bf16_model_with_fp32_cache_matches_bf16_cache():
+    model = _model("llama-like").to(torch.bfloat16)
+    ids = torch.randint(0, 50, (1, 9))
+    outs = []
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            cache = model.new_cache(1, 16, dtype=dtype)
+            first = model(ids[:, :6], cache=cache)
+            rest = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 9)]
+            outs.append(torch.cat([first, *rest], dim=1).float())
+    assert outs[1].dtype == torch.float32 and (outs[0] - outs[1]).abs().max() < 0.1

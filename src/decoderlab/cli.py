@@ -150,16 +150,24 @@ def train(
 
 
 def _sample_text(run: str, prompt: str, n: int, temperature: float, top_k: int | None, seed: int) -> str:
+    """`n` new tokens after `prompt`; past the model's context, the window slides (re-reading its second half)."""
     import decoderlab
 
     from .generate import generate
 
     model = decoderlab.load(run)
     tok = decoderlab.Tokenizer.from_folder(run)
+    ctx = model.config.context_length
     ids = tok.encode(prompt) or [0]
-    result = generate(model, [ids], max_new_tokens=min(n, model.config.context_length * 64),
-                      temperature=temperature, top_k=top_k, seed=seed, tokenizer=tok)
-    return prompt + result.texts[0]
+    new: list[int] = []
+    while len(new) < n:
+        window = (ids + new)[-max(1, ctx // 2):] if len(ids) + len(new) >= ctx else ids + new
+        result = generate(model, [window], max_new_tokens=min(n - len(new), ctx - len(window)),
+                          temperature=temperature, top_k=top_k, seed=seed + len(new), stop_tokens=[])
+        if not result.tokens[0]:
+            break
+        new += result.tokens[0]
+    return prompt + tok.decode(new)
 
 
 @app.command()
