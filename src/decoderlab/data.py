@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from decoderlab.atomic import atomic_write
 from decoderlab.errors import UserError
 from decoderlab.tokenizer import Tokenizer
 
@@ -419,20 +420,6 @@ class _SplitWriter:
         self.tmp.unlink(missing_ok=True)  # gone already once moved into place
 
 
-def _save_atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    # A temp file in the same folder, then os.replace: readers see the old file or the new one, never half.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _tokenizer_spec(tokenizer: str | os.PathLike | Tokenizer, vocab_size: int) -> tuple[str, Tokenizer | None, Any]:
     """(kind, the tokenizer to reuse or None to train one, what identifies it in the fingerprint)."""
     if isinstance(tokenizer, Tokenizer):
@@ -559,7 +546,7 @@ def prepare(
             tok.save(out)
             for w in writers:
                 os.replace(w.tmp, out / f"{w.name}.bin")
-                _save_atomic(out / f"{w.name}.docs.npy", lambda f, w=w: np.save(f, np.array(w.doc_starts, np.int64)))
+                atomic_write(out / f"{w.name}.docs.npy", lambda f, w=w: np.save(f, np.array(w.doc_starts, np.int64)))
         except BaseException:
             for w in writers:
                 w.discard()
@@ -583,7 +570,7 @@ def prepare(
         **{w.name: {"tokens": w.n_tokens, "documents": len(w.doc_starts), "bytes": w.n_bytes, "chars": w.n_chars}
            for w in writers},
     }
-    _save_atomic(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
+    atomic_write(out / META_FILE, lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
     if replaced:
         print(f"warning: {replaced:,} bytes of invalid UTF-8 in the corpus were replaced by U+FFFD", file=sys.stderr)
     return PreparedData.load(out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from itertools import chain
@@ -24,6 +23,7 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from decoderlab.atomic import atomic_write_text
 from decoderlab.errors import UserError
 
 __all__ = ["Tokenizer", "SPECIAL_TOKEN_ROLES"]
@@ -181,20 +181,6 @@ def _compile_chat_template(source: str) -> jinja2.Template:
         raise UserError(
             f"chat template does not parse (line {exc.lineno}): {_one_line(exc.message)}"
         ) from None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # A temp file in the same folder, then os.replace: readers see the old file or the new one, never half.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _token_content(value: Any, role: str, source: Path) -> str | None:
@@ -455,7 +441,7 @@ class Tokenizer:
             folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise UserError(f"cannot save tokenizer: {folder} exists and is not a folder") from None
-        _atomic_write_text(folder / TOKENIZER_FILE, self._tk.to_str(pretty=True))
+        atomic_write_text(folder / TOKENIZER_FILE, self._tk.to_str(pretty=True))
 
         config: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -473,7 +459,7 @@ class Tokenizer:
             config["chat_template"] = [{"name": n, "template": t} for n, t in named.items()]
         elif self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
         (folder / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         template_dir = folder / CHAT_TEMPLATE_DIR

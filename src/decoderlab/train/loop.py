@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masks
+from ..atomic import atomic_write_text
 from ..checkpoint import save as save_model
 from ..data import Batch, PreparedData, get_batch, iter_eval_batches, prepare
 from ..errors import UserError
@@ -418,9 +419,7 @@ def _check_writable(folder: Path) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _plot_losses(run_dir: Path) -> None:
