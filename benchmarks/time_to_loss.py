@@ -50,7 +50,8 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="time-to-loss-"))
     common = dict(data=[str(SHAKESPEARE)], tokenizer="char", sample_tokens=0)
 
-    ours = run(f"decoderlab recipe, --time {args.budget}", TrainConfig(**common, time=args.budget, out=str(out / "ours")))
+    ours = run(f"decoderlab recipe, --time {args.budget}",
+               TrainConfig(**common, time=args.budget, out=str(out / "ours")))
     results = {"ours": ours[-1][1]}
     if args.long:
         results["long"] = run(f"decoderlab recipe, --time {args.long}",

@@ -110,6 +110,7 @@ def train(
     eval_interval: int = typer.Option(None, help="Evaluate every N steps (default: ten times per run)."),
     save_interval: int = typer.Option(None, help="Save a resumable checkpoint every N steps (default: at evals)."),
     log_interval: int = typer.Option(None, help="Log train loss every N steps (default 10)."),
+    keep_last: int = typer.Option(None, help="Resumable checkpoints to keep (default 2; the best model is kept too)."),
     seed: int = typer.Option(None, help="Random seed."),
     device: str = typer.Option(None, help="auto, cpu or cuda."),
     fsdp: bool = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard with FSDP instead of DDP."),
@@ -128,7 +129,7 @@ def train(
                  batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
                  schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype, compile=compile,
                  objective=objective, n_future=n_future, eval_interval=eval_interval, save_interval=save_interval,
-                 log_interval=log_interval, seed=seed, device=device,
+                 log_interval=log_interval, keep_last=keep_last, seed=seed, device=device,
                  fsdp=fsdp, sample_tokens=sample_tokens)
     if resume:
         if out is not None and out != resume:

@@ -1,10 +1,13 @@
 """Text generation: `generate` (whole results) and `stream` (step by step) over one KV-cached decode loop.
 
+Lossless speculative decoding (Token Recycling, a draft model, multi-token heads) lives in `speculative`.
 The logits processors (penalties, temperature, top-k, top-p, min-p) live in `sampling` as pure functions.
 """
 
 from . import sampling
 from .engine import GenerationResult, GenerationStep, Stream, generate, stream
 from .sampling import SamplingParams
+from .speculative import SpeculativeResult, TokenRecycler, mtp_generate, speculative_generate, tree_template
 
-__all__ = ["GenerationResult", "GenerationStep", "SamplingParams", "Stream", "generate", "sampling", "stream"]
+__all__ = ["GenerationResult", "GenerationStep", "SamplingParams", "SpeculativeResult", "Stream", "TokenRecycler",
+           "generate", "mtp_generate", "sampling", "speculative_generate", "stream", "tree_template"]

@@ -168,7 +168,7 @@ class TokenRecycler:
     (up to floating-point ties between the two best logits, as with any change of batch shape).
     """
 
-    def __init__(self, model: Transformer, n_nodes: int = 24, k: int = 8) -> None:
+    def __init__(self, model: Transformer, n_nodes: int = 8, k: int = 8) -> None:
         if model.config.sliding_window is not None:
             # The model applies its window to cache slots, which are not positions for tree nodes.
             raise UserError("Token Recycling does not support sliding-window models; use decoderlab.generate")
