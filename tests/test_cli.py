@@ -32,3 +32,21 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         assert out.returncode == 2
         assert out.stderr.strip().count("\n") == 0 and fragment in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_generate_streams_the_same_text_as_the_api(tmp_path):
+    import torch
+
+    import decoderlab
+
+    tok = decoderlab.Tokenizer.train_char(texts=["the quick brown fox jumps over the lazy dog\n"])
+    torch.manual_seed(0)
+    model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size))
+    decoderlab.save(model, tmp_path / "m", tokenizer=tok)
+    out = _run("generate", str(tmp_path / "m"), "the ", "--temperature", "0", "--tokens", "12")
+    assert out.returncode == 0, out.stderr
+    expected = decoderlab.generate(decoderlab.load(tmp_path / "m"), [tok.encode("the ")], max_new_tokens=12,
+                                   tokenizer=tok).texts[0]
+    assert out.stdout == "the " + expected + "\n"
+    bad = _run("generate", str(tmp_path / "m"), "the ", "--temperature", "-1")
+    assert bad.returncode == 2 and "temperature" in bad.stderr and "Traceback" not in bad.stderr

@@ -189,6 +189,52 @@ def sample(
         console.print(_sample_text(run, prompt, tokens, temperature, top_k, seed + i), markup=False, highlight=False)
 
 
+@app.command("serve")
+def serve_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    model_name: str = typer.Option(None, "--model-name", help="Name clients pass as `model` (default: folder name)."),
+    tokenizer: str = typer.Option(None, help="Tokenizer folder, if not the checkpoint's own."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cpu)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
+    from .serve import serve as run_server
+
+    run_server(path, host=host, port=port, model_name=model_name, tokenizer=tokenizer, device=device)
+
+
+@app.command("generate")
+def generate_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    tokens: int = typer.Option(200, "--tokens", "-n", help="New tokens at most (fewer past the context length)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
+    top_k: int = typer.Option(None, help="Sample among the k most likely tokens."),
+    top_p: float = typer.Option(None, help="Sample among the most likely tokens holding this much probability."),
+    seed: int = typer.Option(None, help="Random seed."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
+    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template."),
+) -> None:
+    """Stream a prompt's continuation to the terminal as it is generated."""
+    import decoderlab
+
+    from .generate import stream
+
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = tok.encode(text) or ([tok.bos_id] if tok.bos_id is not None else [])
+    steps = stream(model, [ids], tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   stop_strings=stop or None, tokenizer=tok)
+    if not chat:
+        sys.stdout.write(prompt)
+    for step in steps:
+        sys.stdout.write(step.texts[0])
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
 def main() -> None:
     try:
         app()  # standalone: typer reports usage errors itself (exit code 2)

@@ -65,6 +65,8 @@ def data_cache_dir(cfg: TrainConfig) -> Path:
 
 
 class Trainer:
+    """One training run: `run()` loops until the stop criterion, evaluating and checkpointing on the way."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
@@ -80,7 +82,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.raw_model = Transformer(self.model_config).to(self.device)
         self.model = dist.wrap(self.raw_model, self.ctx, fsdp=cfg.fsdp)
-        self.optimizers = self._build_optimizers()
+        self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
         self.step = 0
         self.tokens = 0
         self.train_seconds = 0.0
@@ -102,9 +104,6 @@ class Trainer:
                     progress=self.progress, val_fraction=0.1 if self.cfg.data else DEFAULT_CORPUS_VAL_FRACTION)
         dist.barrier(self.ctx)
         return PreparedData.load(folder)
-
-    def _build_optimizers(self) -> list[torch.optim.Optimizer]:
-        return build_optimizers(self.raw_model, self.cfg, self.device)
 
     # ---- the loop ------------------------------------------------------------------------------
 
