@@ -9,7 +9,7 @@ from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError, MaskError, UserError
-from .generate import GenerationResult, generate, stream
+from .generate import GenerationResult, counterfactual, generate, stream
 from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "UserError",
+    "counterfactual",
     "data",
     "generate",
     "stream",

@@ -1,12 +1,17 @@
 """The generation loop: prefill a (left-padded) batch of prompts, then decode one token per step with a KV cache.
 
 `stream` yields each step's new tokens (and text); `generate` collects a whole stream into a `GenerationResult`.
+
+Sampling is Gumbel-Max, argmax(logits / T + g), with the noise g of step t drawn from a generator seeded from
+(seed, t) alone: `generate(..., trace=True)` records what `counterfactual` needs to replay the same noise under an
+intervention. `grammar=` constrains rows to a JSON schema, regex or context-free grammar (see `constrained`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -15,7 +20,10 @@ from .. import masks
 from ..errors import UserError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from .sampling import SamplingParams, choose
+from .sampling import SamplingParams, choose, gumbel_noise
+
+if TYPE_CHECKING:
+    from .constrained import Grammar, GrammarState
 
 # What finished rows are fed; any id works, since their outputs are never read.
 PAD_ID = 0
@@ -56,6 +64,29 @@ class GenerationResult:
     stopped_by: list[int | str | None]
     prompt_tokens: list[int]
     completion_tokens: list[int]
+    trace: Trace | None = None
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What `counterfactual` needs to replay a `generate` call with the same sampling noise (`trace=True`).
+
+    The Gumbel noise is not stored: step t's noise is drawn from a generator seeded from (seed, t) alone, so it
+    can be regenerated exactly. tokens: the output (as `GenerationResult.tokens`); forced: the token
+    interventions a counterfactual's trace replays too.
+    """
+
+    seed: int
+    params: SamplingParams
+    prompts: list[list[int]]
+    tokens: list[list[int]]
+    max_new_tokens: int
+    stop_tokens: list[int]
+    stop_strings: list[str]
+    grammar: list[Grammar | None] | None = None
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
+    cache_dtype: torch.dtype | None = None
+    forced: dict[int, dict[int, int]] = field(default_factory=dict)  # {step: {row: token}} of a counterfactual
 
 
 def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
@@ -63,12 +94,20 @@ def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], ma
              min_p: float | None = None, repetition_penalty: float | None = None,
              frequency_penalty: float | None = None, seed: int | None = None,
              stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
-             tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None) -> GenerationResult:
-    """Continue each prompt by up to `max_new_tokens` tokens; see `stream` for the arguments."""
+             tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None, grammar: Any = None,
+             trace: bool = False) -> GenerationResult:
+    """Continue each prompt by up to `max_new_tokens` tokens; see `stream` for the arguments.
+
+    trace: also return `result.trace`, for `counterfactual` replays with the same sampling noise.
+    """
     steps = stream(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                    seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
-                   cache_dtype=cache_dtype)
+                   cache_dtype=cache_dtype, grammar=grammar)
+    return _collect(steps, tokenizer, max_new_tokens, trace)
+
+
+def _collect(steps: Stream, tokenizer: Tokenizer | None, max_new_tokens: int, trace: bool) -> GenerationResult:
     B = len(steps.prompt_lengths)
     tokens: list[list[int]] = [[] for _ in range(B)]
     pieces: list[list[str]] = [[] for _ in range(B)]
@@ -85,7 +124,11 @@ def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], ma
     reasons = [r or "length" for r in reasons]
     completion = [len(t) + isinstance(s, int) for t, s in zip(tokens, stopped_by, strict=True)]
     texts = ["".join(p) for p in pieces] if tokenizer is not None else None
-    return GenerationResult(tokens, texts, reasons, stopped_by, list(steps.prompt_lengths), completion)
+    record = None
+    if trace:
+        record = Trace(steps.seed, steps.params, steps.prompts, tokens, max_new_tokens, sorted(steps.stop_ids),
+                       steps.stop_strings, steps.grammars, tokenizer, steps.cache_dtype, steps.force)
+    return GenerationResult(tokens, texts, reasons, stopped_by, list(steps.prompt_lengths), completion, record)
 
 
 def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
@@ -93,7 +136,8 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
            min_p: float | None = None, repetition_penalty: float | None = None,
            frequency_penalty: float | None = None, seed: int | None = None,
            stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
-           tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None) -> Stream:
+           tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None,
+           grammar: Any = None) -> Stream:
     """Generate step by step: an iterator of `GenerationStep`, one per decoded token position.
 
     input_ids: a LongTensor [B, T] or a list of B token-id lists (of any lengths; left-padded internally).
@@ -107,6 +151,13 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         eos_token_id plus the tokenizer's eos token, [] means none.
     stop_strings: text that ends a row (needs `tokenizer`); the text is cut before it.
     cache_dtype: the KV cache's dtype; None means fp32 on the CPU (faster attention), else the model's.
+    grammar: constrain the output (needs `tokenizer`, with an eos token, and llguidance): a `constrained.Grammar`
+        or a dict {"json_schema": schema} / {"regex": pattern} / {"lark": source} for every row, or a list with
+        one per row (None: unconstrained). Each step masks the tokens the grammar forbids before sampling; the
+        eos token is allowed only where the grammar is complete, and a row whose grammar is complete and allows
+        nothing more stops ("stop").
+    Sampling is Gumbel-Max, argmax(logits / T + g), with step t's noise drawn from a generator seeded from
+    (seed, t): the same seed gives the same noise whatever tokens came before.
 
     Arguments are checked here, before the first step; bad ones raise a one-line `UserError`.
     """
@@ -124,19 +175,44 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         raise UserError(f"cache_dtype must be a floating-point torch.dtype or None, got {cache_dtype!r}")
     stop_ids = _stop_tokens(stop_tokens, model, tokenizer)
     stops = _stop_strings(stop_strings, tokenizer)
+    return _make_stream(model, prompts, max_new_tokens, params, seed, stop_ids, stops, tokenizer, cache_dtype,
+                        grammar)
+
+
+def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                 seed: int | None, stop_ids: set[int], stops: list[str], tokenizer: Tokenizer | None,
+                 cache_dtype: torch.dtype | None, grammar: Any,
+                 force: dict[int, dict[int, int]] | None = None) -> Stream:
+    """`stream` after its checks; `force` ({step: {row: token}}) overrides chosen tokens (counterfactuals)."""
+    longest = max(len(p) for p in prompts)
     # The last token is sampled but never fed, so a prompt of length ctx still gets one new token.
-    steps = min(max_new_tokens, ctx - longest + 1)
-    return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype)
+    steps = min(max_new_tokens, model.config.context_length - longest + 1)
+    grammars = state = None
+    if grammar is not None:
+        from .constrained import GrammarState, grammars_for_batch
+
+        grammars = grammars_for_batch(grammar, len(prompts))
+        if any(g is not None for g in grammars):
+            state = GrammarState(grammars, tokenizer, model.config.vocab_size)
+    if seed is None:
+        seed = torch.Generator().seed()  # a fresh random seed, recorded for replays; the global RNG is untouched
+    return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype, grammars, state,
+                  force)
 
 
 class Stream:
     """The iterator `stream` returns. `prompt_lengths` is known before the first step."""
 
     def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
-                 seed: int | None, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
-                 cache_dtype: torch.dtype | None) -> None:
+                 seed: int, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
+                 cache_dtype: torch.dtype | None, grammars: list[Grammar | None] | None = None,
+                 state: GrammarState | None = None, force: dict[int, dict[int, int]] | None = None) -> None:
         self.prompt_lengths = [len(p) for p in prompts]
-        self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype)
+        self.prompts, self.params, self.seed, self.stop_ids = prompts, params, seed, stop_ids
+        self.stop_strings, self.cache_dtype, self.grammars = stop_strings, cache_dtype, grammars
+        self.force = force or {}
+        self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype,
+                           state, force or {})
 
     def __iter__(self) -> Iterator[GenerationStep]:
         return self
@@ -149,9 +225,10 @@ class Stream:
         self._steps.close()
 
 
-def _run(model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams, seed: int | None,
+def _run(model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams, seed: int,
          stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
-         cache_dtype: torch.dtype | None) -> Iterator[GenerationStep]:
+         cache_dtype: torch.dtype | None, grammar: GrammarState | None = None,
+         force: dict[int, dict[int, int]] | None = None) -> Iterator[GenerationStep]:
     """The host side of the loop: one sync per step to read the new tokens, then stop checks and text."""
     if steps == 0:
         return
@@ -163,18 +240,24 @@ def _run(model: Transformer, prompts: list[list[int]], steps: int, params: Sampl
         texts = [_RowText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
         finished = [False] * B
         for step in range(steps):
-            new = decoder.next_tokens().tolist()
+            allowed = grammar.allowed([not f for f in finished], model.device) if grammar is not None else None
+            new = decoder.next_tokens(allowed, force.get(step) if force else None).tolist()
             out = GenerationStep([[] for _ in range(B)], [""] * B if texts else None, [None] * B, [None] * B)
             ended = []
             for i, token in enumerate(new):  # a loop over rows, for the host-side stop checks
                 if finished[i]:
                     continue
                 reason = stop = None
-                if token in stop_ids:
+                constrained = grammar is not None and grammar.matchers[i] is not None
+                if token in stop_ids or (constrained and token == grammar.eos):
+                    if constrained:
+                        grammar.advance(i, token)  # checks that the grammar was complete (a forced eos may not be)
                     reason, stop = "stop", token
                 else:
                     out.tokens[i].append(token)
                     if texts and (stop := texts[i].add(token)) is not None:
+                        reason = "stop"
+                    if constrained and grammar.advance(i, token) and reason is None:
                         reason = "stop"
                 if reason is None and step == steps - 1:
                     reason = "length"
@@ -205,7 +288,7 @@ class _Decoder:
 
     @torch.inference_mode()
     def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
-                 seed: int | None, cache_dtype: torch.dtype | None) -> None:
+                 seed: int, cache_dtype: torch.dtype | None) -> None:
         device, B, T, V = model.device, len(prompts), max(len(p) for p in prompts), model.config.vocab_size
         self.model, self.params = model, params
         self.ids = torch.tensor([[PAD_ID] * (T - len(p)) + p for p in prompts], device=device)
@@ -222,11 +305,9 @@ class _Decoder:
         cache_dtype = cache_dtype or (torch.float32 if device.type == "cpu" else None)
         self.cache = model.new_cache(B, T + steps - 1, dtype=cache_dtype)
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        # Reseeded from (seed, step) before each step's noise, so the noise never depends on earlier draws.
         self.generator = torch.Generator(device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.seed, self.step, self.noise_shape = seed, 0, (B, V)
         self.seen = self.counts = None
         if params.needs_seen:
             self.seen = torch.zeros(B, V, device=device).scatter_add_(1, self.ids, valid.float()) > 0
@@ -236,8 +317,11 @@ class _Decoder:
         self.last: Tensor | None = None
 
     @torch.inference_mode()
-    def next_tokens(self) -> Tensor:
-        """Run the model on the prompts (first call) or on the last tokens, and choose the next ones [B]."""
+    def next_tokens(self, allowed: Tensor | None = None, forced: dict[int, int] | None = None) -> Tensor:
+        """Run the model on the prompts (first call) or on the last tokens, and choose the next ones [B].
+
+        allowed: bool [B, V], the tokens each row may take (a grammar's mask); forced: {row: token} overrides.
+        """
         if self.last is None:
             logits = self.model(self.ids, positions=self.positions, mask=self.mask, cache=self.cache,
                                 logits_to_keep=1)
@@ -247,7 +331,18 @@ class _Decoder:
                                 logits_to_keep=1)
             if self.next_positions is not None:
                 self.next_positions += 1
-        tokens = choose(logits[:, -1], self.params, self.generator, self.seen, self.counts)
+        logits = logits[:, -1]
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, -torch.inf)
+        noise = None
+        if not self.params.greedy:
+            self.generator.manual_seed(step_seed(self.seed, self.step))
+            noise = gumbel_noise(self.noise_shape, self.generator, logits.device)
+        self.step += 1
+        tokens = choose(logits, self.params, self.generator, self.seen, self.counts, noise)
+        if forced:
+            rows = list(forced)
+            tokens[rows] = torch.tensor([forced[r] for r in rows], device=tokens.device)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
         if self.counts is not None:
@@ -308,6 +403,18 @@ class _RowText:
                          if any(s.startswith(self.text[end - n:]) for s in self.stops)), 0)
         delta, self.sent = self.text[self.sent:end], end
         return delta
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step `step`'s noise generator: SplitMix64 of (seed, step), so nearby seeds and steps give
+    unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xD1B54A32D192ED03) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def _prompts(input_ids: Tensor | Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:

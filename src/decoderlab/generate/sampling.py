@@ -2,6 +2,10 @@
 
 Each processor returns new logits (filtered tokens get -inf); `choose` applies the ones `SamplingParams` asks
 for, in transformers' order (penalties, temperature, top-k, top-p, min-p), then takes the argmax or samples.
+
+Sampling is the Gumbel-Max trick: argmax(logits / T + g) with g i.i.d. standard Gumbel noise over the whole
+vocabulary draws exactly from softmax(logits / T), and makes the noise an explicit, replayable input (the
+structural causal model that `counterfactual` replays). Filtered tokens stay -inf whatever noise they get.
 """
 
 from __future__ import annotations
@@ -53,9 +57,23 @@ def min_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), -math.inf)
 
 
-def sample(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One token id per row [B], drawn from softmax(logits)."""
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> Tensor:
+    """Standard Gumbel noise -log(-log(u)), u ~ U[0, 1), fp32 (u = 0 gives -inf: that token is never chosen)."""
+    if generator is not None and device is None:
+        device = generator.device
+    u = torch.rand(shape, generator=generator, device=device)
+    return -(-u.log()).log()
+
+
+def sample(logits: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+    """One token id per row [B], drawn from softmax(logits) by Gumbel-Max: argmax(logits + g).
+
+    `noise` ([B, V] Gumbel) is drawn from `generator` when not given.
+    """
+    if noise is None:
+        noise = gumbel_noise(tuple(logits.shape), generator, logits.device)
+    return (logits.float() + noise).argmax(dim=-1)
 
 
 @dataclass(frozen=True)
@@ -106,9 +124,11 @@ class SamplingParams:
 
 
 def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           seen: Tensor | None = None, counts: Tensor | None = None) -> Tensor:
+           seen: Tensor | None = None, counts: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     """The next token id of each row [B] from logits [B, V].
 
+    Sampling takes argmax(filtered logits / T + noise); `noise` ([B, V] Gumbel) is drawn from `generator` when
+    not given. Greedy (temperature 0) is plain argmax and uses no noise.
     `seen` (bool [B, V]: tokens in the prompt or output) and `counts` ([B, V]: times generated) are needed
     when `params` asks for a repetition or frequency penalty.
     """
@@ -129,4 +149,4 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         logits = top_p(logits, params.top_p)
     if params.min_p:
         logits = min_p(logits, params.min_p)
-    return sample(logits, generator)
+    return sample(logits, generator, noise)
