@@ -50,3 +50,21 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path):
     assert out.stdout == "the " + expected + "\n"
     bad = _run("generate", str(tmp_path / "m"), "the ", "--temperature", "-1")
     assert bad.returncode == 2 and "temperature" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generate_speculative_matches_greedy(tmp_path):
+    import torch
+
+    import decoderlab
+
+    tok = decoderlab.Tokenizer.train_char(texts=["abcabcabd abcabcabd\n"])
+    torch.manual_seed(1)
+    model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size))
+    decoderlab.save(model, tmp_path / "m", tokenizer=tok)
+    plain = _run("generate", str(tmp_path / "m"), "abc", "--temperature", "0", "--tokens", "20")
+    fast = _run("generate", str(tmp_path / "m"), "abc", "--tokens", "20", "--speculative", "recycle")
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    assert "tokens per forward pass" in fast.stdout
+    bad = _run("generate", str(tmp_path / "m"), "abc", "--speculative", "mtp")
+    assert bad.returncode == 2 and "--objective mtp" in bad.stderr

@@ -215,6 +215,8 @@ def generate_cmd(
     seed: int = typer.Option(None, help="Random seed."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template."),
+    speculative: str = typer.Option(None, help="Greedy speculative decoding: recycle (Token Recycling), "
+                                    "mtp (the model's future heads) or a draft model's folder."),
 ) -> None:
     """Stream a prompt's continuation to the terminal as it is generated."""
     import decoderlab
@@ -225,6 +227,18 @@ def generate_cmd(
     tok = decoderlab.Tokenizer.from_folder(path)
     text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     ids = tok.encode(text) or ([tok.bos_id] if tok.bos_id is not None else [])
+    if speculative:
+        from .generate import TokenRecycler, mtp_generate, speculative_generate
+
+        if speculative == "recycle":
+            result = TokenRecycler(model).generate([ids], tokens)
+        elif speculative == "mtp":
+            result = mtp_generate(model, [ids], tokens)
+        else:
+            result = speculative_generate(model, decoderlab.load(speculative), [ids], tokens, seed=seed)
+        sys.stdout.write(("" if chat else prompt) + tok.decode(result.tokens[0]) + "\n")
+        console.print(f"[dim]{result.mean_accepted:.2f} tokens per forward pass[/dim]", highlight=False)
+        return
     steps = stream(model, [ids], tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    stop_strings=stop or None, tokenizer=tok)
     if not chat:

@@ -172,9 +172,10 @@ class TokenRecycler:
         if model.config.sliding_window is not None:
             # The model applies its window to cache slots, which are not positions for tree nodes.
             raise UserError("Token Recycling does not support sliding-window models; use decoderlab.generate")
+        V, device = model.config.vocab_size, model.device
+        k = min(k, V)  # a tiny vocabulary has fewer than k candidates per token
         self.model, self.k = model, k
         self.template = tree_template(n_nodes, k)
-        V, device = model.config.vocab_size, model.device
         # Before anything is seen, rank r of every token points at token r: distinct siblings, harmless drafts.
         self.matrix = torch.arange(k, device=device).clamp(max=V - 1).repeat(V, 1)
         # Node 0 of a step's tree is the last accepted token; template node i becomes node i + 1.
