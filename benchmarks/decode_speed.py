@@ -140,8 +140,8 @@ def main() -> None:
     ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--pack", action="store_true",
-                    help="call model.pack(batch) first: oneDNN-packed weights (a proposed Transformer method)")
-    ap.add_argument("--cache-dtype", choices=list(DTYPES), help="KV cache dtype (default: the model's)")
+                    help="call model.pack(batch) first: oneDNN-packed weights (Transformer.pack)")
+    ap.add_argument("--cache-dtype", choices=list(DTYPES), help="KV cache dtype (default: the engine's: fp32 on CPU)")
     args = ap.parse_args()
 
     import transformers
