@@ -142,11 +142,16 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     # Filters do not change the argmax, so greedy stops here (as transformers does with do_sample=False).
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    return sample(filtered(logits, params), generator, noise)
+
+
+def filtered(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The logits plain sampling draws from: divided by the temperature, then top-k, top-p and min-p applied."""
+    logits = logits.float() / params.temperature
     if params.top_k is not None:
         logits = top_k(logits, params.top_k)
     if params.top_p is not None and params.top_p < 1:
         logits = top_p(logits, params.top_p)
     if params.min_p:
         logits = min_p(logits, params.min_p)
-    return sample(logits, generator, noise)
+    return logits

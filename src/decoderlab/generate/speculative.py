@@ -19,10 +19,7 @@ from .. import masks
 from ..errors import UserError
 from ..model import Transformer
 from .engine import GenerationResult, _prompts, _stop_tokens
-from .sampling import SamplingParams
-from .sampling import min_p as min_p_filter
-from .sampling import top_k as top_k_filter
-from .sampling import top_p as top_p_filter
+from .sampling import SamplingParams, filtered
 
 # Prior acceptance probability of a draft by the rank of its token among the recycled successors; only the
 # ratios matter, to decide which (parent, rank) nodes the static tree template spends its budget on.
@@ -267,14 +264,7 @@ class TokenRecycler:
 
 def _probs(logits: Tensor, params: SamplingParams) -> Tensor:
     """The distribution plain sampling draws from: temperature, then top-k, top-p, min-p, then softmax."""
-    logits = logits.float() / params.temperature
-    if params.top_k is not None:
-        logits = top_k_filter(logits, params.top_k)
-    if params.top_p is not None and params.top_p < 1:
-        logits = top_p_filter(logits, params.top_p)
-    if params.min_p:
-        logits = min_p_filter(logits, params.min_p)
-    return logits.softmax(dim=-1)
+    return filtered(logits, params).softmax(dim=-1)
 
 
 def accept_probability(p: Tensor, q: Tensor) -> Tensor:
