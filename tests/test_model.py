@@ -186,3 +186,20 @@ def test_bf16_model_with_fp32_cache_matches_bf16_cache():
             rest = [model(ids[:, t:t + 1], cache=cache) for t in range(6, 9)]
             outs.append(torch.cat([first, *rest], dim=1).float())
     assert outs[1].dtype == torch.float32 and (outs[0] - outs[1]).abs().max() < 0.1
+
+
+def test_edit_residual_runs_before_each_block():
+    model = _model("llama-like")
+    ids = torch.randint(0, 50, (1, 6))
+    seen = []
+
+    def identity(layer, x):
+        seen.append(layer)
+        return x
+
+    with torch.no_grad():
+        assert torch.equal(model(ids, edit_residual=identity), model(ids))
+        assert seen == [0, 1]
+        out = model(ids, hidden_states=True, edit_residual=lambda layer, x: x + 1.0 if layer == 1 else x)
+        plain = model(ids, hidden_states=True)
+    assert torch.allclose(out.hidden_states[1], plain.hidden_states[1] + 1.0, atol=1e-6)

@@ -8,6 +8,7 @@ activation, GQA, biases, QK-norm, soft-cap, tied embeddings) are config switches
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -283,11 +284,14 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: masks.Mask | None = None, cache: KVCache | None = None, *,
                 hidden_states: bool = False, attentions: bool = False, future: bool = False,
-                logits_to_keep: int = 0) -> torch.Tensor | ModelOutput:
+                logits_to_keep: int = 0,
+                edit_residual: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | ModelOutput:
         """Logits [B, T, V] for `input_ids` [B, T]; a `ModelOutput` if hidden states, attentions or the
         future heads' logits (`future=True`) are asked for.
 
         `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
+        `edit_residual(layer, x)` may return a changed residual stream [B, T, d] before block `layer` runs
+        (token prepending, steering, patching); it is called once per block.
         """
         if input_ids.dim() != 2:
             raise UserError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -312,7 +316,9 @@ class Transformer(nn.Module):
 
         all_hidden = [] if hidden_states else None
         all_attn = [] if attentions else None
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if edit_residual is not None:
+                x = edit_residual(i, x)
             if all_hidden is not None:
                 all_hidden.append(x)
             x, weights = block(x, rope, plan, cache)
