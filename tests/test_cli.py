@@ -68,3 +68,27 @@ def test_generate_speculative_matches_greedy(tmp_path):
     assert "tokens per forward pass" in fast.stdout
     bad = _run("generate", str(tmp_path / "m"), "abc", "--speculative", "mtp")
     assert bad.returncode == 2 and "--objective mtp" in bad.stderr
+
+
+def test_embed_command_writes_unit_vectors(tmp_path):
+    import numpy as np
+    import torch
+
+    import decoderlab
+
+    tok = decoderlab.Tokenizer.train_char(texts=["the quick brown fox jumps over the lazy dog\n"])
+    torch.manual_seed(0)
+    model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size))
+    decoderlab.save(model, tmp_path / "m", tokenizer=tok)
+    (tmp_path / "texts.txt").write_text("the fox\n\nthe lazy dog\nquick\n")
+    out = _run("embed", str(tmp_path / "m"), "--input", str(tmp_path / "texts.txt"), "--output",
+               str(tmp_path / "e.npy"), "--pooling", "last")
+    assert out.returncode == 0, out.stderr
+    vectors = np.load(tmp_path / "e.npy")
+    assert vectors.shape == (3, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    expected = decoderlab.embed(decoderlab.load(tmp_path / "m"), ["the fox", "the lazy dog", "quick"], tok,
+                                pooling="last").numpy()
+    assert np.allclose(vectors, expected, atol=1e-5)
+    bad = _run("embed", str(tmp_path / "m"), "--input", str(tmp_path / "texts.txt"), "--output",
+               str(tmp_path / "e.npy"), "--pooling", "max")
+    assert bad.returncode == 2 and "prompt-eol" in bad.stderr and "Traceback" not in bad.stderr

@@ -8,6 +8,7 @@ from . import data, masks
 from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
+from .embed import Encoder, embed
 from .errors import CheckpointError, ConfigError, MaskError, UserError
 from .generate import GenerationResult, counterfactual, generate, stream
 from .masks import Mask
@@ -21,6 +22,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "Encoder",
     "KVCache",
     "Mask",
     "MaskError",
@@ -34,6 +36,7 @@ __all__ = [
     "UserError",
     "counterfactual",
     "data",
+    "embed",
     "generate",
     "stream",
     "train",

@@ -249,6 +249,39 @@ def generate_cmd(
     sys.stdout.write("\n")
 
 
+@app.command("embed")
+def embed_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    input_path: str = typer.Option(..., "--input", "-i", help="Text file, one text per line (blank lines skipped)."),
+    output: str = typer.Option(..., "--output", "-o", help="Where to write the [N, d] float32 .npy array."),
+    pooling: str = typer.Option("mean", help="last, mean, prompt-eol, echo, token-prepending or bidirectional."),
+    layer: int = typer.Option(None, help="Hidden state to pool (default: final output; token-prepending: its "
+                              "early-exit layer)."),
+    batch_size: int = typer.Option(32, help="Texts per forward pass."),
+    padding_side: str = typer.Option("left", help="left or right (results agree; left is the usual choice)."),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise each vector."),
+) -> None:
+    """Embed the lines of a text file into an .npy array of sentence vectors."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import decoderlab
+
+    from .embed import embed
+
+    source = Path(input_path)
+    if not source.is_file():
+        raise UserError(f"--input {input_path!r} is not a file")
+    texts = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    vectors = embed(model, texts, tok, pooling, batch_size=batch_size, layer=layer, padding_side=padding_side,
+                    normalize=normalize)
+    np.save(output, vectors.numpy())
+    console.print(f"{len(texts)} texts -> {output} {tuple(vectors.shape)} ({pooling})", highlight=False)
+
+
 def main() -> None:
     try:
         app()  # standalone: typer reports usage errors itself (exit code 2)
