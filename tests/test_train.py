@@ -77,7 +77,7 @@ def test_train_end_to_end(corpus, tmp_path):
 
 
 def test_resume_after_kill_gives_the_same_losses(corpus, tmp_path):
-    common = ["--data", str(corpus), "--steps", "40", "--batch-size", "8", "--context", "32", "--set", "n_layers=2",
+    common = ["--data", str(corpus), "--steps", "80", "--batch-size", "8", "--context", "32", "--set", "n_layers=2",
               "--set", "d_model=32", "--set", "n_heads=2", "--log-interval", "1", "--save-interval", "5",
               "--eval-interval", "1000", "--sample-tokens", "0", "--no-progress", "--dtype", "fp32"]
     env = {"DECODERLAB_CACHE": os.environ["DECODERLAB_CACHE"]}
@@ -96,10 +96,10 @@ def test_resume_after_kill_gives_the_same_losses(corpus, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(r["step"] for r in _metrics(run))
-    assert killed_at < 40, "the run finished before it could be killed; make it longer"
+    assert killed_at < 80, "the run finished before it could be killed; make it longer"
     _cli("train", "--resume", str(run), "--no-progress", env=env)
     resumed = {r["step"]: r["train_loss"] for r in _metrics(run)}
-    assert sorted(resumed) == list(range(1, 41))
+    assert sorted(resumed) == list(range(1, 81))
     assert resumed == straight
 
 
