@@ -370,7 +370,11 @@ def train(cfg: TrainConfig | None = None, resume: bool = False, progress: bool =
         cfg = TrainConfig(**overrides)
     trainer = Trainer(cfg, resume=resume, progress=progress)
     try:
-        return trainer.run()
+        result = trainer.run()
+        # Leave together: a rank that tears down while rank 0 still writes its checkpoint closes the gloo
+        # connection under it, and that process aborts. (On an error torchrun stops the other ranks.)
+        dist.barrier(trainer.ctx)
+        return result
     finally:
         dist.teardown(trainer.ctx)
 
