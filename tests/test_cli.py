@@ -34,15 +34,23 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         assert "Traceback" not in out.stderr
 
 
-def test_generate_streams_the_same_text_as_the_api(tmp_path):
+def _tiny_char_model(folder, text: str, seed: int = 0):
+    """A random char-baby model with a char tokenizer over `text`, saved to `folder`; returns the tokenizer."""
     import torch
 
     import decoderlab
 
-    tok = decoderlab.Tokenizer.train_char(texts=["the quick brown fox jumps over the lazy dog\n"])
-    torch.manual_seed(0)
+    tok = decoderlab.Tokenizer.train_char(texts=[text])
+    torch.manual_seed(seed)
     model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size))
-    decoderlab.save(model, tmp_path / "m", tokenizer=tok)
+    decoderlab.save(model, folder, tokenizer=tok)
+    return tok
+
+
+def test_generate_streams_the_same_text_as_the_api(tmp_path):
+    import decoderlab
+
+    tok = _tiny_char_model(tmp_path / "m", "the quick brown fox jumps over the lazy dog\n", seed=0)
     out = _run("generate", str(tmp_path / "m"), "the ", "--temperature", "0", "--tokens", "12")
     assert out.returncode == 0, out.stderr
     expected = decoderlab.generate(decoderlab.load(tmp_path / "m"), [tok.encode("the ")], max_new_tokens=12,
@@ -53,14 +61,7 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path):
 
 
 def test_generate_speculative_matches_greedy(tmp_path):
-    import torch
-
-    import decoderlab
-
-    tok = decoderlab.Tokenizer.train_char(texts=["abcabcabd abcabcabd\n"])
-    torch.manual_seed(1)
-    model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size))
-    decoderlab.save(model, tmp_path / "m", tokenizer=tok)
+    _tiny_char_model(tmp_path / "m", "abcabcabd abcabcabd\n", seed=1)
     plain = _run("generate", str(tmp_path / "m"), "abc", "--temperature", "0", "--tokens", "20")
     fast = _run("generate", str(tmp_path / "m"), "abc", "--tokens", "20", "--speculative", "recycle")
     assert fast.returncode == 0, fast.stderr
@@ -72,14 +73,10 @@ def test_generate_speculative_matches_greedy(tmp_path):
 
 def test_embed_command_writes_unit_vectors(tmp_path):
     import numpy as np
-    import torch
 
     import decoderlab
 
-    tok = decoderlab.Tokenizer.train_char(texts=["the quick brown fox jumps over the lazy dog\n"])
-    torch.manual_seed(0)
-    model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size))
-    decoderlab.save(model, tmp_path / "m", tokenizer=tok)
+    tok = _tiny_char_model(tmp_path / "m", "the quick brown fox jumps over the lazy dog\n", seed=0)
     (tmp_path / "texts.txt").write_text("the fox\n\nthe lazy dog\nquick\n")
     out = _run("embed", str(tmp_path / "m"), "--input", str(tmp_path / "texts.txt"), "--output",
                str(tmp_path / "e.npy"), "--pooling", "last")

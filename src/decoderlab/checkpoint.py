@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import hf
-from .config import HF_ARCHITECTURES, PRESETS, ModelConfig
+from .config import FAMILY_ARCHITECTURES, HF_ARCHITECTURES, PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
 
@@ -207,7 +207,8 @@ def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = Non
         raise CheckpointError(f"cannot create {folder} ({e.strerror}); choose a writable folder") from None
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if config.hf_family is None:
-        state.pop("lm_head.weight", None) if config.tie_embeddings else None
+        if config.tie_embeddings:
+            state.pop("lm_head.weight", None)
         tensors = {k: v.contiguous() for k, v in state.items()}
         cfg = {"architectures": [NATIVE_ARCHITECTURE], "model_type": "decoderlab",
                "decoderlab": config.to_dict()}
@@ -277,7 +278,7 @@ def describe(path_or_preset: str | Path) -> dict[str, object]:
         first = min(tensors.names())
         dtype = str(tensors.get(first).dtype).removeprefix("torch.")
         source = str(folder)
-    arch = (HF_ARCHITECTURES_BY_FAMILY.get(config.hf_family, NATIVE_ARCHITECTURE))
+    arch = FAMILY_ARCHITECTURES.get(config.hf_family, NATIVE_ARCHITECTURE)
     return {
         "source": source,
         "architecture": arch,
@@ -293,5 +294,3 @@ def describe(path_or_preset: str | Path) -> dict[str, object]:
         "activation": config.activation,
     }
 
-
-HF_ARCHITECTURES_BY_FAMILY = {family: arch for arch, family in HF_ARCHITECTURES.items()}

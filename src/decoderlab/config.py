@@ -24,7 +24,8 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
 }
-_FAMILY_TO_ARCH = {family: arch for arch, family in HF_ARCHITECTURES.items()}
+# And back: the `architectures` entry written for each family.
+FAMILY_ARCHITECTURES = {family: arch for arch, family in HF_ARCHITECTURES.items()}
 _HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
 
@@ -103,8 +104,8 @@ class ModelConfig:
         need(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive or None")
         need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None")
         need(isinstance(self.n_future, int) and self.n_future >= 0, "n_future must be a non-negative integer")
-        need(self.hf_family is None or self.hf_family in _FAMILY_TO_ARCH,
-             f"unknown hf_family {self.hf_family!r}; choose one of {', '.join(_FAMILY_TO_ARCH)} or None")
+        need(self.hf_family is None or self.hf_family in FAMILY_ARCHITECTURES,
+             f"unknown hf_family {self.hf_family!r}; choose one of {', '.join(FAMILY_ARCHITECTURES)} or None")
 
     # Resolved shape values (the `None` defaults filled in).
     @property
@@ -233,7 +234,7 @@ class ModelConfig:
                               "set hf_family to one of gpt2, llama, qwen2, mistral if its shape fits")
         self._check_fits_family()
         family = self.hf_family
-        out: dict[str, Any] = {"architectures": [_FAMILY_TO_ARCH[family]], "model_type": family,
+        out: dict[str, Any] = {"architectures": [FAMILY_ARCHITECTURES[family]], "model_type": family,
                                "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_embeddings,
                                "initializer_range": self.init_std, "torch_dtype": "float32"}
         if self.bos_token_id is not None:
