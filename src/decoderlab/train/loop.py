@@ -244,25 +244,27 @@ class Trainer:
                     window_tokens, window_start = 0, now
                 evaluate = self.done() or (eval_every and self.step % eval_every == 0) or (
                     not eval_every and self.train_seconds >= next_eval_time)
+                save, best = bool(save_every and self.step % save_every == 0), False
                 if evaluate:
                     next_eval_time = (self.train_seconds // period + 1) * period
                     record = record or self._record(loss, None)
                     val, bpb = self.evaluate()
                     self.last_val, self.last_val_bpb = val, bpb
                     record.update(val_loss=round(val, 5), val_bpb=round(bpb, 5))
-                    improved = self.best_val is None or val < self.best_val
-                    self.best_val = val if improved else self.best_val
-                    if save_every is None or self.done():
-                        self.save(best=improved)
-                    window_start = time.perf_counter()
-                elif save_every and self.step % save_every == 0:
-                    self.save(best=False)
-                    window_start = time.perf_counter()
+                    best = self.best_val is None or val < self.best_val
+                    self.best_val = val if best else self.best_val
+                    save = save or save_every is None or self.done()
+                # The step's record goes to metrics.jsonl before its checkpoint: a kill in between must not
+                # leave a snapshot whose step has no record (resume keeps records up to the snapshot's step).
                 if record is not None:
                     history.append(record)
                     if self.ctx.is_main:
                         with open(self.run_dir / "metrics.jsonl", "a") as f:
                             f.write(json.dumps(record) + "\n")
+                if save:
+                    self.save(best=best)
+                if evaluate or save:
+                    window_start = time.perf_counter()
                 if bar:
                     bar.update(loss, record)
         except KeyboardInterrupt:
