@@ -81,3 +81,19 @@ def hf_folder(tmp_path_factory):
         return made[(case, sharded)]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def choice_model(tmp_path_factory):
+    """(model, tokenizer): a small char-level model trained by decoderlab on a task with options
+    (`evaluate.max_number_task`: "max: 37 82 15 64 -> 82"), a fixed number of steps so it is reproducible."""
+    import decoderlab
+    from decoderlab import evaluate
+
+    folder = tmp_path_factory.mktemp("choice-model")
+    corpus = folder / "max.txt"
+    corpus.write_text(evaluate.task_text(evaluate.max_number_task(20000, seed=1)))
+    run = folder / "run"
+    decoderlab.train(data=[str(corpus)], out=str(run), steps=80, context_length=64, sample_tokens=0,
+                     progress=False, eval_batches=4)
+    return decoderlab.load(run), decoderlab.Tokenizer.from_folder(run)

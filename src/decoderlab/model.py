@@ -103,6 +103,9 @@ class Attention(nn.Module):
         v = v.view(B, T, Hkv, D).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if attn.custom is not None:
+            y = attn.custom(self.layer, q, k, v)
+            return self.out(y.transpose(1, 2).reshape(B, T, H * D).to(q.dtype)), None
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = q.dtype
@@ -190,13 +193,17 @@ class Block(nn.Module):
         return x, weights
 
 
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass
 class _AttnPlan:
-    """How every layer of one forward pass attends: SDPA's causal flag, or a boolean mask."""
+    """How every layer of one forward pass attends: SDPA's causal flag, a boolean mask, or a custom function."""
 
     mask: torch.Tensor | None
     is_causal: bool
     eager: bool
+    custom: AttentionFn | None = None
 
 
 class Transformer(nn.Module):
@@ -285,13 +292,18 @@ class Transformer(nn.Module):
                 mask: masks.Mask | None = None, cache: KVCache | None = None, *,
                 hidden_states: bool = False, attentions: bool = False, future: bool = False,
                 logits_to_keep: int = 0,
-                edit_residual: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | ModelOutput:
+                edit_residual: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                attention: AttentionFn | None = None) -> torch.Tensor | ModelOutput:
         """Logits [B, T, V] for `input_ids` [B, T]; a `ModelOutput` if hidden states, attentions or the
         future heads' logits (`future=True`) are asked for.
 
         `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
         `edit_residual(layer, x)` may return a changed residual stream [B, T, d] before block `layer` runs
         (token prepending, steering, patching); it is called once per block.
+        `attention(layer, q, k, v)` replaces every layer's attention: it gets the queries [B, H, T, D] and
+        keys and values [B, H_kv, T, D] before RoPE (after QK-norm) and returns the mixed values [B, H, T, D].
+        It owns positions, masking and any cache (`positions`, `mask` and `cache` must then be None); PINE
+        (`decoderlab.pine`) is one.
         """
         if input_ids.dim() != 2:
             raise UserError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -311,8 +323,14 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.embed_dropout(x)
-        rope = self._rope(positions, x.dtype) if self.config.positions == "rope" else None
-        plan = self._attention_plan(mask, B, T, past, input_ids.device, eager=attentions)
+        if attention is not None:
+            if mask is not None or cache is not None or attentions:
+                raise UserError("a custom attention function owns masking and caching: pass no mask, cache "
+                                "or attentions=True with it")
+            rope, plan = None, _AttnPlan(None, False, False, attention)
+        else:
+            rope = self._rope(positions, x.dtype) if self.config.positions == "rope" else None
+            plan = self._attention_plan(mask, B, T, past, input_ids.device, eager=attentions)
 
         all_hidden = [] if hidden_states else None
         all_attn = [] if attentions else None

@@ -9,7 +9,7 @@ intervention. `grammar=` constrains rows to a JSON schema, regex or context-free
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -182,8 +182,9 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
 def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                  seed: int | None, stop_ids: set[int], stops: list[str], tokenizer: Tokenizer | None,
                  cache_dtype: torch.dtype | None, grammar: Any,
-                 force: dict[int, dict[int, int]] | None = None) -> Stream:
-    """`stream` after its checks; `force` ({step: {row: token}}) overrides chosen tokens (counterfactuals)."""
+                 force: dict[int, dict[int, int]] | None = None, decoder: DecoderFactory | None = None) -> Stream:
+    """`stream` after its checks; `force` ({step: {row: token}}) overrides chosen tokens (counterfactuals);
+    `decoder` builds the device side in place of `_Decoder` (PINE runs its own forward passes)."""
     longest = max(len(p) for p in prompts)
     # The last token is sampled but never fed, so a prompt of length ctx still gets one new token.
     steps = min(max_new_tokens, model.config.context_length - longest + 1)
@@ -197,7 +198,7 @@ def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     if seed is None:
         seed = torch.Generator().seed()  # a fresh random seed, recorded for replays; the global RNG is untouched
     return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype, grammars, state,
-                  force)
+                  force, decoder)
 
 
 class Stream:
@@ -206,13 +207,14 @@ class Stream:
     def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
                  seed: int, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
                  cache_dtype: torch.dtype | None, grammars: list[Grammar | None] | None = None,
-                 state: GrammarState | None = None, force: dict[int, dict[int, int]] | None = None) -> None:
+                 state: GrammarState | None = None, force: dict[int, dict[int, int]] | None = None,
+                 decoder: DecoderFactory | None = None) -> None:
         self.prompt_lengths = [len(p) for p in prompts]
         self.prompts, self.params, self.seed, self.stop_ids = prompts, params, seed, stop_ids
         self.stop_strings, self.cache_dtype, self.grammars = stop_strings, cache_dtype, grammars
         self.force = force or {}
         self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype,
-                           state, force or {})
+                           state, force or {}, decoder or _Decoder)
 
     def __iter__(self) -> Iterator[GenerationStep]:
         return self
@@ -228,7 +230,8 @@ class Stream:
 def _run(model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams, seed: int,
          stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
          cache_dtype: torch.dtype | None, grammar: GrammarState | None = None,
-         force: dict[int, dict[int, int]] | None = None) -> Iterator[GenerationStep]:
+         force: dict[int, dict[int, int]] | None = None,
+         make_decoder: DecoderFactory | None = None) -> Iterator[GenerationStep]:
     """The host side of the loop: one sync per step to read the new tokens, then stop checks and text."""
     if steps == 0:
         return
@@ -236,7 +239,7 @@ def _run(model: Transformer, prompts: list[list[int]], steps: int, params: Sampl
     was_training = model.training
     model.eval()
     try:
-        decoder = _Decoder(model, prompts, steps, params, seed, cache_dtype)
+        decoder = (make_decoder or _Decoder)(model, prompts, steps, params, seed, cache_dtype)
         texts = [_RowText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
         finished = [False] * B
         for step in range(steps):
@@ -304,24 +307,26 @@ class _Decoder:
         # On the CPU an fp32 cache keeps single-query attention in fp32, whose kernel is 3-7x faster than bf16's.
         cache_dtype = cache_dtype or (torch.float32 if device.type == "cpu" else None)
         self.cache = model.new_cache(B, T + steps - 1, dtype=cache_dtype)
+        self.init_sampling(params, seed, self.ids, valid, V)
+
+    def init_sampling(self, params: SamplingParams, seed: int, ids: Tensor, valid: Tensor, vocab_size: int) -> None:
+        """The sampling state of a batch of prompts `ids` [B, T] (`valid` marks real tokens)."""
+        B, device = ids.shape[0], ids.device
+        self.params = params
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         # Reseeded from (seed, step) before each step's noise, so the noise never depends on earlier draws.
         self.generator = torch.Generator(device)
-        self.seed, self.step, self.noise_shape = seed, 0, (B, V)
+        self.seed, self.step, self.noise_shape = seed, 0, (B, vocab_size)
         self.seen = self.counts = None
         if params.needs_seen:
-            self.seen = torch.zeros(B, V, device=device).scatter_add_(1, self.ids, valid.float()) > 0
+            self.seen = torch.zeros(B, vocab_size, device=device).scatter_add_(1, ids, valid.float()) > 0
         if params.needs_counts:
-            self.counts = torch.zeros(B, V, device=device)
+            self.counts = torch.zeros(B, vocab_size, device=device)
             self.ones = torch.ones(B, 1, device=device)
         self.last: Tensor | None = None
 
-    @torch.inference_mode()
-    def next_tokens(self, allowed: Tensor | None = None, forced: dict[int, int] | None = None) -> Tensor:
-        """Run the model on the prompts (first call) or on the last tokens, and choose the next ones [B].
-
-        allowed: bool [B, V], the tokens each row may take (a grammar's mask); forced: {row: token} overrides.
-        """
+    def logits(self) -> Tensor:
+        """The next-token logits [B, V]: the prompts' on the first call, then those after the last tokens."""
         if self.last is None:
             logits = self.model(self.ids, positions=self.positions, mask=self.mask, cache=self.cache,
                                 logits_to_keep=1)
@@ -331,7 +336,15 @@ class _Decoder:
                                 logits_to_keep=1)
             if self.next_positions is not None:
                 self.next_positions += 1
-        logits = logits[:, -1]
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def next_tokens(self, allowed: Tensor | None = None, forced: dict[int, int] | None = None) -> Tensor:
+        """Run the model on the prompts (first call) or on the last tokens, and choose the next ones [B].
+
+        allowed: bool [B, V], the tokens each row may take (a grammar's mask); forced: {row: token} overrides.
+        """
+        logits = self.logits()
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -torch.inf)
         noise = None
@@ -353,6 +366,9 @@ class _Decoder:
     @torch.inference_mode()
     def finish(self, rows: list[int]) -> None:
         self.done[rows] = True
+
+
+DecoderFactory = Callable[[Transformer, list[list[int]], int, SamplingParams, int, "torch.dtype | None"], _Decoder]
 
 
 class _RowText:
