@@ -84,8 +84,8 @@ def hf_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def choice_model(tmp_path_factory):
-    """(model, tokenizer): a small char-level model trained by decoderlab on a task with options
+def choice_run(tmp_path_factory):
+    """A run folder: a small char-level model trained by decoderlab on a task with options
     (`evaluate.max_number_task`: "max: 37 82 15 64 -> 82"), a fixed number of steps so it is reproducible."""
     import decoderlab
     from decoderlab import evaluate
@@ -96,4 +96,12 @@ def choice_model(tmp_path_factory):
     run = folder / "run"
     decoderlab.train(data=[str(corpus)], out=str(run), steps=80, context_length=64, sample_tokens=0,
                      progress=False, eval_batches=4)
-    return decoderlab.load(run), decoderlab.Tokenizer.from_folder(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def choice_model(choice_run):
+    """(model, tokenizer) of `choice_run`."""
+    import decoderlab
+
+    return decoderlab.load(choice_run), decoderlab.Tokenizer.from_folder(choice_run)

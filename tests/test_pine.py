@@ -4,8 +4,11 @@ and the position-bias probe on a model trained by decoderlab on a task with opti
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import string
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,3 +233,32 @@ def test_choice_scores_and_probe_errors(choice_model):
         evaluate.position_bias(model, [evaluate.ChoiceItem([1], [[2]], [3], 0)])
     with pytest.raises(UserError, match="not an option index"):
         evaluate.position_bias(model, [evaluate.ChoiceItem([1], [[2], [3]], [3], 5)])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "decoderlab", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_pine_and_position_bias(choice_run, choice_model, tmp_path):
+    model, tok = choice_model
+    options = [" 37", " 82", " 15", " 64"]
+    out = _cli("pine", str(choice_run), "max:{segments} ->", *(f"--segment={o}" for o in options), "-n", "3",
+               "--compare")
+    assert out.returncode == 0, out.stderr
+    item = pine.build(tok, "max:{segments} ->", options)
+    expected = pine.generate(model, item.prefix, item.segments, item.suffix, 3, tokenizer=tok).texts[0]
+    assert out.stdout.splitlines()[0] == f"pine:  {expected}" and out.stdout.splitlines()[1].startswith("plain: ")
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(it) + "\n" for it in evaluate.max_number_task(12, seed=5)))
+    out = _cli("position-bias", str(choice_run), "--items", str(items))
+    assert out.returncode == 0, out.stderr
+    ours = evaluate.position_bias(model, [evaluate.ChoiceItem.from_text(tok, it["prefix"], it["options"],
+                                                                        it["suffix"], it["answer"])
+                                          for it in evaluate.max_number_task(12, seed=5)], method="plain")
+    assert f"{ours.accuracy:.3f}" in out.stdout and "pine" in out.stdout
+    for args, words in [(("pine", str(choice_run), "max:{segments} ->"), "no segments"),
+                        (("pine", str(choice_run), "max: ->", "-s", " 1"), "exactly once"),
+                        (("position-bias", str(choice_run)), "exactly one of"),
+                        (("position-bias", str(choice_run), "--synthetic", "3", "--method", "x"), "unknown method")]:
+        out = _cli(*args)
+        assert out.returncode == 2 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr

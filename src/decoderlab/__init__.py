@@ -4,7 +4,7 @@ Train it, load and save Hugging Face checkpoints, generate, and look inside; eve
 function over the one `Transformer`.
 """
 
-from . import data, masks
+from . import data, evaluate, masks, pine
 from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
@@ -37,11 +37,13 @@ __all__ = [
     "counterfactual",
     "data",
     "embed",
+    "evaluate",
     "generate",
     "stream",
     "train",
     "load",
     "masks",
+    "pine",
     "read_config",
     "save",
 ]

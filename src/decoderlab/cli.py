@@ -282,6 +282,102 @@ def embed_cmd(
     console.print(f"{len(texts)} texts -> {output} {tuple(vectors.shape)} ({pooling})", highlight=False)
 
 
+@app.command("pine")
+def pine_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer) of a RoPE model."),
+    template: str = typer.Argument(..., help="Prompt with '{segments}' once, where the documents or options go."),
+    segment: list[str] = typer.Option(None, "--segment", "-s", help="A document or option (repeatable)."),
+    segments_file: str = typer.Option(None, help="Text file with one document or option per line."),
+    segment_template: str = typer.Option("{document}", help="How each segment is written; holds '{document}'."),
+    tokens: int = typer.Option(64, "--tokens", "-n", help="New tokens at most."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(None, help="Random seed."),
+    stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
+    compare: bool = typer.Option(False, "--compare", help="Also print the plain (order-dependent) continuation."),
+) -> None:
+    """Continue a prompt with PINE: the answer does not depend on the order of the segments."""
+    from pathlib import Path
+
+    import decoderlab
+
+    from . import pine
+
+    docs = list(segment or [])
+    if segments_file:
+        source = Path(segments_file)
+        if not source.is_file():
+            raise UserError(f"--segments-file {segments_file!r} is not a file")
+        docs += [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not docs:
+        raise UserError("no segments: pass --segment TEXT (repeatable) or --segments-file FILE")
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    item = pine.build(tok, template, docs, segment_template=segment_template)
+    result = pine.generate(model, item.prefix, item.segments, item.suffix, tokens, temperature=temperature,
+                           seed=seed, stop_strings=stop or None, tokenizer=tok)
+    label = "pine:  " if compare else ""
+    sys.stdout.write(f"{label}{result.texts[0]}\n")
+    if compare:
+        plain = decoderlab.generate(model, [item.tokens], tokens, temperature=temperature, seed=seed,
+                                    stop_strings=stop or None, tokenizer=tok)
+        sys.stdout.write(f"plain: {plain.texts[0]}\n")
+
+
+@app.command("position-bias")
+def position_bias_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    items_path: str = typer.Option(None, "--items", help="JSONL: one {prefix, options, suffix, answer} per line "
+                                   "(text; optional answers: the text to score per option)."),
+    synthetic: int = typer.Option(None, help="Instead of --items: this many items of the built-in max-number "
+                                  "task (evaluate.max_number_task)."),
+    method: str = typer.Option("both", help="plain, pine, or both."),
+    batch_size: int = typer.Option(16, help="Rows per forward pass."),
+) -> None:
+    """How often the chosen option changes when the options are reordered, plainly and with PINE."""
+    import json
+    from pathlib import Path
+
+    import decoderlab
+
+    from . import evaluate
+
+    if (items_path is None) == (synthetic is None):
+        raise UserError("pass exactly one of --items FILE.jsonl and --synthetic N")
+    methods = list(evaluate.METHODS) if method == "both" else [method]
+    if any(m not in evaluate.METHODS for m in methods):
+        raise UserError(f"unknown method {method!r}; choose plain, pine or both")
+    if synthetic is not None:
+        if synthetic < 1:
+            raise UserError(f"--synthetic must be at least 1, got {synthetic}")
+        raw = evaluate.max_number_task(synthetic, seed=999)
+    else:
+        source = Path(items_path)
+        if not source.is_file():
+            raise UserError(f"--items {items_path!r} is not a file")
+        raw = []
+        for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                raw.append({k: obj[k] for k in ("prefix", "options", "suffix", "answer")}
+                           | {"answers": obj.get("answers")})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{items_path} line {n}: expected a JSON object with prefix, options, suffix and "
+                                f"answer ({e})") from None
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    items = [evaluate.ChoiceItem.from_text(tok, r["prefix"], r["options"], r["suffix"], r["answer"], r.get("answers"))
+             for r in raw]
+    table = Table("method", "items", "flip rate", "accuracy", "accuracy by answer position", "chosen position")
+    for m in methods:
+        r = evaluate.position_bias(model, items, method=m, batch_size=batch_size)
+        table.add_row(m, str(r.items), f"{r.flip_rate:.3f}", f"{r.accuracy:.3f}",
+                      " ".join(f"{a:.2f}" for a in r.accuracy_by_position),
+                      " ".join(f"{c:.2f}" for c in r.chosen_position))
+    console.print(table)
+
+
 def main() -> None:
     try:
         app()  # standalone: typer reports usage errors itself (exit code 2)
