@@ -7,10 +7,11 @@ A retrieval task from real data with no download: from the default corpus (the P
 least two statements after it gives a pair (query = the docstring, whitespace collapsed; document = the body with
 the docstring removed, dedented). A fixed-seed sample of --pairs pairs (distinct queries, distinct documents) is
 embedded with every pooling of `decoderlab.embed.POOLINGS`; each query ranks all documents by cosine similarity and
-we report MRR@10 and Recall@1 of its own body, the random-ranking expectation (exact: H_10 / N and 1 / N), and
+we report MRR@10 and Recall@1 of its own body, the random-ranking expectation (exact: H_10 / N and 1 / N, with the
+standard deviation of MRR@10 over N independent random rankings, to tell signal from noise), and
 embedding throughput (queries + documents per second, median of --repeats, after a one-batch warm-up).
-Texts are truncated up front to the longest length that fits the model's context under every pooling's template
-(echo holds the text twice), so all poolings see the same texts. Ties in similarity count against the query.
+Texts are truncated up front to the longest length that fits the model's context under every evaluated pooling's
+template (echo holds the text twice), so all poolings see the same texts. Ties in similarity count against the query.
 The model is --model (a decoderlab run / checkpoint or Hugging Face folder with its tokenizer) or, by default, one
 trained with `decoderlab.train` on the default corpus for --time at context --context (batch scaled to keep the
 recipe's 2048 tokens per step), cached under --cache by those settings and reused when present.
@@ -92,10 +93,11 @@ def truncate(tok: decoderlab.Tokenizer, text: str, budget: int) -> str | None:
     """`text` cut to at most `budget` tokens (None if it cannot be encoded or nothing is left)."""
     try:
         ids = tok.encode(text)
-        while len(ids) > budget:  # a BPE prefix can re-encode longer than it was cut; cut again
-            text = tok.decode(ids[:budget]).strip()
-            ids = tok.encode(text)
-            budget -= 1
+        if len(ids) > budget:
+            for cut in range(budget, -1, -1):  # a BPE prefix can re-encode longer than it was cut: cut shorter
+                text = tok.decode(ids[:cut]).strip()
+                if len(tok.encode(text)) <= budget:
+                    break
     except UserError:  # a character the tokenizer does not know
         return None
     return text or None
@@ -165,9 +167,11 @@ def main() -> None:
     print(f"pairs: {n} of {n_candidates} candidates (seed {args.seed}); texts cut to {budget} tokens; mean tokens "
           f"query {statistics.mean(lengths[:n]):.0f}, document {statistics.mean(lengths[n:]):.0f}")
     print(f"dtype: {'bf16 autocast' if args.dtype == 'bf16' else 'fp32'}, {torch.get_num_threads()} thread(s), "
-          f"batch {args.batch_size}, texts/s = {2 * n} texts (queries + documents), median of {args.repeats}")
-    harmonic = sum(1 / r for r in range(1, 11))
-    print(f"random ranking: MRR@10 {harmonic / n:.4f}, R@1 {1 / n:.4f} (exact expectation over {n} documents)\n")
+          f"batch {args.batch_size}; texts/s over all {2 * n} texts (queries + documents), median of {args.repeats}")
+    # Random ranking: the gold rank is uniform on 1..n, so the reciprocal rank (0 past 10) has these moments.
+    mean_rr = sum(1 / r for r in range(1, 11)) / n
+    sd_mrr = math.sqrt((sum(1 / r**2 for r in range(1, 11)) / n - mean_rr**2) / n)
+    print(f"random ranking: MRR@10 {mean_rr:.4f} (sd {sd_mrr:.4f} over {n} independent queries), R@1 {1 / n:.4f}\n")
 
     print(f"| {'pooling':16} | {'MRR@10':>7} | {'R@1':>6} | {'texts/s':>8} |")
     print(f"|{'-' * 18}|{'-' * 8}:|{'-' * 7}:|{'-' * 9}:|")

@@ -250,7 +250,9 @@ class Trainer:
                     record = record or self._record(loss, None)
                     val, bpb = self.evaluate()
                     self.last_val, self.last_val_bpb = val, bpb
-                    record.update(val_loss=round(val, 5), val_bpb=round(bpb, 5))
+                    record.update(val_loss=round(val, 5))
+                    if not math.isnan(bpb):  # bits/byte needs the whole split; metrics.jsonl stays strict JSON
+                        record.update(val_bpb=round(bpb, 5))
                     best = self.best_val is None or val < self.best_val
                     self.best_val = val if best else self.best_val
                     save = save or save_every is None or self.done()
