@@ -27,13 +27,20 @@ from decoderlab.generate.speculative import TokenRecycler, mtp_generate
 PROMPTS = ["def __init__(self", "import os\n", "    for i in range(", "class ", "        if not ", "    def get("]
 
 
-def trained(cache: Path, time_budget: str, **objective) -> Path:
-    """A run folder trained with these settings, reused when it exists."""
-    key = "-".join([*(f"{k}{v}" for k, v in sorted(objective.items())), time_budget]) or time_budget
-    out = cache / f"run-{key}"
+def trained(cache: Path, time_budget: str, shape: str = "", **objective) -> Path:
+    """A run folder trained with these settings, reused when it exists. `shape` "LxW" (e.g. "8x512") sets the
+    layers and width (heads of 64, SwiGLU width 8/3 x W rounded) and a 256-token context; "" is the recipe."""
+    key = "-".join([*(f"{k}{v}" for k, v in sorted(objective.items())), shape, time_budget])
+    out = cache / f"run-{key.replace('--', '-').strip('-')}"
+    extra = {}
+    if shape:
+        layers, width = (int(x) for x in shape.split("x"))
+        extra = dict(context_length=256, batch_size=16, eval_batches=8,
+                     model=dict(n_layers=layers, d_model=width, n_heads=width // 64,
+                                d_mlp=(8 * width // 3 + 63) // 64 * 64))
     if not (out / "model.safetensors").exists():
         print(f"training {out} ({time_budget}) ...", flush=True)
-        decoderlab.train(out=str(out), time=time_budget, sample_tokens=0, progress=False, **objective)
+        decoderlab.train(out=str(out), time=time_budget, sample_tokens=0, progress=False, **objective, **extra)
     return out
 
 
@@ -46,6 +53,17 @@ def timed(fn, repeats: int, before=None) -> tuple[float, object]:
         result = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), result
+
+
+def parting(model, prompt: list[int], plain, got) -> str:
+    """Where the speculative output parts from plain greedy and the plain top-2 logit gap there: in bf16 the
+    verification pass's other batch shape rounds differently, so a near-tie may flip; a clear gap is a bug."""
+    a, b = plain.tokens[0], got.tokens[0]
+    step = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + a[:step]]), logits_to_keep=1)[0, -1].float()
+    top = logits.topk(2).values
+    return f"  (parts at token {step}; plain top-2 logit gap {float(top[0] - top[1]):.3f})"
 
 
 def compare(name: str, model, tok, prompts: list[str], new: int, repeats: int, methods: dict) -> None:
@@ -66,7 +84,7 @@ def compare(name: str, model, tok, prompts: list[str], new: int, repeats: int, m
             totals[method][1] += len(got.tokens[0])
             same = got.tokens == plain.tokens
             print(f"{'':24} {method:14} {len(got.tokens[0]) / s:8.1f} {seconds / s:6.2f} "
-                  f"{got.tokens_per_pass[0]:8.2f} {str(same):>5}")
+                  f"{got.tokens_per_pass[0]:8.2f} {str(same):>5}{'' if same else parting(model, ids[0], plain, got)}")
     base = totals["plain"][1] / totals["plain"][0]
     for method, (s, n) in totals.items():
         print(f"overall {method:14} {n / s:8.1f} tok/s  {n / s / base:5.2f}x plain")
@@ -81,18 +99,22 @@ def main() -> None:
     parser.add_argument("--no-mtp", action="store_true")
     parser.add_argument("--no-pack", action="store_true", help="skip Transformer.pack (oneDNN weights)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shape", default="", help='model "LAYERSxWIDTH" (e.g. 8x512, context 256); default: the '
+                        "recipe's 2x256 with context 64")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype when decoding")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "decoderlab-bench-speculative"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
 
     def load(folder: Path):
-        model = decoderlab.load(folder).eval()
+        model = decoderlab.load(folder, dtype=torch.bfloat16 if args.dtype == "bf16" else None).eval()
         return (model if args.no_pack else model.pack(1)), decoderlab.Tokenizer.from_folder(folder)
 
-    model, tok = load(trained(cache, args.time))
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
-          f"{torch.get_num_threads()} thread(s), packed={not args.no_pack}")
+    model, tok = load(trained(cache, args.time, args.shape))
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layers} layers, width "
+          f"{model.config.d_model}, context {model.config.context_length}, vocab {model.config.vocab_size}, "
+          f"{args.dtype}, {torch.get_num_threads()} thread(s), packed={not args.no_pack}")
     methods = {}
     for n in args.nodes:
         recycler = TokenRecycler(model, n_nodes=n)
@@ -104,7 +126,7 @@ def main() -> None:
     compare("Token Recycling", model, tok, PROMPTS, args.new, args.repeats, methods)
 
     if not args.no_mtp:
-        mtp, tok = load(trained(cache, args.time, objective="mtp", n_future=3))
+        mtp, tok = load(trained(cache, args.time, args.shape, objective="mtp", n_future=3))
         heads = {f"mtp-{d}": (lambda ids, d=d: mtp_generate(mtp, ids, args.new, n_draft=d, stop_tokens=[]), None)
                  for d in range(1, mtp.config.n_future + 1)}
         recycler = TokenRecycler(mtp, n_nodes=args.nodes[0])

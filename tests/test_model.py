@@ -203,3 +203,23 @@ def test_edit_residual_runs_before_each_block():
         out = model(ids, hidden_states=True, edit_residual=lambda layer, x: x + 1.0 if layer == 1 else x)
         plain = model(ids, hidden_states=True)
     assert torch.allclose(out.hidden_states[1], plain.hidden_states[1] + 1.0, atol=1e-6)
+
+
+def test_tensor_mask_equals_the_mask_it_materialises():
+    model = _model("llama-like")
+    ids = torch.randint(0, 50, (2, 9))
+    mask = masks.causal() | masks.segments(torch.tensor([[0, 0, 1, 1, 2, 2, 2, 0, 0]] * 2))
+    dense = mask.materialize(9, 9, batch_size=2)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask=mask), model(ids, mask=dense))
+        cache = model.new_cache(2, 16)
+        model(ids[:, :5], cache=cache)
+        tail = masks.causal().materialize(range(5, 9), 9, batch_size=1)
+        assert (model(ids[:, 5:], mask=tail, cache=cache) - model(ids)[:, 5:]).abs().max() < 1e-5
+    for bad in (dense.float(), dense[:, :, :, :8], dense[:1, 0]):
+        with pytest.raises(decoderlab.UserError, match="tensor mask must be bool"):
+            model(ids, mask=bad)
+    # The user's window still applies to a tensor mask.
+    windowed = Transformer(ModelConfig(**{**VARIANTS["llama-like"].__dict__, "sliding_window": 3})).eval()
+    with torch.no_grad():
+        assert torch.equal(windowed(ids, mask=masks.causal().materialize(9, 9)), windowed(ids))

@@ -289,7 +289,7 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_length, device=self.device, dtype=dtype or self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: masks.Mask | None = None, cache: KVCache | None = None, *,
+                mask: masks.Mask | torch.Tensor | None = None, cache: KVCache | None = None, *,
                 hidden_states: bool = False, attentions: bool = False, future: bool = False,
                 logits_to_keep: int = 0,
                 edit_residual: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
@@ -297,6 +297,8 @@ class Transformer(nn.Module):
         """Logits [B, T, V] for `input_ids` [B, T]; a `ModelOutput` if hidden states, attentions or the
         future heads' logits (`future=True`) are asked for.
 
+        `mask` is a `masks.Mask`, or the boolean tensor [B or 1, 1, T, cache.length + T] it materialises to
+        (for loops that build one pattern once and reuse it).
         `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
         `edit_residual(layer, x)` may return a changed residual stream [B, T, d] before block `layer` runs
         (token prepending, steering, patching); it is called once per block.
@@ -376,24 +378,35 @@ class Transformer(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [B, 1, T, D]
             return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _attention_plan(self, mask: masks.Mask | None, B: int, T: int, past: int, device: torch.device,
-                        eager: bool) -> _AttnPlan:
+    def _attention_plan(self, mask: masks.Mask | torch.Tensor | None, B: int, T: int, past: int,
+                        device: torch.device, eager: bool) -> _AttnPlan:
         window = self.config.sliding_window
-        if mask is None:
-            mask = masks.causal()
-        if window is not None and past + T > window:
-            mask = mask & masks.window(window)
         # Measured on CPU: for bf16 training at short contexts the written-out attention's backward is
         # 2-4x faster than SDPA's flash kernel (benchmarks/README.md); longer contexts favour the kernel.
         eager = eager or (torch.is_grad_enabled() and device.type == "cpu" and past + T <= 256
                           and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        if mask.is_causal:
-            if T == 1:  # one new token sees every cached slot
-                return _AttnPlan(None, False, eager)
-            if past == 0 and not eager:
-                return _AttnPlan(None, True, eager)
-        dense = mask.materialize(torch.arange(past, past + T, device=device),
-                                 torch.arange(past + T, device=device), batch_size=B, device=device)
+        def slots() -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.arange(past, past + T, device=device), torch.arange(past + T, device=device)
+
+        if isinstance(mask, torch.Tensor):  # already materialised (hot loops that reuse one pattern)
+            if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, T, past + T) or (
+                    mask.shape[0] not in (1, B)):
+                raise UserError(f"a tensor mask must be bool [B or 1, 1, {T}, {past + T}] (queries x cache slots), "
+                                f"got {str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}")
+            dense = mask
+            if window is not None and past + T > window:
+                dense = dense & masks.window(window).materialize(*slots(), device=device)
+        else:
+            if mask is None:
+                mask = masks.causal()
+            if window is not None and past + T > window:
+                mask = mask & masks.window(window)
+            if mask.is_causal:
+                if T == 1:  # one new token sees every cached slot
+                    return _AttnPlan(None, False, eager)
+                if past == 0 and not eager:
+                    return _AttnPlan(None, True, eager)
+            dense = mask.materialize(*slots(), batch_size=B, device=device)
         # A query that may see nothing (a padding row) would give NaN; let it see everything instead.
         # Its output is garbage either way and is never used.
         dense = dense | ~dense.any(dim=-1, keepdim=True)

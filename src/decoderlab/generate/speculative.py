@@ -189,6 +189,11 @@ class TokenRecycler:
         self.children: list[list[int]] = [[] for _ in parents]
         for i, p in enumerate(parents[1:], start=1):
             self.children[p].append(i)
+        # Which tree node sees which (itself and its ancestors), built once: each step only prepends the
+        # context columns, instead of materialising `causal() & tree(parents, start)` anew.
+        n = len(parents)
+        self.ancestors = masks.tree(self.parents, 0).materialize(n, n, batch_size=1, device=device)
+        self.ancestors &= torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
     def update(self, tokens: Tensor, logits: Tensor) -> None:
         """Overwrite the rows of `tokens` [N] with the top-k of their next-token `logits` [N, V]."""
@@ -233,8 +238,8 @@ class TokenRecycler:
             depth = min(out.remaining - 1, ctx - 1 - start, len(self.upto) - 1)
             n = self.upto[depth]
             tokens = self.draft(pending, n)
-            logits = model(tokens[None], positions=start + self.depth[:n], mask=self._mask(n, start),
-                           cache=cache)[0]
+            mask = torch.cat([self.ancestors.new_ones(1, 1, n, start), self.ancestors[:, :, :n, :n]], dim=-1)
+            logits = model(tokens[None], positions=start + self.depth[:n], mask=mask, cache=cache)[0]
             passes += 1
             self.update(tokens, logits)
             greedy, drafted = logits.argmax(-1).tolist(), tokens.tolist()
@@ -254,9 +259,6 @@ class TokenRecycler:
             cache.keep(start, torch.tensor(path, device=device) + start)
             pending = greedy[node]
         return out.result(len(prompt), passes)
-
-    def _mask(self, n: int, start: int) -> masks.Mask:
-        return masks.causal() & masks.tree(self.parents[:n], start)
 
 
 # ---- draft-model speculative sampling ----------------------------------------------------------------------------
