@@ -93,6 +93,13 @@ def _one_prompt(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]],
     return prompt, min(max_new_tokens, ctx - len(prompt) + 1)
 
 
+def _begin(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+           stop_tokens: int | Iterable[int] | None, what: str) -> tuple[list[int], _Output]:
+    """The checked prompt and an output collector with the stop tokens and token budget `generate` would use."""
+    prompt, steps = _one_prompt(model, input_ids, max_new_tokens, what)
+    return prompt, _Output(steps, _stop_tokens(stop_tokens, model, None))
+
+
 def _cache_dtype(model: Transformer) -> torch.dtype | None:
     # The same choice as `generate`: an fp32 cache on the CPU, so the attention arithmetic matches plain decoding.
     return torch.float32 if model.device.type == "cpu" else None
@@ -215,8 +222,7 @@ class TokenRecycler:
                  stop_tokens: int | Iterable[int] | None = None) -> SpeculativeResult:
         """Greedy continuation of one prompt by up to `max_new_tokens` tokens (stop tokens as `generate`)."""
         model = self.model
-        prompt, steps = _one_prompt(model, input_ids, max_new_tokens, "Token Recycling")
-        out = _Output(steps, _stop_tokens(stop_tokens, model, None))
+        prompt, out = _begin(model, input_ids, max_new_tokens, stop_tokens, "Token Recycling")
         if out.done:
             return out.result(len(prompt), 0)
         modes = _eval(model)
@@ -305,8 +311,7 @@ def speculative_generate(model: Transformer, draft_model: Transformer,
         raise UserError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise UserError(f"seed must be an integer or None, got {seed!r}")
-    prompt, steps = _one_prompt(model, input_ids, max_new_tokens, "speculative_generate")
-    out = _Output(steps, _stop_tokens(stop_tokens, model, None))
+    prompt, out = _begin(model, input_ids, max_new_tokens, stop_tokens, "speculative_generate")
     if out.done:
         return out.result(len(prompt), 0)
     modes = _eval(model, draft_model)
@@ -416,14 +421,13 @@ def mtp_generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]]
     n_draft = heads if n_draft is None else n_draft
     if isinstance(n_draft, bool) or not isinstance(n_draft, int) or not 0 <= n_draft <= heads:
         raise UserError(f"n_draft must be an integer in [0, {heads}] (the model's future heads), got {n_draft!r}")
-    prompt, steps = _one_prompt(model, input_ids, max_new_tokens, "mtp_generate")
-    out = _Output(steps, _stop_tokens(stop_tokens, model, None))
+    prompt, out = _begin(model, input_ids, max_new_tokens, stop_tokens, "mtp_generate")
     if out.done:
         return out.result(len(prompt), 0)
     modes = _eval(model)
     try:
         device, ctx = model.device, model.config.context_length
-        cache = model.new_cache(1, len(prompt) + steps + n_draft, dtype=_cache_dtype(model))
+        cache = model.new_cache(1, len(prompt) + out.steps + n_draft, dtype=_cache_dtype(model))
         feed = prompt
         drafts: list[int] = []
         passes = 0
