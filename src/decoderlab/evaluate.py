@@ -116,17 +116,21 @@ def _score_orders(model: Transformer, item: ChoiceItem, orders: list[list[int]],
     was_training = model.training
     model.eval()
     try:
-        if method == "plain":
-            rows = [([*item.prefix, *(t for j in order for t in item.options[j]), *item.suffix], item.answer_tokens(i))
-                    for order in orders for i in range(n)]
-            flat = _plain_scores(model, rows, batch_size)
-        else:
-            rows = [(pine.PineInput(item.prefix, [item.options[j] for j in order], item.suffix), item.answer_tokens(i))
-                    for order in orders for i in range(n)]
-            flat = _pine_scores(model, rows, batch_size)
+        # One order's rows per batch: every order then runs in the same batch shape and row positions, so
+        # identical inputs (PINE with canonically sorted segments) give identical scores even where a
+        # multithreaded product would round a row differently at another batch position.
+        scores = []
+        for order in orders:
+            if method == "plain":
+                context = [*item.prefix, *(t for j in order for t in item.options[j]), *item.suffix]
+                flat = _plain_scores(model, [(context, item.answer_tokens(i)) for i in range(n)], batch_size)
+            else:
+                segments = pine.PineInput(item.prefix, [item.options[j] for j in order], item.suffix)
+                flat = _pine_scores(model, [(segments, item.answer_tokens(i)) for i in range(n)], batch_size)
+            scores.append(torch.tensor(flat))
     finally:
         model.train(was_training)
-    return [torch.tensor(flat[k * n:(k + 1) * n]) for k in range(len(orders))]
+    return scores
 
 
 @dataclass

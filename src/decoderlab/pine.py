@@ -288,7 +288,8 @@ def logits(model: Transformer, prefix: Sequence[int], segments: Sequence[Sequenc
 
     The same for every order of `segments`; with one segment, the plain forward pass's. `sort_segments`
     first puts the segments in a canonical order (by token ids), so that float rounding and exact ties in the
-    attention ranking cannot depend on the input order either: the output is then bit-for-bit the same.
+    attention ranking cannot depend on the input order either: the output is then bit-for-bit the same
+    (for the same batch shape: a multithreaded product may round a row differently at another batch position).
     """
     return batch_logits(model, [(prefix, segments, suffix)], sort_segments=sort_segments)[0]
 
