@@ -27,6 +27,8 @@ class KVCache:
         shape = (config.n_layers, batch_size, config.kv_heads, max_length, config.dim_head)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
+        # Per-layer views, made once: `update` runs in every layer of every decode step.
+        self._layer_keys, self._layer_values = self.keys.unbind(0), self.values.unbind(0)
         self.length = 0
 
     @property
@@ -43,9 +45,10 @@ class KVCache:
         if end > self.max_length:
             raise UserError(f"KV cache is full: {end} tokens requested, room for {self.max_length}; "
                             "allocate a longer cache or generate fewer tokens")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self._layer_keys[layer], self._layer_values[layer]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
