@@ -79,19 +79,22 @@ def _norm(config: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.norm_bias)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed_sin) [..., D] for integer `positions` of any shape, in the half-split layout of HF.
+
+    signed_sin is [-sin, sin]: it folds rotate_half's sign in, so `apply_rope` needs one roll instead of chunk,
+    neg and cat. Angles are computed in fp32 whatever `dtype`: bf16 positions lose integer precision past 256.
+    """
+    with torch.autocast(device_type=positions.device.type, enabled=False):
+        freqs = positions.float().unsqueeze(-1) * inv_freq.float()
+        sin = freqs.sin()
+        return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` [B, H, T, D] by angles given as cos/sin [B, 1, T, D] (half-split layout, as in HF)."""
-    return x * cos + rotate_half(x) * sin
-
-
-def _apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    # apply_rope with the sign of rotate_half folded into sin ([-sin, sin]): one roll instead of chunk, neg and
-    # cat, bit-for-bit the same result, and fewer dispatches per layer when decoding.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [..., D] by angles from `rope_angles` (broadcast against x): x * cos + rotate_half(x) * sin,
+    bit for bit, with fewer dispatches (this runs in every layer of every decode step)."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
@@ -115,7 +118,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
         if self.q_norm is None and rope is not None and attn.custom is None:
             # Queries and keys share their positions: rotate both in one go (fewer dispatches per layer).
-            q, k = _apply_rope_signed(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1)
+            q, k = apply_rope(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1)
             v = qkv[:, H + Hkv:]
         else:
             q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
@@ -125,7 +128,7 @@ class Attention(nn.Module):
                 y = attn.custom(self.layer, q, k, v)
                 return self.out(y.transpose(1, 2).reshape(B, T, H * D).to(q.dtype)), None
             if rope is not None:
-                q, k = _apply_rope_signed(q, *rope), _apply_rope_signed(k, *rope)
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = q.dtype
         if cache is not None:
             if k.dtype != cache.keys.dtype:
@@ -330,8 +333,8 @@ class Transformer(nn.Module):
         (token prepending, steering, patching); it is called once per block.
         `attention(layer, q, k, v)` replaces every layer's attention: it gets the queries [B, H, T, D] and
         keys and values [B, H_kv, T, D] before RoPE (after QK-norm) and returns the mixed values [B, H, T, D].
-        It owns positions, masking and any cache (`positions`, `mask` and `cache` must then be None); PINE
-        (`decoderlab.pine`) is one.
+        It owns RoPE, masking and any cache (`mask` and `cache` must then be None; `positions` only feed learned
+        position embeddings); PINE (`decoderlab.pine`) is one.
         """
         if input_ids.dim() != 2:
             raise UserError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -396,15 +399,9 @@ class Transformer(nn.Module):
         return logits
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # Angles in fp32 whatever the compute dtype: bf16 positions lose integer precision past 256.
-        with torch.autocast(device_type=positions.device.type, enabled=False):
-            pos = positions.float()
-            if pos.dim() == 1:
-                pos = pos.unsqueeze(0)
-            freqs = pos.unsqueeze(-1) * self.rope_inv_freq.float()
-            cos = torch.cat((freqs, freqs), dim=-1).unsqueeze(1).cos()  # [B, 1, T, D]
-            sin = freqs.unsqueeze(1).sin()
-            return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+        pos = positions.unsqueeze(0) if positions.dim() == 1 else positions
+        cos, signed_sin = rope_angles(pos, self.rope_inv_freq, dtype)
+        return cos.unsqueeze(1), signed_sin.unsqueeze(1)  # [B, 1, T, D]
 
     def _attention_plan(self, mask: masks.Mask | torch.Tensor | None, B: int, T: int, past: int,
                         device: torch.device, eager: bool) -> _AttnPlan:

@@ -27,7 +27,7 @@ from . import masks
 from .errors import UserError
 from .generate.engine import PAD_ID, GenerationResult, _collect, _Decoder, _make_stream, _stop_strings, _stop_tokens
 from .generate.sampling import SamplingParams
-from .model import Transformer, apply_rope
+from .model import Transformer, apply_rope, rope_angles
 from .tokenizer import Tokenizer
 
 
@@ -129,7 +129,6 @@ class _Layout:
             positions[-1] += range(P + L, P + L + len(it.suffix))
             next_position.append(P + L + len(it.suffix))
         self.ids = torch.tensor(ids, device=device)
-        self.length = T
         lengths = torch.tensor([len(it.tokens) for it in items], device=device)
         valid = torch.arange(T, device=device) >= (T - lengths)[:, None]
         self.valid = valid
@@ -156,27 +155,21 @@ class _Layout:
 class PineAttention:
     """The attention function PINE hands to `Transformer.forward(attention=...)`, with its own cache.
 
-    It keeps, per layer, keys rotated at their stacked positions and values for every slot, and the segments'
-    keys without positions (for the ranking) and rotated (for the scores) in [J, Lmax] blocks.
+    A `KVCache` holds every slot's keys, rotated at their stacked positions, and values; beside it, per layer,
+    the segments' keys in [J, Lmax] blocks, without positions (fp32, for the ranking) and rotated (for scores).
     """
 
     def __init__(self, model: Transformer, layout: _Layout, cache_dtype: torch.dtype | None = None) -> None:
-        cfg = model.config
-        B, S = layout.ids.shape[0], layout.group.shape[1]
-        dtype = cache_dtype or model.dtype
-        shape = (cfg.n_layers, B, cfg.kv_heads, S, cfg.dim_head)
-        self.keys = torch.zeros(shape, dtype=dtype, device=model.device)
-        self.values = torch.zeros(shape, dtype=dtype, device=model.device)
-        self.seg_keys_raw: list[Tensor | None] = [None] * cfg.n_layers
-        self.seg_keys: list[Tensor | None] = [None] * cfg.n_layers
-        self.inv_freq = model.rope_inv_freq.float()
+        self.cache = model.new_cache(layout.ids.shape[0], layout.group.shape[1], dtype=cache_dtype)
+        self.seg_keys_raw: list[Tensor | None] = [None] * model.config.n_layers
+        self.seg_keys: list[Tensor | None] = [None] * model.config.n_layers
+        self.inv_freq = model.rope_inv_freq
         self.layout = layout
-        self.length = 0
         self._step: dict[str, Tensor] | None = None
 
     def begin(self, n_new: int) -> None:
         """Prepare a forward pass over the next `n_new` slots (tables shared by every layer)."""
-        lay, start = self.layout, self.length
+        lay, start = self.layout, self.cache.length
         end = start + n_new
         q_slots = torch.arange(start, end, device=lay.ids.device)
         allowed = lay.mask.materialize(q_slots, torch.arange(end, device=lay.ids.device),
@@ -185,48 +178,41 @@ class PineAttention:
         q_group = lay.group[:, start:end]
         J = lay.seg_len.shape[1]
         own = q_group[:, :, None] == torch.arange(1, J + 1, device=q_group.device)  # [B, T, J]
+        positions = lay.positions[:, start:end]
+        cos, sin = rope_angles(positions[:, None], self.inv_freq, self.cache.keys.dtype)  # [B, 1, T, D]
         self._step = {
-            "allowed": allowed, "own": own, "positions": lay.positions[:, start:end],
+            "allowed": allowed, "own": own, "positions": positions, "cos": cos, "sin": sin,
             "in_segment": lay.in_segment[:, :end], "seg_flat": lay.seg_flat[:, :end],
         }
-        self._n_new = n_new
 
     def advance(self) -> None:
-        self.length += self._n_new
+        self.cache.advance(self._step["positions"].shape[1])
         self._step = None
-
-    def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """RoPE on x [..., D] at integer positions [...] (broadcast), angles in fp32."""
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return apply_rope(x, emb.cos().to(x.dtype), emb.sin().to(x.dtype))
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         st, lay = self._step, self.layout
         B, H, T, D = q.shape
         Hkv = k.shape[1]
         G = H // Hkv
-        start, end = self.length, self.length + T
-        dtype = self.keys.dtype
-        k_rot = self._rotate(k, st["positions"][:, None])
-        self.keys[layer, :, :, start:end] = k_rot.to(dtype)
-        self.values[layer, :, :, start:end] = v.to(dtype)
-        if start == 0:  # the prompt pass: every segment is in it
+        dtype = self.cache.keys.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        k_rot = apply_rope(k, st["cos"], st["sin"])
+        first = self.cache.length == 0  # the prompt pass: every segment is in it
+        keys, values = self.cache.update(layer, k_rot, v)
+        end = keys.shape[2]
+        if first:
             slots = lay.seg_slots.flatten(1)[:, None, :, None].expand(B, Hkv, -1, D)
             J, Lmax = lay.seg_slots.shape[1:]
-            self.seg_keys_raw[layer] = k.gather(2, slots).view(B, Hkv, J, Lmax, D).to(dtype)
-            self.seg_keys[layer] = k_rot.gather(2, slots).view(B, Hkv, J, Lmax, D).to(dtype)
-        keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+            self.seg_keys_raw[layer] = k.gather(2, slots).view(B, Hkv, J, Lmax, D).float()
+            self.seg_keys[layer] = k_rot.gather(2, slots).view(B, Hkv, J, Lmax, D)
         seg_raw, seg_rot = self.seg_keys_raw[layer], self.seg_keys[layer]
-        q = q.to(dtype)
         # Queries grouped by the key head they share: [B, Hkv, G*T, D] (GQA without copying keys).
         qg = q.reshape(B, Hkv, G * T, D)
         scale = 1.0 / math.sqrt(D)
 
         # 1. Importance of each segment to each query, without positions: softmax over the keys of the other
         # segments, summed per segment, divided by its length. Own segment and missing segments excluded.
-        raw = torch.einsum("bhtd,bhjld->bhtjl", qg.float(), seg_raw.float()).view(B, Hkv, G, T, *seg_raw.shape[2:4])
-        raw = raw.view(B, H, T, -1) * scale
+        raw = torch.einsum("bhtd,bhjld->bhtjl", qg.float(), seg_raw).reshape(B, H, T, -1) * scale
         seen = (lay.seg_valid[:, None, None] & ~st["own"][:, None, :, :, None]).flatten(-2)  # [B, 1, T, J*Lmax]
         probs = raw.masked_fill(~seen, -math.inf).softmax(dim=-1).nan_to_num(0.0)
         J = lay.seg_len.shape[1]
@@ -248,10 +234,10 @@ class PineAttention:
 
         # 3. Scores: non-segment keys with the query at its own position; segment j's keys with the query
         # moved forward by shift[j] (the same as moving those keys back by it).
-        q_pos = st["positions"][:, None, :]  # [B, 1, T]
-        q_plain = self._rotate(q, q_pos)
+        q_plain = apply_rope(q, st["cos"], st["sin"])
         scores = (q_plain.reshape(B, Hkv, G * T, D) @ keys.transpose(-1, -2)).view(B, H, T, end)
-        q_moved = self._rotate(q[:, :, :, None, :], q_pos[..., None] + shift)  # [B, H, T, J, D]
+        moved = st["positions"][:, None, :, None] + shift  # [B, H, T, J]
+        q_moved = apply_rope(q[:, :, :, None, :], *rope_angles(moved, self.inv_freq, dtype))  # [B, H, T, J, D]
         seg_scores = torch.einsum("bhtjd,bhjld->bhtjl", q_moved.reshape(B, Hkv, G * T, J, D), seg_rot)
         seg_scores = seg_scores.reshape(B, H, T, -1)
         index = st["seg_flat"][:, None, None, :].expand(B, H, T, end)
@@ -266,7 +252,7 @@ def _prompt_pass(model: Transformer, items: list[PineInput], keep: int = 1,
                  sort_segments: bool = True) -> tuple[Tensor, PineAttention]:
     layout = _Layout(items, 0, model.device, sort_segments)
     attention = PineAttention(model, layout)
-    attention.begin(layout.length)
+    attention.begin(layout.ids.shape[1])
     logits = model(layout.ids, attention=attention, logits_to_keep=keep)
     attention.advance()
     return logits, attention

@@ -214,7 +214,7 @@ class Stream:
         self.stop_strings, self.cache_dtype, self.grammars = stop_strings, cache_dtype, grammars
         self.force = force or {}
         self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype,
-                           state, force or {}, decoder or _Decoder)
+                           state, force or {}, decoder)
 
     def __iter__(self) -> Iterator[GenerationStep]:
         return self

@@ -200,7 +200,6 @@ class TokenRecycler:
         # context columns, instead of materialising `causal() & tree(parents, start)` anew.
         n = len(parents)
         self.ancestors = masks.tree(self.parents, 0).materialize(n, n, batch_size=1, device=device)
-        self.ancestors &= torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
     def update(self, tokens: Tensor, logits: Tensor) -> None:
         """Overwrite the rows of `tokens` [N] with the top-k of their next-token `logits` [N, V]."""
