@@ -67,12 +67,12 @@ def hf_twin(model: Transformer):
     return twin
 
 
-def run_ours(model: Transformer, prompts: list[list[int]], n: int,
-             cache_dtype: torch.dtype | None = None) -> tuple[float, float, list[list[int]]]:
+def run_ours(model: Transformer, prompts: list[list[int]], n: int, cache_dtype: torch.dtype | None = None,
+             compile: bool = False) -> tuple[float, float, list[list[int]]]:
     """(total seconds, seconds per decode step after the first token, tokens)."""
     tokens = [[] for _ in prompts]
     t0 = time.perf_counter()
-    for i, step in enumerate(stream(model, prompts, n, stop_tokens=[], cache_dtype=cache_dtype)):
+    for i, step in enumerate(stream(model, prompts, n, stop_tokens=[], cache_dtype=cache_dtype, compile=compile)):
         if i == 0:
             t_first = time.perf_counter()
         for row, new in zip(tokens, step.tokens, strict=True):
@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--pack", action="store_true",
                     help="call model.pack(batch) first: oneDNN-packed weights (Transformer.pack)")
     ap.add_argument("--cache-dtype", choices=list(DTYPES), help="KV cache dtype (default: the engine's: fp32 on CPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="generate(..., compile=True): decode steps through one torch.compile graph (compiled in "
+                         "the warm-up, not timed)")
     args = ap.parse_args()
 
     import transformers
@@ -154,7 +157,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}; "
           f"{args.model}: {model.num_params() / 1e6:.0f}M params, prompt {args.prompt}, {args.new} new tokens, "
           f"greedy, median of {args.repeats}; memory bandwidth (copy) {bw:.1f} GB/s"
-          + (" (packed weights)" if args.pack else "") + (f" ({args.cache_dtype} KV cache)" if cache_dtype else ""))
+          + (" (packed weights)" if args.pack else "") + (f" ({args.cache_dtype} KV cache)" if cache_dtype else "")
+          + (" (compiled decode step)" if args.compile else ""))
     if twin is None:
         print("(no Hugging Face family: decoderlab alone)")
 
@@ -172,12 +176,13 @@ def main() -> None:
                 if not hasattr(model, "pack"):
                     raise SystemExit("--pack: this decoderlab's Transformer has no pack() method")
                 model.pack(B)
-            run_ours(model, prompts, 4, cache_dtype)  # warm-up: allocator, oneDNN kernel choice
+            # Warm-up: allocator, oneDNN kernel choice; with --compile, the graph for this batch and cache size.
+            run_ours(model, prompts, args.new if args.compile else 4, cache_dtype, args.compile)
             ours, theirs, theirs_prefill = [], [], []
             if twin is not None:
                 run_theirs(twin, ids, 4)
             for _ in range(args.repeats):  # interleaved, so noise on the shared machine hits both alike
-                ours.append(run_ours(model, prompts, args.new, cache_dtype))
+                ours.append(run_ours(model, prompts, args.new, cache_dtype, args.compile))
                 if twin is not None:
                     theirs.append(run_theirs(twin, ids, args.new))
                     theirs_prefill.append(run_theirs(twin, ids, 1)[0])

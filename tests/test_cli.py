@@ -60,6 +60,14 @@ def test_generate_streams_the_same_text_as_the_api(tmp_path):
     assert bad.returncode == 2 and "temperature" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_generate_compiled_matches_eager(tmp_path):
+    _tiny_char_model(tmp_path / "m", "the quick brown fox jumps over the lazy dog\n", seed=2)
+    args = ("generate", str(tmp_path / "m"), "the ", "--temperature", "0.8", "--seed", "3", "--tokens", "30")
+    eager, compiled = _run(*args), _run(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and len(compiled.stdout) > len("the ") + 10
+
+
 def test_generate_speculative_matches_greedy(tmp_path):
     _tiny_char_model(tmp_path / "m", "abcabcabd abcabcabd\n", seed=1)
     plain = _run("generate", str(tmp_path / "m"), "abc", "--temperature", "0", "--tokens", "20")

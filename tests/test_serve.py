@@ -23,13 +23,13 @@ TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[dict]:
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "compiled"])
+def server(request) -> Iterator[dict]:
     torch.manual_seed(0)
     tok = decoderlab.Tokenizer.train_char(texts=[TEXT + "<>"])
     tok.chat_template = TEMPLATE
     model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size))
-    app = create_app(model, tok, MODEL)
+    app = create_app(model, tok, MODEL, compile=request.param)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

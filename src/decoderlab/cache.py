@@ -1,7 +1,9 @@
 """Preallocated key/value cache: one buffer for all layers, written in place at explicit slots.
 
 It never grows with `torch.cat`; `length` counts the filled slots, `truncate` rolls back rejected
-speculative tokens, and `keep` compacts accepted tree nodes into consecutive slots.
+speculative tokens, and `keep` compacts accepted tree nodes into consecutive slots. With `write_slots` set,
+a forward pass writes at slots given as a tensor and attends over the whole buffer: every decode step then
+has the same shapes, which is what a compiled decode step needs (`decoderlab.generate.compiled`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class KVCache:
         # Per-layer views, made once: `update` runs in every layer of every decode step.
         self._layer_keys, self._layer_values = self.keys.unbind(0), self.values.unbind(0)
         self.length = 0
+        # Static mode: a LongTensor [T] of the slots the next forward writes (see `update`).
+        self.write_slots: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -40,7 +44,18 @@ class KVCache:
         return self.keys.shape[3]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write `k`, `v` [B, H_kv, T, D] after the filled slots; return all keys/values so far (views)."""
+        """Write `k`, `v` [B, H_kv, T, D] after the filled slots; return all keys/values so far (views).
+
+        In static mode (`write_slots` set) write them at those slots instead and return the whole buffer: the
+        caller's mask says which slots hold keys, and `length` is left to the caller.
+        """
+        if self.write_slots is not None:
+            # One index_put_ on the whole buffer, not a write into a layer's view: torch.compile then updates
+            # the buffer in place instead of copying it (a view's mutation is replayed on a copy of its base).
+            layers = torch.full_like(self.write_slots, layer)
+            self.keys[layers, :, :, self.write_slots] = k.permute(2, 0, 1, 3)
+            self.values[layers, :, :, self.write_slots] = v.permute(2, 0, 1, 3)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise UserError(f"KV cache is full: {end} tokens requested, room for {self.max_length}; "

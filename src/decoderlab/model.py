@@ -46,6 +46,18 @@ class RMSNorm(nn.RMSNorm):
 SMALL_MODEL_BYTES = 32 * 2**20
 
 
+@torch.library.custom_op("decoderlab::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + b with W in oneDNN's packed layout. An op of our own so that `torch.compile` calls the packed
+    kernel as it is: inductor cannot lower oneDNN's op on a packed weight that is not a frozen constant."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
 class Linear(nn.Linear):
     """`nn.Linear` that can keep a oneDNN-packed copy of its weight for CPU inference (`Transformer.pack`).
 
@@ -61,16 +73,41 @@ class Linear(nn.Linear):
         # four rows at 53-66 GB/s, also when multiplying one row; for bf16 the hint makes no clear difference.
         hint = max(batch_size, 4) if self.weight.dtype == torch.float32 else batch_size
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), hint)
-        self._packed_for = self._weight_key()
+        self._packed_for, self._packed_batch = self._weight_key(), batch_size
+
+    def repack(self) -> None:
+        """Pack the current weight again, for the batch size of the last `pack`."""
+        self.pack(self._packed_batch)
 
     def _weight_key(self) -> tuple:
         # Training, load_state_dict or .to() change the version, storage or dtype: the packed copy is then stale.
         return self.weight.data_ptr(), self.weight._version, self.weight.dtype
 
+    @property
+    def stale(self) -> bool:
+        """Packed, but the weight has changed since."""
+        return self.packed is not None and self._packed_for != self._weight_key()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and not torch.is_grad_enabled() and self._packed_for == self._weight_key():
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.packed is not None and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # Whoever compiles repacks stale weights first (`generate.compiled`): a graph cannot check.
+                return packed_linear(x, self.packed, self.bias)
+            if self._packed_for == self._weight_key():
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return super().forward(x)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -279,8 +316,9 @@ class Transformer(nn.Module):
     def pack(self, batch_size: int = 1) -> Transformer:
         """Give every linear layer a oneDNN-packed copy of its weight for CPU inference: decoding runs about
         twice as fast (benchmarks/decode_speed.py). Costs a second copy of the weights; a weight changed
-        afterwards is used unpacked until `pack` is called again. Off the CPU, or in a dtype other than fp32
-        or bf16, it does nothing. `batch_size` is the batch the layout is tuned for.
+        afterwards is used unpacked until `pack` is called again. Off the CPU, in a dtype other than fp32
+        or bf16, for fp32 models small enough to stay in the CPU's caches, or where the copy would take more
+        than half the available memory, it does nothing. `batch_size` is the batch the layout is tuned for.
         """
         if (self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16)
                 or not torch.backends.mkldnn.is_available()):
@@ -291,6 +329,9 @@ class Transformer(nn.Module):
             # Measured (benchmarks/decode_speed.py): fp32 weights that stay in the CPU's caches between steps run
             # faster through the plain product, whose call costs less; packing pays once they stream from memory.
             return self
+        free = _available_memory()
+        if free is not None and 2 * weight_bytes > free:
+            return self  # the packed copy must fit with room to spare: faster decoding is not worth swapping
         for module in linears:
             module.pack(batch_size)
         return self
@@ -327,7 +368,9 @@ class Transformer(nn.Module):
         future heads' logits (`future=True`) are asked for.
 
         `mask` is a `masks.Mask`, or the boolean tensor [B or 1, 1, T, cache.length + T] it materialises to
-        (for loops that build one pattern once and reuse it).
+        (for loops that build one pattern once and reuse it). A cache in static mode (`cache.write_slots` set)
+        needs `positions` and a tensor mask over all `cache.max_length` slots (sliding window included), and its
+        `length` is left to the caller: every step then has the same shapes (`generate(..., compile=True)`).
         `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
         `edit_residual(layer, x)` may return a changed residual stream [B, T, d] before block `layer` runs
         (token prepending, steering, patching); it is called once per block.
@@ -339,8 +382,12 @@ class Transformer(nn.Module):
         if input_ids.dim() != 2:
             raise UserError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        static = cache is not None and cache.write_slots is not None
+        past = cache.length if cache is not None and not static else 0
         ctx = self.config.context_length
+        if static and (positions is None or not isinstance(mask, torch.Tensor)):
+            raise UserError("a KV cache with write_slots set (static mode) needs explicit positions and a bool "
+                            "tensor mask over all of its slots")
         if positions is None:
             if self.pos_embed is not None and past + T > ctx:
                 raise UserError(f"{past + T} tokens exceed the context length {ctx} of this model's "
@@ -348,7 +395,8 @@ class Transformer(nn.Module):
             positions = torch.arange(past, past + T, device=input_ids.device)
         elif positions.shape[-1] != T:
             raise UserError(f"positions has length {positions.shape[-1]} but input_ids has {T} tokens")
-        elif self.pos_embed is not None and not bool(((positions >= 0) & (positions < ctx)).all()):
+        elif (self.pos_embed is not None and not torch.compiler.is_compiling()
+              and not bool(((positions >= 0) & (positions < ctx)).all())):
             raise UserError(f"positions must lie in [0, {ctx}) for learned position embeddings")
         x = self.embed(input_ids)
         if self.pos_embed is not None:
@@ -362,7 +410,8 @@ class Transformer(nn.Module):
             rope, plan = None, _AttnPlan(None, False, False, attention)
         else:
             rope = self._rope(positions, x.dtype) if self.config.positions == "rope" else None
-            plan = self._attention_plan(mask, B, T, past, input_ids.device, eager=attentions)
+            plan = self._attention_plan(mask, B, T, past, input_ids.device, eager=attentions,
+                                        static_keys=cache.max_length if static else None)
 
         all_hidden = [] if hidden_states else None
         all_attn = [] if attentions else None
@@ -374,7 +423,7 @@ class Transformer(nn.Module):
             x, weights = block(x, rope, plan, cache)
             if all_attn is not None:
                 all_attn.append(weights)
-        if cache is not None:
+        if cache is not None and not static:
             cache.advance(T)
         if all_hidden is not None:
             all_hidden.append(self.final_norm(x))
@@ -404,7 +453,7 @@ class Transformer(nn.Module):
         return cos.unsqueeze(1), signed_sin.unsqueeze(1)  # [B, 1, T, D]
 
     def _attention_plan(self, mask: masks.Mask | torch.Tensor | None, B: int, T: int, past: int,
-                        device: torch.device, eager: bool) -> _AttnPlan:
+                        device: torch.device, eager: bool, static_keys: int | None = None) -> _AttnPlan:
         window = self.config.sliding_window
         # Measured on CPU: for bf16 training at short contexts the written-out attention's backward is
         # 2-4x faster than SDPA's flash kernel (benchmarks/README.md); longer contexts favour the kernel.
@@ -414,12 +463,14 @@ class Transformer(nn.Module):
             return torch.arange(past, past + T, device=device), torch.arange(past + T, device=device)
 
         if isinstance(mask, torch.Tensor):  # already materialised (hot loops that reuse one pattern)
-            if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, T, past + T) or (
+            keys = static_keys or past + T
+            if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, T, keys) or (
                     mask.shape[0] not in (1, B)):
-                raise UserError(f"a tensor mask must be bool [B or 1, 1, {T}, {past + T}] (queries x cache slots), "
+                raise UserError(f"a tensor mask must be bool [B or 1, 1, {T}, {keys}] (queries x cache slots), "
                                 f"got {str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}")
             dense = mask
-            if window is not None and past + T > window:
+            # A static cache's mask is complete: its slots are not known here as numbers.
+            if window is not None and past + T > window and static_keys is None:
                 dense = dense & masks.window(window).materialize(*slots(), device=device)
         else:
             if mask is None:

@@ -124,8 +124,9 @@ def _collect(steps: Iterable[GenerationStep]) -> tuple[str, str, int]:
     return "".join(pieces), reason or "length", _completion_tokens(n_tokens, stopped_by)
 
 
-def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str) -> FastAPI:
-    """A FastAPI app serving `model` (with `tokenizer`) under the name `model_name`, in OpenAI's API schema."""
+def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, *, compile: bool = False) -> FastAPI:
+    """A FastAPI app serving `model` (with `tokenizer`) under the name `model_name`, in OpenAI's API schema.
+    compile: decode through `torch.compile` graphs (`generate(..., compile=True)`)."""
     app = FastAPI(title="decoderlab", version="0.1.0")
     lock = asyncio.Lock()  # the model is not thread-safe: one request at a time
     created_at = int(time.time())
@@ -162,7 +163,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str) -> Fas
         return stream(model, [prompt_ids], ctx if max_tokens is None else max_tokens,
                       temperature=req.temperature, top_p=None if req.top_p >= 1.0 else req.top_p,
                       frequency_penalty=req.frequency_penalty or None, seed=req.seed,
-                      stop_strings=req.stop or None, tokenizer=tokenizer)
+                      stop_strings=req.stop or None, tokenizer=tokenizer, compile=compile)
 
     def _usage(prompt: int, completion: int) -> dict[str, int]:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -260,8 +261,10 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str) -> Fas
 
 def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
           tokenizer: str | Path | None = None, device: str | None = None, dtype: str | None = None,
-          log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> None:
-    """Load a checkpoint folder (and its tokenizer, or the one at `tokenizer`) and serve it until interrupted."""
+          log_level: Literal["critical", "error", "warning", "info", "debug"] = "info", compile: bool = False) -> None:
+    """Load a checkpoint folder (and its tokenizer, or the one at `tokenizer`) and serve it until interrupted.
+
+    On the CPU the weights are packed for decoding (`Transformer.pack`); `compile` as in `create_app`."""
     import uvicorn
 
     from .checkpoint import load
@@ -271,6 +274,6 @@ def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000,
         raise UserError(f"serving needs a tokenizer: {path_or_preset} is not a checkpoint folder; "
                         "pass a folder holding tokenizer.json, or --tokenizer FOLDER")
     tok = Tokenizer.from_folder(tok_path)
-    model = load(path_or_preset, device=device, dtype=dtype)
+    model = load(path_or_preset, device=device, dtype=dtype).pack()
     name = model_name or Path(str(path_or_preset)).resolve().name or str(path_or_preset)
-    uvicorn.run(create_app(model, tok, name), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(model, tok, name, compile=compile), host=host, port=port, log_level=log_level)

@@ -78,7 +78,8 @@ def counterfactual(model: Transformer, trace: Trace, intervention: Mapping[str, 
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {n!r}")
     steps = _make_stream(model, prompts, n, trace.params, trace.seed, set(trace.stop_tokens),
-                         list(trace.stop_strings), trace.tokenizer, trace.cache_dtype, trace.grammar, force)
+                         list(trace.stop_strings), trace.tokenizer, trace.cache_dtype, trace.grammar, force,
+                         compile=trace.compile)
     result = _collect(steps, trace.tokenizer, n, trace=True)
     if forced_row is not None:
         row = result.tokens[forced_row]

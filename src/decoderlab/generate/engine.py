@@ -9,6 +9,7 @@ intervention. `grammar=` constrains rows to a JSON schema, regex or context-free
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from .. import masks
 from ..errors import UserError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from .compiled import CompiledDecodeStep, cache_slots
 from .sampling import SamplingParams, choose, gumbel_noise
 
 if TYPE_CHECKING:
@@ -87,6 +89,7 @@ class Trace:
     tokenizer: Tokenizer | None = field(default=None, repr=False)
     cache_dtype: torch.dtype | None = None
     forced: dict[int, dict[int, int]] = field(default_factory=dict)  # {step: {row: token}} of a counterfactual
+    compile: bool = False  # replays run the same (compiled or eager) kernels, so their logits match to the bit
 
 
 def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
@@ -95,7 +98,7 @@ def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], ma
              frequency_penalty: float | None = None, seed: int | None = None,
              stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
              tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None, grammar: Any = None,
-             trace: bool = False) -> GenerationResult:
+             compile: bool = False, trace: bool = False) -> GenerationResult:
     """Continue each prompt by up to `max_new_tokens` tokens; see `stream` for the arguments.
 
     trace: also return `result.trace`, for `counterfactual` replays with the same sampling noise.
@@ -103,7 +106,7 @@ def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], ma
     steps = stream(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                    seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
-                   cache_dtype=cache_dtype, grammar=grammar)
+                   cache_dtype=cache_dtype, grammar=grammar, compile=compile)
     return _collect(steps, tokenizer, max_new_tokens, trace)
 
 
@@ -127,7 +130,7 @@ def _collect(steps: Stream, tokenizer: Tokenizer | None, max_new_tokens: int, tr
     record = None
     if trace:
         record = Trace(steps.seed, steps.params, steps.prompts, tokens, max_new_tokens, sorted(steps.stop_ids),
-                       steps.stop_strings, steps.grammars, tokenizer, steps.cache_dtype, steps.force)
+                       steps.stop_strings, steps.grammars, tokenizer, steps.cache_dtype, steps.force, steps.compile)
     return GenerationResult(tokens, texts, reasons, stopped_by, list(steps.prompt_lengths), completion, record)
 
 
@@ -137,7 +140,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
            frequency_penalty: float | None = None, seed: int | None = None,
            stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
            tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None,
-           grammar: Any = None) -> Stream:
+           grammar: Any = None, compile: bool = False) -> Stream:
     """Generate step by step: an iterator of `GenerationStep`, one per decoded token position.
 
     input_ids: a LongTensor [B, T] or a list of B token-id lists (of any lengths; left-padded internally).
@@ -156,6 +159,9 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         one per row (None: unconstrained). Each step masks the tokens the grammar forbids before sampling; the
         eos token is allowed only where the grammar is complete, and a row whose grammar is complete and allows
         nothing more stops ("stop").
+    compile: run the decode steps through one `torch.compile` graph (`generate.compiled`): a one-off compile of
+        seconds per model, batch size and cache size (cached on disk by inductor across processes), then faster
+        steps where Python overhead dominates (small models, bf16). The prompt's forward pass stays eager.
     Sampling is Gumbel-Max, argmax(logits / T + g), with step t's noise drawn from a generator seeded from
     (seed, t): the same seed gives the same noise whatever tokens came before.
 
@@ -176,15 +182,20 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
     stop_ids = _stop_tokens(stop_tokens, model, tokenizer)
     stops = _stop_strings(stop_strings, tokenizer)
     return _make_stream(model, prompts, max_new_tokens, params, seed, stop_ids, stops, tokenizer, cache_dtype,
-                        grammar)
+                        grammar, compile=compile)
 
 
 def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                  seed: int | None, stop_ids: set[int], stops: list[str], tokenizer: Tokenizer | None,
                  cache_dtype: torch.dtype | None, grammar: Any,
-                 force: dict[int, dict[int, int]] | None = None, decoder: DecoderFactory | None = None) -> Stream:
+                 force: dict[int, dict[int, int]] | None = None, decoder: DecoderFactory | None = None,
+                 compile: bool = False) -> Stream:
     """`stream` after its checks; `force` ({step: {row: token}}) overrides chosen tokens (counterfactuals);
     `decoder` builds the device side in place of `_Decoder` (PINE runs its own forward passes)."""
+    if compile:
+        if decoder is not None:
+            raise UserError("compile=True works with the plain decode loop only")
+        decoder = functools.partial(_Decoder, compile=True)
     longest = max(len(p) for p in prompts)
     # The last token is sampled but never fed, so a prompt of length ctx still gets one new token.
     steps = min(max_new_tokens, model.config.context_length - longest + 1)
@@ -197,8 +208,10 @@ def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: i
             state = GrammarState(grammars, tokenizer, model.config.vocab_size)
     if seed is None:
         seed = torch.Generator().seed()  # a fresh random seed, recorded for replays; the global RNG is untouched
-    return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype, grammars, state,
-                  force, decoder)
+    stream = Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype, grammars, state,
+                    force, decoder)
+    stream.compile = compile
+    return stream
 
 
 class Stream:
@@ -213,6 +226,7 @@ class Stream:
         self.prompts, self.params, self.seed, self.stop_ids = prompts, params, seed, stop_ids
         self.stop_strings, self.cache_dtype, self.grammars = stop_strings, cache_dtype, grammars
         self.force = force or {}
+        self.compile = False
         self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype,
                            state, force or {}, decoder)
 
@@ -286,14 +300,17 @@ class _Decoder:
     A padded batch gets explicit positions (0 at each row's first real token) and the mask
     causal & padding(valid), where `valid` is preallocated for the prompt and every generated slot: slots past
     the cache's length are never read, so the same mask object serves every step. A batch without padding
-    takes the model's plain causal fast path.
+    takes the model's plain causal fast path. With `compile`, the steps after the prefill run through a
+    `CompiledDecodeStep` over a cache of a power-of-two size.
     """
 
     @torch.inference_mode()
     def __init__(self, model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams,
-                 seed: int, cache_dtype: torch.dtype | None) -> None:
+                 seed: int, cache_dtype: torch.dtype | None, compile: bool = False) -> None:
         device, B, T, V = model.device, len(prompts), max(len(p) for p in prompts), model.config.vocab_size
         self.model, self.params = model, params
+        self.compiled: CompiledDecodeStep | None = None
+        self._compile_args: tuple[Tensor, Tensor] | None = None
         self.ids = torch.tensor([[PAD_ID] * (T - len(p)) + p for p in prompts], device=device)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         valid = torch.arange(T, device=device) >= (T - lengths)[:, None]
@@ -306,7 +323,13 @@ class _Decoder:
         # Every step but the last feeds its token back, so the last needs no slot.
         # On the CPU an fp32 cache keeps single-query attention in fp32, whose kernel is 3-7x faster than bf16's.
         cache_dtype = cache_dtype or (torch.float32 if device.type == "cpu" else None)
-        self.cache = model.new_cache(B, T + steps - 1, dtype=cache_dtype)
+        slots = T + steps - 1
+        if compile and steps > 1:
+            slots = cache_slots(slots, model.config.context_length)
+            # Every slot past the prompt holds a generated token; the graph masks those not written yet.
+            filled = torch.ones(B, slots - T, dtype=torch.bool, device=device)
+            self._compile_args = (torch.cat([valid, filled], dim=1), lengths)
+        self.cache = model.new_cache(B, slots, dtype=cache_dtype)
         self.init_sampling(params, seed, self.ids, valid, V)
 
     def init_sampling(self, params: SamplingParams, seed: int, ids: Tensor, valid: Tensor, vocab_size: int) -> None:
@@ -330,6 +353,10 @@ class _Decoder:
         if self.last is None:
             logits = self.model(self.ids, positions=self.positions, mask=self.mask, cache=self.cache,
                                 logits_to_keep=1)
+            if self._compile_args is not None:
+                self.compiled = CompiledDecodeStep(self.model, self.cache, *self._compile_args)
+        elif self.compiled is not None:
+            return self.compiled(self.last.masked_fill(self.done, PAD_ID)[:, None])
         else:
             feed = self.last.masked_fill(self.done, PAD_ID)[:, None]
             logits = self.model(feed, positions=self.next_positions, mask=self.mask, cache=self.cache,
