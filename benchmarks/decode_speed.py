@@ -1,15 +1,16 @@
 """Greedy decode speed: decoderlab's `generate` vs transformers' `generate()` on the same weights, in one process.
 
 Run: .venv/bin/python benchmarks/decode_speed.py [--model PATH] [--prompt 32 --new 64 --batch 1 8 --repeats 5]
-     [--pack] [--cache-dtype fp32]
+     [--pack] [--compile] [--hf-compile] [--cache-dtype fp32]
 Default model: the `gpt2` preset with random weights. For each dtype and batch size it prints tokens/s of
 both (median of --repeats runs, interleaved so that machine noise hits both alike), the ratio, whether the
 greedy tokens are identical, and the decode step time against the memory-bandwidth bound (the bytes of
 weights one step reads / a bandwidth measured here by copying a large tensor). It also measures the
 per-token Python overhead of the model's forward on tiny 2- and 8-layer models. A `--model` outside the
 Hugging Face families is timed alone. Target (issue): >= 2x transformers at batch 1 with identical tokens.
-`--pack` (oneDNN-packed weights) and `--cache-dtype fp32` (fp32 decode attention for bf16 models) measure
-proposed model changes; `--pack` needs a `Transformer.pack` method.
+`--pack` (oneDNN-packed weights, `Transformer.pack`), `--compile` (`generate(..., compile=True)`) and
+`--cache-dtype` choose how decoderlab runs; `--hf-compile` adds transformers with its static cache and
+torch.compile as a second peer. The README's figures: `--pack --compile --hf-compile`.
 """
 
 from __future__ import annotations
@@ -81,11 +82,20 @@ def run_ours(model: Transformer, prompts: list[list[int]], n: int, cache_dtype: 
     return total, (t0 + total - t_first) / (n - 1), tokens
 
 
-def run_theirs(twin, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+def run_theirs(twin, ids: torch.Tensor, n: int, compiled: bool = False) -> tuple[float, list[list[int]]]:
+    """transformers' greedy `generate()`; `compiled`: its static cache with its auto-compiled forward (the way its
+    docs make decoding fast; on the CPU the compile has to be asked for explicitly)."""
+    kwargs = {}
+    if compiled:
+        import transformers
+
+        config = transformers.CompileConfig()
+        config._compile_all_devices = True
+        kwargs = dict(cache_implementation="static", compile_config=config)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                            eos_token_id=None, pad_token_id=0)
+                            eos_token_id=None, pad_token_id=0, **kwargs)
     return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
 
 
@@ -145,6 +155,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="generate(..., compile=True): decode steps through one torch.compile graph (compiled in "
                          "the warm-up, not timed)")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also time transformers with its static cache and torch.compile (compiled in the warm-up)")
     args = ap.parse_args()
 
     import transformers
@@ -178,14 +190,20 @@ def main() -> None:
                 model.pack(B)
             # Warm-up: allocator, oneDNN kernel choice; with --compile, the graph for this batch and cache size.
             run_ours(model, prompts, args.new if args.compile else 4, cache_dtype, args.compile)
-            ours, theirs, theirs_prefill = [], [], []
+            ours, theirs, theirs_prefill, compiled, compiled_prefill = [], [], [], [], []
+            hf_compile = twin is not None and args.hf_compile
             if twin is not None:
                 run_theirs(twin, ids, 4)
+            if hf_compile:
+                run_theirs(twin, ids, args.new, compiled=True)
             for _ in range(args.repeats):  # interleaved, so noise on the shared machine hits both alike
                 ours.append(run_ours(model, prompts, args.new, cache_dtype, args.compile))
                 if twin is not None:
                     theirs.append(run_theirs(twin, ids, args.new))
                     theirs_prefill.append(run_theirs(twin, ids, 1)[0])
+                if hf_compile:
+                    compiled.append(run_theirs(twin, ids, args.new, compiled=True))
+                    compiled_prefill.append(run_theirs(twin, ids, 1, compiled=True)[0])
             total = statistics.median(r[0] for r in ours)
             step = statistics.median(r[1] for r in ours)
             line = (f"{name} batch {B}: decoderlab {B * args.new / total:7.1f} tok/s "
@@ -198,6 +216,12 @@ def main() -> None:
                 line += (f" | transformers {B * args.new / their_total:7.1f} tok/s (step {their_step * 1e3:6.2f} ms, "
                          f"{bound / their_step:4.0%}) | ratio {their_total / total:4.2f}x | "
                          f"identical tokens: {same}/{B} rows{parting}")
+            if hf_compile:
+                c_total = statistics.median(r[0] for r in compiled)
+                c_step = (c_total - statistics.median(compiled_prefill)) / (args.new - 1)
+                c_same = sum(a == b for a, b in zip(ours[0][2], compiled[0][1], strict=True))
+                line += (f" | transformers static+compiled {B * args.new / c_total:7.1f} tok/s (step "
+                         f"{c_step * 1e3:6.2f} ms) | ratio {c_total / total:4.2f}x, identical {c_same}/{B}")
             print(line, flush=True)
 
     fwd = forward_overhead()
