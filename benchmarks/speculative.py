@@ -1,7 +1,7 @@
 """Greedy speculative decoding vs plain greedy `generate` on a small model trained on the default corpus.
 
 Run: .venv/bin/python benchmarks/speculative.py [--time 60s] [--new 128] [--repeats 3] [--nodes 8 16 24 40]
-     [--no-mtp] [--threads 1] [--shape 8x512] [--dtype fp32|bf16] [--cache DIR]
+     [--no-mtp] [--threads 1] [--shape 8x512] [--dtype fp32|bf16] [--cache DIR] [--compile]
 The README's figures: --shape 8x512 --time 5m --nodes 4 8 --threads 2 --dtype bf16 (and fp32). On the recipe's
 default 2-layer model the weights stay in cache and a tree pass costs more than it saves (about 1.05x).
 Trains (or reuses, cached under --cache by the settings) a default-recipe model with `decoderlab.train` and, unless
@@ -68,14 +68,17 @@ def parting(model, prompt: list[int], plain, got) -> str:
     return f"  (parts at token {step}; plain top-2 logit gap {float(top[0] - top[1]):.3f})"
 
 
-def compare(name: str, model, tok, prompts: list[str], new: int, repeats: int, methods: dict) -> None:
-    print(f"\n== {name}: {new} new tokens, median of {repeats}")
+def compare(name: str, model, tok, prompts: list[str], new: int, repeats: int, methods: dict,
+            compile: bool = False) -> None:
+    print(f"\n== {name}: {new} new tokens, median of {repeats}" + (", compiled steps" if compile else ""))
+    if compile:  # the plain loop's graph for this cache size, compiled before any timing
+        generate(model, [tok.encode(prompts[0])], new, stop_tokens=[], compile=True)
     header = f"{'prompt':24} {'method':14} {'tok/s':>8} {'ratio':>6} {'tok/pass':>8} {'same':>5}"
     print(header)
     totals: dict[str, list[float]] = {m: [0.0, 0] for m in ["plain", *methods]}
     for text in prompts:
         ids = [tok.encode(text)]
-        seconds, plain = timed(lambda ids=ids: generate(model, ids, new, stop_tokens=[]), repeats)
+        seconds, plain = timed(lambda ids=ids: generate(model, ids, new, stop_tokens=[], compile=compile), repeats)
         n = len(plain.tokens[0])
         totals["plain"][0] += seconds
         totals["plain"][1] += n
@@ -105,6 +108,8 @@ def main() -> None:
                         "recipe's 2x256 with context 64")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype when decoding")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "decoderlab-bench-speculative"))
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled steps for plain greedy and Token Recycling (generate.compiled)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
@@ -121,23 +126,28 @@ def main() -> None:
     for n in args.nodes:
         recycler = TokenRecycler(model, n_nodes=n)
         # Warm the matrix on unrelated text (as earlier requests would), then restore it before each timed run.
-        recycler.generate([tok.encode("import sys\n\n\ndef main():\n")], 64, stop_tokens=[])
+        # With --compile this also compiles the tree graph for the cache size the timed runs use.
+        recycler.generate([tok.encode("import sys\n\n\ndef main():\n")], args.new, stop_tokens=[],
+                          compile=args.compile)
         saved = recycler.matrix.clone()
-        methods[f"recycle-{n}"] = (lambda ids, r=recycler: r.generate(ids, args.new, stop_tokens=[]),
+        methods[f"recycle-{n}"] = (lambda ids, r=recycler: r.generate(ids, args.new, stop_tokens=[],
+                                                                       compile=args.compile),
                                    lambda r=recycler, m=saved: r.matrix.copy_(m))
-    compare("Token Recycling", model, tok, PROMPTS, args.new, args.repeats, methods)
+    compare("Token Recycling", model, tok, PROMPTS, args.new, args.repeats, methods, args.compile)
 
     if not args.no_mtp:
         mtp, tok = load(trained(cache, args.time, args.shape, objective="mtp", n_future=3))
         heads = {f"mtp-{d}": (lambda ids, d=d: mtp_generate(mtp, ids, args.new, n_draft=d, stop_tokens=[]), None)
                  for d in range(1, mtp.config.n_future + 1)}
         recycler = TokenRecycler(mtp, n_nodes=args.nodes[0])
-        recycler.generate([tok.encode("import sys\n\n\ndef main():\n")], 64, stop_tokens=[])
+        recycler.generate([tok.encode("import sys\n\n\ndef main():\n")], args.new, stop_tokens=[],
+                          compile=args.compile)
         saved = recycler.matrix.clone()
-        heads[f"recycle-{args.nodes[0]}"] = (lambda ids: recycler.generate(ids, args.new, stop_tokens=[]),
+        heads[f"recycle-{args.nodes[0]}"] = (lambda ids: recycler.generate(ids, args.new, stop_tokens=[],
+                                                                           compile=args.compile),
                                              lambda: recycler.matrix.copy_(saved))
         compare("MTP self-speculation (model trained with --objective mtp --n-future 3)", mtp, tok, PROMPTS,
-                args.new, args.repeats, heads)
+                args.new, args.repeats, heads, args.compile)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def test_generate_speculative_matches_greedy(tmp_path):
     fast = _run("generate", str(tmp_path / "m"), "abc", "--tokens", "20", "--speculative", "recycle")
     assert fast.returncode == 0, fast.stderr
     assert fast.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    compiled = _run("generate", str(tmp_path / "m"), "abc", "--tokens", "20", "--speculative", "recycle", "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
     assert "tokens per forward pass" in fast.stdout
     bad = _run("generate", str(tmp_path / "m"), "abc", "--speculative", "mtp")
     assert bad.returncode == 2 and "--objective mtp" in bad.stderr

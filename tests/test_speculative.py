@@ -56,6 +56,21 @@ def test_greedy_identical_to_plain(models, method):
         assert got.forward_passes[0] <= len(want) and got.tokens_per_pass[0] >= 1
 
 
+def test_recycler_compiled_identical_to_plain(models, monkeypatch):
+    target, _ = models
+    calls = []
+    verify = spec.CompiledTreeStep.__call__
+    monkeypatch.setattr(spec.CompiledTreeStep, "__call__", lambda self, *a: calls.append(1) or verify(self, *a))
+    recycler = TokenRecycler(target, n_nodes=15)
+    passes = 0
+    for prompt in PROMPTS:
+        got = recycler.generate([prompt], 30, stop_tokens=[], compile=True)
+        assert got.tokens[0] == _plain(target, prompt, 30), prompt
+        passes += got.forward_passes[0] - 1  # the prompt's pass is eager
+    # Full-size trees went through the compiled graph; only the last few (cut by the budget) ran eagerly.
+    assert passes // 2 <= len(calls) <= passes
+
+
 def test_greedy_stop_token_matches_plain(models):
     target, draft = models
     want_all = _plain(target, [3, 1, 4], 20)

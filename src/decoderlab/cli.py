@@ -235,10 +235,12 @@ def generate_cmd(
     text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
     ids = tok.encode(text) or ([tok.bos_id] if tok.bos_id is not None else [])
     if speculative:
+        if compile and speculative != "recycle":
+            raise UserError("--compile applies to plain decoding and --speculative recycle; leave it out here")
         from .generate import TokenRecycler, mtp_generate, speculative_generate
 
         if speculative == "recycle":
-            result = TokenRecycler(model).generate([ids], tokens)
+            result = TokenRecycler(model).generate([ids], tokens, compile=compile)
         elif speculative == "mtp":
             result = mtp_generate(model, [ids], tokens)
         else:

@@ -4,7 +4,8 @@ An eager decode step pays Python and dispatch for every operation (about 55 us p
 of a small model's step. To compile the step once, every step must have the same shapes: the KV cache runs in
 static mode (`KVCache.write_slots`: keys are written at a slot given as a tensor, attention reads the whole
 buffer under a mask), and the mask causal & padding(valid) & window is built inside the graph from the slot
-tensor. Cache sizes come in powers of two, so prompts of different lengths share graphs.
+tensor. Cache sizes come in powers of two, so prompts of different lengths share graphs. Token Recycling's
+tree verification (`CompiledTreeStep`) runs the same way, with its tree mask prepared outside the graph.
 """
 
 from __future__ import annotations
@@ -42,16 +43,47 @@ def _decode_step(model: Transformer, tokens: Tensor, positions: Tensor, cache: K
     return model(tokens, positions, mask[:, None, None, :], cache, logits_to_keep=1)[:, -1]
 
 
-_compiled_step = None
+def _static_forward(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, mask: Tensor) -> Tensor:
+    return model(tokens, positions, mask, cache)
 
 
-def _compiled():
-    global _compiled_step
-    if _compiled_step is None:
-        # One compiled function: dynamo keys its graphs on the code object, so guards tell models apart.
-        # cpp_wrapper: the graph's launcher is C++, not Python (measured: 0.41 -> 0.33 ms a step, 3M model).
-        _compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
-    return _compiled_step
+class _Graph:
+    """A function compiled once (per process) and called with the guards handled for a session of steps."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, first: bool, *args) -> Tensor:
+        if self.compiled is None:
+            # One compiled function: dynamo keys its graphs on the code object, so guards tell models apart.
+            # cpp_wrapper: the graph's launcher is C++, not Python (measured: 0.41 -> 0.33 ms a step, 3M model).
+            self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+        if not first:
+            # The first call of a session checked every guard and picked the graph; the model, cache and mask
+            # stay the same objects with the same shapes for the rest of it, so later steps skip that check
+            # (measured: 0.1-0.3 ms a step, a model's guards cover all its parameters).
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self.compiled(*args)
+        try:  # only a call that may compile needs the higher limit (patching costs ~35 us a call)
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return self.compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
+            inner = e.inner_exception
+            cause = str(inner).strip().splitlines()[0] if inner is not None and str(inner).strip() else str(e)
+            raise UserError(f"torch.compile could not build the decode step ({type(inner).__name__}: {cause}); "
+                            "install a C++ compiler (g++) or decode without compile") from None
+
+
+_decode_graph = _Graph(_decode_step)
+_forward_graph = _Graph(_static_forward)
+
+
+def _prepare(model: Transformer) -> None:
+    if model.training or torch.is_grad_enabled():
+        raise UserError("a compiled decode step runs in eval mode under torch.inference_mode()")
+    for module in model.modules():
+        if isinstance(module, Linear) and module.stale:
+            module.repack()  # a compiled graph cannot check whether a packed weight still matches
 
 
 class CompiledDecodeStep:
@@ -62,11 +94,7 @@ class CompiledDecodeStep:
     """
 
     def __init__(self, model: Transformer, cache: KVCache, valid: Tensor, positions: Tensor) -> None:
-        if model.training or torch.is_grad_enabled():
-            raise UserError("a compiled decode step runs in eval mode under torch.inference_mode()")
-        for module in model.modules():
-            if isinstance(module, Linear) and module.stale:
-                module.repack()  # a compiled graph cannot check whether a packed weight still matches
+        _prepare(model)
         self.model, self.cache, self.valid = model, cache, valid
         self.positions = positions.view(-1, 1).clone()
         self.window = model.config.sliding_window
@@ -77,22 +105,8 @@ class CompiledDecodeStep:
         """Logits [B, V] after feeding `tokens` [B, 1]; advances the cache and the positions."""
         if self.cache.length >= self.cache.max_length:
             raise UserError(f"KV cache is full: room for {self.cache.max_length} tokens")
-        args = (self.model, tokens, self.positions, self.cache, self.valid, self.window)
-        if self._first:  # only a call that may compile needs the limit (patching costs ~35 us a call)
-            try:
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    logits = _compiled()(*args)
-            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler on this machine
-                cause = str(e.inner_exception).strip().splitlines()[0] if e.inner_exception else str(e)
-                raise UserError(f"torch.compile could not build the decode step ({type(e.inner_exception).__name__}: "
-                                f"{cause}); install a C++ compiler (g++) or generate without compile") from None
-            self._first = False
-        else:
-            # The first call checked every guard and picked the graph; the model, cache and mask stay the same
-            # objects with the same shapes for the rest of the generation, so later steps skip that check
-            # (measured: 0.1-0.3 ms a step, a model's guards cover all its parameters).
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                logits = _compiled()(*args)
+        logits = _decode_graph(self._first, self.model, tokens, self.positions, self.cache, self.valid, self.window)
+        self._first = False
         self.cache.write_slots += 1
         self.positions += 1
         self.cache.length += 1
@@ -101,3 +115,36 @@ class CompiledDecodeStep:
     def close(self) -> None:
         """Back to the cache's normal mode (its contents stay)."""
         self.cache.write_slots = None
+
+
+class CompiledTreeStep:
+    """Verifies speculative draft trees of a fixed size through one compiled graph (Token Recycling).
+
+    Each call writes the tree's keys at slots cache.length .. +N-1 and returns every node's logits; the caller
+    then keeps the accepted path (`KVCache.keep`). `ancestors` [N, N] says which nodes each node sees.
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, ancestors: Tensor) -> None:
+        _prepare(model)
+        self.model, self.cache = model, cache
+        n, device = ancestors.shape[-1], ancestors.device
+        self.n, self.offsets = n, torch.arange(n, device=device)
+        self.ancestors = ancestors.reshape(1, 1, n, n)
+        self.mask = torch.zeros(1, 1, n, cache.max_length, dtype=torch.bool, device=device)
+        self._first = True
+
+    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Logits [1, N, V] of the tree `tokens` [1, N] at `positions` [1, N]."""
+        start = self.cache.length
+        if start + self.n > self.cache.max_length:
+            raise UserError(f"KV cache is full: room for {self.cache.max_length} tokens")
+        # The context before the tree, then the tree's own pattern; slots after it stay hidden (never written).
+        self.mask[..., :start] = True
+        self.mask[..., start:start + self.n] = self.ancestors
+        self.cache.write_slots = self.offsets + start
+        try:
+            return _forward_graph(self._first, self.model, tokens, positions, self.cache, self.mask)
+        finally:
+            self._first = False
+            self.cache.write_slots = None
+            self.mask[..., start:start + self.n] = False

@@ -208,10 +208,8 @@ def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: i
             state = GrammarState(grammars, tokenizer, model.config.vocab_size)
     if seed is None:
         seed = torch.Generator().seed()  # a fresh random seed, recorded for replays; the global RNG is untouched
-    stream = Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype, grammars, state,
-                    force, decoder)
-    stream.compile = compile
-    return stream
+    return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype, grammars, state,
+                  force, decoder, compile)
 
 
 class Stream:
@@ -221,12 +219,11 @@ class Stream:
                  seed: int, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
                  cache_dtype: torch.dtype | None, grammars: list[Grammar | None] | None = None,
                  state: GrammarState | None = None, force: dict[int, dict[int, int]] | None = None,
-                 decoder: DecoderFactory | None = None) -> None:
+                 decoder: DecoderFactory | None = None, compile: bool = False) -> None:
         self.prompt_lengths = [len(p) for p in prompts]
         self.prompts, self.params, self.seed, self.stop_ids = prompts, params, seed, stop_ids
         self.stop_strings, self.cache_dtype, self.grammars = stop_strings, cache_dtype, grammars
-        self.force = force or {}
-        self.compile = False
+        self.force, self.compile = force or {}, compile
         self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype,
                            state, force or {}, decoder)
 

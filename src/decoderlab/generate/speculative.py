@@ -18,6 +18,7 @@ from torch import Tensor
 from .. import masks
 from ..errors import UserError
 from ..model import Transformer
+from .compiled import CompiledTreeStep, cache_slots
 from .engine import GenerationResult, _prompts, _stop_tokens
 from .sampling import SamplingParams, filtered
 
@@ -218,21 +219,29 @@ class TokenRecycler:
 
     @torch.inference_mode()
     def generate(self, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
-                 stop_tokens: int | Iterable[int] | None = None) -> SpeculativeResult:
-        """Greedy continuation of one prompt by up to `max_new_tokens` tokens (stop tokens as `generate`)."""
+                 stop_tokens: int | Iterable[int] | None = None, compile: bool = False) -> SpeculativeResult:
+        """Greedy continuation of one prompt by up to `max_new_tokens` tokens (stop tokens as `generate`).
+
+        compile: verify full-size trees through one `torch.compile` graph (`generate.compiled`), as
+        `generate(..., compile=True)` does for plain steps; the few smaller trees near the end run eagerly.
+        """
         model = self.model
         prompt, out = _begin(model, input_ids, max_new_tokens, stop_tokens, "Token Recycling")
         if out.done:
             return out.result(len(prompt), 0)
         modes = _eval(model)
         try:
-            return self._run(prompt, out)
+            return self._run(prompt, out, compile)
         finally:
             _restore([model], modes)
 
-    def _run(self, prompt: list[int], out: _Output) -> SpeculativeResult:
+    def _run(self, prompt: list[int], out: _Output, compile: bool = False) -> SpeculativeResult:
         model, device, ctx = self.model, self.model.device, self.model.config.context_length
-        cache = model.new_cache(1, len(prompt) + out.steps + len(self.parents), dtype=_cache_dtype(model))
+        slots = len(prompt) + out.steps + len(self.parents)
+        if compile:
+            slots = cache_slots(slots, ctx)
+        cache = model.new_cache(1, slots, dtype=_cache_dtype(model))
+        verify = CompiledTreeStep(model, cache, self.ancestors[0, 0]) if compile else None
         ids = torch.tensor([prompt], device=device)
         logits = model(ids, cache=cache)[0]  # every position's logits: they all feed the matrix
         self.update(ids[0], logits)
@@ -243,8 +252,11 @@ class TokenRecycler:
             depth = min(out.remaining - 1, ctx - 1 - start, len(self.upto) - 1)
             n = self.upto[depth]
             tokens = self.draft(pending, n)
-            mask = torch.cat([self.ancestors.new_ones(1, 1, n, start), self.ancestors[:, :, :n, :n]], dim=-1)
-            logits = model(tokens[None], positions=start + self.depth[:n], mask=mask, cache=cache)[0]
+            if verify is not None and n == verify.n:
+                logits = verify(tokens[None], (start + self.depth)[None])[0]
+            else:
+                mask = torch.cat([self.ancestors.new_ones(1, 1, n, start), self.ancestors[:, :, :n, :n]], dim=-1)
+                logits = model(tokens[None], positions=start + self.depth[:n], mask=mask, cache=cache)[0]
             passes += 1
             self.update(tokens, logits)
             greedy, drafted = logits.argmax(-1).tolist(), tokens.tolist()
