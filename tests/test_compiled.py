@@ -103,3 +103,25 @@ def test_a_missing_cxx_compiler_is_a_one_line_error():
             generate(model, [[1, 2, 3]], 5, compile=True)
     assert "\n" not in str(info.value)
     assert generate(model, [[1, 2, 3]], 5).finish_reasons == ["length"]  # eager generation is unaffected
+
+
+def test_interleaved_compiled_streams_of_two_models():
+    # Later steps skip dynamo's full guard check; two generations stepping in turn must still each get their own
+    # model's graph (the guards that tell the graphs apart are kept).
+    from decoderlab.generate import stream
+
+    torch.manual_seed(0)
+    small = Transformer(ModelConfig(vocab_size=50, n_layers=1, n_heads=2, d_model=32, context_length=64)).eval()
+    large = Transformer(ModelConfig(vocab_size=50, n_layers=2, n_heads=4, d_model=48, context_length=64,
+                                    positions="rope", norm="rmsnorm", activation="swiglu", init_std=0.3)).eval()
+    torch.manual_seed(1)
+    twin = Transformer(small.config).eval()  # same shapes as `small`, other weights: the same graph, other inputs
+    prompts = {small: [[1, 2, 3]], large: [[4, 5, 6, 7]], twin: [[1, 2, 3]]}
+    want = {m: generate(m, p, 20, stop_tokens=[]).tokens[0] for m, p in prompts.items()}
+    streams = {m: stream(m, p, 20, stop_tokens=[], compile=True) for m, p in prompts.items()}
+    got: dict = {m: [] for m in prompts}
+    for _ in range(20):
+        for m, s in streams.items():
+            got[m] += next(s).tokens[0]
+    assert got == want
+    assert want[small] != want[large] and want[small] != want[twin]
