@@ -178,6 +178,8 @@ class Attention(nn.Module):
         weights = None
         if attn.eager:
             y, weights = _eager_attention(q, k, v, attn.mask)
+        elif T == 1 and Hkv == H and attn.mask is not None and torch.compiler.is_compiling():
+            y = _one_query_attention(q, k, v, attn.mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
@@ -197,6 +199,17 @@ def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
     return probs @ v, probs
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row and head, q [B, H, 1, D] over k, v [B, H, S, D], as sums of products, for
+    compiled decode steps: inductor turns it into two streaming reductions over the cache, which read it from
+    memory about 1.5x faster than SDPA's flash kernel (measured: 35 vs 54 us per gpt2 layer, cache not in the
+    CPU's caches; gpt2's compiled bf16 step 7.1 -> 6.9 ms). Not for grouped keys (GQA), where it measured slower
+    than SDPA (a 22M model's step 1.68 -> 1.80 ms). Eagerly it would materialise [B, H, S, D]."""
+    scores = (q * k).sum(-1) * (1 / math.sqrt(q.shape[-1]))  # [B, H, S]
+    scores = scores.masked_fill(~mask.view(mask.shape[0], 1, -1), float("-inf"))
+    return (scores.softmax(-1).unsqueeze(-1) * v).sum(-2, keepdim=True)  # [B, H, 1, D]
 
 
 class MLP(nn.Module):
