@@ -112,10 +112,6 @@ class CompiledDecodeStep:
         self.cache.length += 1
         return logits
 
-    def close(self) -> None:
-        """Back to the cache's normal mode (its contents stay)."""
-        self.cache.write_slots = None
-
 
 class CompiledTreeStep:
     """Verifies speculative draft trees of a fixed size through one compiled graph (Token Recycling).
