@@ -23,7 +23,7 @@ import torch
 
 import decoderlab
 from decoderlab import ModelConfig, Transformer, hf
-from decoderlab.generate import stream
+from decoderlab.generation import stream
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -6,7 +6,7 @@ A retrieval task from real data with no download: from the default corpus (the P
 `decoderlab.data.default_corpus_files()`), every function or method with a docstring of at least a few words and at
 least two statements after it gives a pair (query = the docstring, whitespace collapsed; document = the body with
 the docstring removed, dedented). A fixed-seed sample of --pairs pairs (distinct queries, distinct documents) is
-embedded with every pooling of `decoderlab.embed.POOLINGS`; each query ranks all documents by cosine similarity and
+embedded with every pooling of `decoderlab.embeddings.POOLINGS`; each query ranks all documents by cosine similarity and
 we report MRR@10 and Recall@1 of its own body, the random-ranking expectation (exact: H_10 / N and 1 / N, with the
 standard deviation of MRR@10 over N independent random rankings, to tell signal from noise), and
 embedding throughput (queries + documents per second, median of --repeats, after a one-batch warm-up).
@@ -36,7 +36,7 @@ import torch
 
 import decoderlab
 from decoderlab.data import default_corpus_files
-from decoderlab.embed import ECHO_INSTRUCTION, POOLINGS, PROMPT_EOL, embed
+from decoderlab.embeddings import ECHO_INSTRUCTION, POOLINGS, PROMPT_EOL, embed
 from decoderlab.errors import UserError
 
 RECIPE_TOKENS_PER_STEP = 32 * 64  # the default recipe's batch x context

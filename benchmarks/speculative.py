@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import decoderlab
-from decoderlab.generate import generate
-from decoderlab.generate.speculative import TokenRecycler, mtp_generate
+from decoderlab.generation import generate
+from decoderlab.generation.speculative import TokenRecycler, mtp_generate
 
 PROMPTS = ["def __init__(self", "import os\n", "    for i in range(", "class ", "        if not ", "    def get("]
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from decoderlab.train import TrainConfig, train
+from decoderlab.training import TrainConfig, train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 NANOGPT_BABY_VAL, NANOGPT_BABY_SECONDS = 1.886, 88.0

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from decoderlab import ModelConfig, Transformer
-from decoderlab.train import TrainConfig
-from decoderlab.train.optim import build_optimizers
+from decoderlab.training import TrainConfig
+from decoderlab.training.optim import build_optimizers
 
 SHAPES = {"char-baby": dict(batch=12, context=64), "gpt2": dict(batch=4, context=256)}
 

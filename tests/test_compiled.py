@@ -7,9 +7,9 @@ import torch
 
 import decoderlab
 from decoderlab import ModelConfig, Transformer, UserError
-from decoderlab.generate import counterfactual, generate
-from decoderlab.generate.compiled import MIN_CACHE_SLOTS, cache_slots
-from decoderlab.model import Linear
+from decoderlab.accel import Linear
+from decoderlab.generation import counterfactual, generate
+from decoderlab.generation.compiled import MIN_CACHE_SLOTS, cache_slots
 
 
 def _prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
@@ -108,7 +108,7 @@ def test_a_missing_cxx_compiler_is_a_one_line_error():
 def test_interleaved_compiled_streams_of_two_models():
     # Later steps skip dynamo's full guard check; two generations stepping in turn must still each get their own
     # model's graph (the guards that tell the graphs apart are kept).
-    from decoderlab.generate import stream
+    from decoderlab.generation import stream
 
     torch.manual_seed(0)
     small = Transformer(ModelConfig(vocab_size=50, n_layers=1, n_heads=2, d_model=32, context_length=64)).eval()

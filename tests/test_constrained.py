@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from decoderlab import ModelConfig, Tokenizer, Transformer, UserError
-from decoderlab.generate import constrained, generate
-from decoderlab.generate.counterfactual import counterfactual
+from decoderlab.generation import constrained, generate
+from decoderlab.generation.counterfactual import counterfactual
 
 pytest.importorskip("llguidance")
 

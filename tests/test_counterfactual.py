@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from decoderlab import ModelConfig, Transformer, UserError
-from decoderlab.generate import generate, sampling
-from decoderlab.generate.counterfactual import Trace, counterfactual
-from decoderlab.generate.engine import step_seed
+from decoderlab.generation import generate, sampling
+from decoderlab.generation.counterfactual import Trace, counterfactual
+from decoderlab.generation.engine import step_seed
 
 
 def _tiny(vocab_size: int = 50, seed: int = 0) -> Transformer:

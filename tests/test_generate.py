@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import decoderlab
 from decoderlab import ModelConfig, Tokenizer, Transformer, UserError
-from decoderlab.generate import generate, sampling, stream
+from decoderlab.generation import generate, sampling, stream
 
 FAST = settings(max_examples=100, deadline=None)
 # 97 one-character tokens: the vocabulary size of the tiny GPT-2 in conftest.HF_CASES.

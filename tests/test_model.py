@@ -164,7 +164,7 @@ def test_packed_weights_match_and_go_stale(monkeypatch):
     ids = torch.randint(0, 50, (2, 7))
     model.pack(batch_size=2)  # small fp32 weights stay unpacked: the plain product is faster in cache
     assert model.blocks[0].attn.qkv.packed is None
-    monkeypatch.setattr(decoderlab.model, "SMALL_MODEL_BYTES", 0)
+    monkeypatch.setattr(decoderlab.accel.packing, "SMALL_MODEL_BYTES", 0)
     with torch.no_grad():
         plain = model(ids)
         model.pack(batch_size=2)

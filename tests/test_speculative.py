@@ -10,9 +10,9 @@ import torch
 
 import decoderlab
 from decoderlab import ModelConfig, Transformer, UserError
-from decoderlab.generate import generate, sampling
-from decoderlab.generate import speculative as spec
-from decoderlab.generate.speculative import SpeculativeResult, TokenRecycler, mtp_generate, speculative_generate
+from decoderlab.generation import generate, sampling
+from decoderlab.generation import speculative as spec
+from decoderlab.generation.speculative import SpeculativeResult, TokenRecycler, mtp_generate, speculative_generate
 
 PROMPTS = [[1], [3, 1, 4, 1, 5], [7, 7, 7, 7], list(range(2, 40))]
 

@@ -15,8 +15,8 @@ import torch
 
 import decoderlab
 from decoderlab.errors import UserError
-from decoderlab.train import Muon, TrainConfig, lr_factor, parse_duration, train
-from decoderlab.train.optim import newton_schulz
+from decoderlab.training import Muon, TrainConfig, lr_factor, parse_duration, train
+from decoderlab.training.optim import newton_schulz
 
 TINY = dict(n_layers=2, n_heads=2, d_model=32)
 
@@ -171,7 +171,7 @@ def test_bad_input(tmp_path, corpus):
 
 
 def test_failed_checkpoint_keeps_previous(corpus, tmp_path, monkeypatch):
-    from decoderlab.train import loop
+    from decoderlab.training import loop
 
     cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "run"), steps=4, batch_size=4, context_length=16,
                       model=TINY, eval_interval=2, sample_tokens=0)

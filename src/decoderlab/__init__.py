@@ -1,20 +1,21 @@
 """decoderlab: one causal transformer with an explicit attention-mask algebra.
 
 Train it, load and save Hugging Face checkpoints, generate, and look inside; every feature is a
-function over the one `Transformer`.
+function over the one `Transformer`. The short functions (`generate`, `stream`, `train`, `embed`) live
+at the top level; their subpackages are `generation`, `training` and `embeddings`, never hidden by them.
 """
 
-from . import data, evaluate, masks, pine
+from . import accel, data, embeddings, evaluate, generation, masks, pine, training
 from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
-from .embed import Encoder, embed
+from .embeddings import Encoder, embed
 from .errors import CheckpointError, ConfigError, MaskError, UserError
-from .generate import GenerationResult, counterfactual, generate, stream
+from .generation import GenerationResult, counterfactual, generate, stream
 from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
-from .train import TrainConfig, TrainResult, train
+from .training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -35,12 +36,16 @@ __all__ = [
     "TrainResult",
     "UserError",
     "counterfactual",
+    "accel",
     "data",
+    "embeddings",
     "embed",
     "evaluate",
     "generate",
+    "generation",
     "stream",
     "train",
+    "training",
     "load",
     "masks",
     "pine",

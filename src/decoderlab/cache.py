@@ -3,7 +3,7 @@
 It never grows with `torch.cat`; `length` counts the filled slots, `truncate` rolls back rejected
 speculative tokens, and `keep` compacts accepted tree nodes into consecutive slots. With `write_slots` set,
 a forward pass writes at slots given as a tensor and attends over the whole buffer: every decode step then
-has the same shapes, which is what a compiled decode step needs (`decoderlab.generate.compiled`).
+has the same shapes, which is what a compiled decode step needs (`decoderlab.generation.compiled`).
 """
 
 from __future__ import annotations

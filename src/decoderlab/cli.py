@@ -119,8 +119,8 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train a model (defaults: our best small-model recipe on the Python standard library, 2 minutes)."""
-    from .train import TrainConfig, resume_config
-    from .train import train as run_training
+    from .training import TrainConfig, resume_config
+    from .training import train as run_training
 
     model = {"n_layers": layers, "n_heads": heads, "d_model": width}
     model = {k: v for k, v in model.items() if v is not None} | _parse_sets(set_)
@@ -154,7 +154,7 @@ def _sample_text(run: str, prompt: str, n: int, temperature: float, top_k: int |
     """`n` new tokens after `prompt`; past the model's context, the window slides (re-reading its second half)."""
     import decoderlab
 
-    from .generate import generate
+    from .generation import generate
 
     model = decoderlab.load(run)
     tok = decoderlab.Tokenizer.from_folder(run)
@@ -228,7 +228,7 @@ def generate_cmd(
     """Stream a prompt's continuation to the terminal as it is generated."""
     import decoderlab
 
-    from .generate import stream
+    from .generation import stream
 
     model = decoderlab.load(path).pack()
     tok = decoderlab.Tokenizer.from_folder(path)
@@ -237,7 +237,7 @@ def generate_cmd(
     if speculative:
         if compile and speculative != "recycle":
             raise UserError("--compile applies to plain decoding and --speculative recycle; leave it out here")
-        from .generate import TokenRecycler, mtp_generate, speculative_generate
+        from .generation import TokenRecycler, mtp_generate, speculative_generate
 
         if speculative == "recycle":
             result = TokenRecycler(model).generate([ids], tokens, compile=compile)
@@ -277,7 +277,7 @@ def embed_cmd(
 
     import decoderlab
 
-    from .embed import embed
+    from .embeddings import embed
 
     source = Path(input_path)
     if not source.is_file():

@@ -25,8 +25,8 @@ from torch import Tensor
 
 from . import masks
 from .errors import UserError
-from .generate.engine import PAD_ID, GenerationResult, _collect, _Decoder, _make_stream, _stop_strings, _stop_tokens
-from .generate.sampling import SamplingParams
+from .generation.engine import PAD_ID, GenerationResult, _collect, _Decoder, _make_stream, _stop_strings, _stop_tokens
+from .generation.sampling import SamplingParams
 from .model import Transformer, apply_rope, rope_angles
 from .tokenizer import Tokenizer
 

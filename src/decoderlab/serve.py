@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import UserError
-from .generate import stream
-from .generate.engine import GenerationStep, Stream
+from .generation import stream
+from .generation.engine import GenerationStep, Stream
 from .model import Transformer
 from .tokenizer import Tokenizer
 

@@ -10,7 +10,7 @@ import torch
 
 import decoderlab
 from decoderlab import masks
-from decoderlab.embed import POOLINGS, PROMPT_EOL, Encoder, embed, token_prepending_layers
+from decoderlab.embeddings import POOLINGS, PROMPT_EOL, Encoder, embed, token_prepending_layers
 from decoderlab.errors import UserError
 from decoderlab.model import _AttnPlan
 

@@ -159,7 +159,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         one per row (None: unconstrained). Each step masks the tokens the grammar forbids before sampling; the
         eos token is allowed only where the grammar is complete, and a row whose grammar is complete and allows
         nothing more stops ("stop").
-    compile: run the decode steps through one `torch.compile` graph (`generate.compiled`): a one-off compile of
+    compile: run the decode steps through one `torch.compile` graph (`generation.compiled`): a one-off compile of
         seconds per model, batch size and cache size (cached on disk by inductor across processes), then faster
         steps where Python overhead dominates (small models, bf16). The prompt's forward pass stays eager.
     Sampling is Gumbel-Max, argmax(logits / T + g), with step t's noise drawn from a generator seeded from

@@ -222,7 +222,7 @@ class TokenRecycler:
                  stop_tokens: int | Iterable[int] | None = None, compile: bool = False) -> SpeculativeResult:
         """Greedy continuation of one prompt by up to `max_new_tokens` tokens (stop tokens as `generate`).
 
-        compile: verify full-size trees through one `torch.compile` graph (`generate.compiled`), as
+        compile: verify full-size trees through one `torch.compile` graph (`generation.compiled`), as
         `generate(..., compile=True)` does for plain steps; the few smaller trees near the end run eagerly.
         """
         model = self.model

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..accel import Linear
 from ..cache import KVCache
 from ..errors import UserError
-from ..model import Linear, Transformer
+from ..model import Transformer
 
 # Smallest static cache: shorter generations share this graph; attention over a few unused slots is cheap.
 MIN_CACHE_SLOTS = 64
