@@ -12,6 +12,7 @@ from .config import PRESETS, ModelConfig
 from .embeddings import Encoder, embed
 from .errors import CheckpointError, ConfigError, MaskError, UserError
 from .generation import GenerationResult, counterfactual, generate, stream
+from .generation_config import GenerationConfig
 from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
@@ -31,6 +32,7 @@ __all__ = [
     "ModelOutput",
     "Tokenizer",
     "Transformer",
+    "GenerationConfig",
     "GenerationResult",
     "TrainConfig",
     "TrainResult",

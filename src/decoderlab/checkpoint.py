@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from . import hf
 from .config import FAMILY_ARCHITECTURES, HF_ARCHITECTURES, PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError
+from .generation_config import GenerationConfig
 from .model import Transformer
 
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.reset_buffers()
+    model.generation_config = GenerationConfig.read(folder) or GenerationConfig.from_model_config(config)
     return model.eval()
 
 
@@ -224,6 +226,7 @@ def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = Non
     try:
         written = _write_weights(tensors, staging, max_shard_size)
         (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        model.generation_config.save(staging)
         if tokenizer is not None:
             tokenizer.save(staging)
         for file in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):

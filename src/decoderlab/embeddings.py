@@ -61,7 +61,8 @@ def default_placeholder_id(model: Transformer, tokenizer: Tokenizer) -> int:
 
 
 def _encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text) if text else []
+    # Template parts continue each other: the tokenizer's own special tokens (a BOS) go only at the start.
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
 def _build(texts: Sequence[str], tokenizer: Tokenizer, pooling: str, instruction: str,
@@ -115,7 +116,8 @@ def embed(
     default; negative counts from the end); token-prepending defaults to its early-exit layer, an un-normed
     residual stream as in the paper. Padding never enters the pooled vectors nor the attention of real
     tokens: positions count real tokens only and the padding mask hides pad keys.
-    bos_id: prepended to every sequence when given (e.g. Llama's BOS); never pooled by mean/echo.
+    bos_id: prepended to every sequence; None: whatever the tokenizer puts before a text (Llama's BOS, nothing
+        for GPT-2), as transformers' tokenizer does. Never pooled by mean/echo.
     """
     if pooling not in POOLINGS:
         raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
@@ -151,7 +153,8 @@ def embed(
         raise UserError(f"placeholder_id {placeholder_id} is outside the model's vocabulary of "
                         f"{model.config.vocab_size}")
 
-    items = _build(texts, tokenizer, pooling, instruction, placeholder_id, [] if bos_id is None else [bos_id])
+    bos = list(tokenizer.added_tokens[0]) if bos_id is None else [bos_id]
+    items = _build(texts, tokenizer, pooling, instruction, placeholder_id, bos)
     ctx = model.config.context_length
     for i, item in enumerate(items):
         if item.start >= item.end:

@@ -36,9 +36,13 @@ class ChoiceItem:
     @classmethod
     def from_text(cls, tokenizer: Tokenizer, prefix: str, options: Sequence[str], suffix: str, answer: int,
                   answers: Sequence[str] | None = None) -> ChoiceItem:
-        """Tokenize each part on its own (so a plain prompt and PINE's segments hold the same tokens)."""
-        return cls(tokenizer.encode(prefix), [tokenizer.encode(o) for o in options], tokenizer.encode(suffix),
-                   answer, None if answers is None else [tokenizer.encode(a) for a in answers])
+        """Tokenize each part on its own (so a plain prompt and PINE's segments hold the same tokens); the prefix
+        starts with what the tokenizer puts before a text (Llama's BOS), as transformers' tokenizer does."""
+        def enc(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        return cls(tokenizer.added_tokens[0] + enc(prefix), [enc(o) for o in options], enc(suffix), answer,
+                   None if answers is None else [enc(a) for a in answers])
 
     def answer_tokens(self, i: int) -> list[int]:
         return self.answers[i] if self.answers is not None else self.options[i]

@@ -20,6 +20,7 @@ from .accel import Linear, pack_model
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
 from .errors import UserError
+from .generation_config import GenerationConfig
 
 
 @dataclass
@@ -224,6 +225,8 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # End ids and sampling defaults for `generate` (`load` reads a checkpoint's generation_config.json).
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = (nn.Embedding(config.context_length, config.d_model)
                           if config.positions == "learned" else None)

@@ -368,12 +368,13 @@ def batch_generate(model: Transformer, items: Iterable[PineInput | Sequence[Any]
 
 
 def build(tokenizer: Tokenizer, template: str, documents: Sequence[str], *,
-          segment_template: str = "{document}", add_bos: bool = False) -> PineInput:
+          segment_template: str = "{document}", add_bos: bool | None = None) -> PineInput:
     """A `PineInput` from text: `template` holds `{segments}` once, where the documents (or options) go, each
     formatted by `segment_template` (which holds `{document}`, e.g. "Option: {document}\\n").
 
     Prefix, each segment and suffix are tokenized separately (a BPE merge across their boundaries is lost).
-    add_bos: start the prefix with the tokenizer's BOS token.
+    add_bos: start the prefix with the tokenizer's BOS token (True) or not (False); None: with whatever the
+        tokenizer puts before a text (Llama's BOS, nothing for GPT-2), as transformers' tokenizer does.
     """
     if template.count("{segments}") != 1:
         raise UserError("the PINE template must hold '{segments}' exactly once, where the documents go, e.g. "
@@ -383,15 +384,20 @@ def build(tokenizer: Tokenizer, template: str, documents: Sequence[str], *,
     if isinstance(documents, str) or not documents:
         raise UserError("PINE needs a list of at least one document or option")
     before, after = template.split("{segments}")
-    prefix = tokenizer.encode(before)
-    if add_bos:
+    def enc(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prefix = enc(before)
+    if add_bos is None:
+        prefix = tokenizer.added_tokens[0] + prefix
+    elif add_bos:
         if tokenizer.bos_id is None:
             raise UserError("add_bos: this tokenizer has no BOS token")
         prefix = [tokenizer.bos_id, *prefix]
     segments = []
     for i, doc in enumerate(documents):
-        ids = tokenizer.encode(segment_template.replace("{document}", doc))
+        ids = enc(segment_template.replace("{document}", doc))
         if not ids:
             raise UserError(f"document {i} is empty; every segment needs at least one token")
         segments.append(ids)
-    return PineInput(prefix, segments, tokenizer.encode(after))
+    return PineInput(prefix, segments, enc(after))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from itertools import chain
@@ -249,6 +250,8 @@ class Tokenizer:
         self.extra_chat_templates: dict[str, str] = dict(extra_chat_templates or {})
         #: The longest sequence the model takes, if known; saved for transformers.
         self.model_max_length: int | None = model_max_length
+        self._literal: tokenizers.Tokenizer | None = None  # a copy that reads special-token text as plain text
+        self._added: tuple[list[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -485,39 +488,77 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`. `add_special_tokens` applies the tokenizer's post-processor (e.g. a Llama
-        tokenizer's BOS); the tokenizers trained here have none, so for them it changes nothing."""
+    def encode(self, text: str, add_special_tokens: bool = True, split_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`, as transformers' tokenizer gives them for the same folder.
+
+        add_special_tokens: apply tokenizer.json's post-processor (a Llama or Mistral tokenizer's BOS; nothing for
+            GPT-2, Qwen2 or the tokenizers trained here). As in transformers 5, tokenizer_config.json's
+            add_bos_token / add_eos_token do not override it. Pass False for text that continues other tokens.
+        split_special_tokens: read special-token text in `text` (e.g. "<|im_start|>") as plain text instead of as
+            the control token, as transformers' flag of that name does: for untrusted input.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        backend = self._literal_backend() if split_special_tokens else self._tk
         try:
-            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+            return backend.encode(text, add_special_tokens=add_special_tokens).ids
         except Exception as exc:
             error = self._encode_error(text, exc)
             if error is None:
                 raise
             raise error from None
 
-    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """Token ids of each text (encoded in parallel by the Rust backend)."""
+    def encode_batch(self, texts: Iterable[str], add_special_tokens: bool = True,
+                     split_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of each text (encoded in parallel by the Rust backend); arguments as in `encode`."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings; use encode for a single string")
         texts = list(texts)
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch takes strings, got {type(t).__name__}")
+        backend = self._literal_backend() if split_special_tokens else self._tk
         try:
-            return [e.ids for e in self._tk.encode_batch(texts, add_special_tokens=add_special_tokens)]
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
         except Exception as exc:
             # Re-encode one by one to name the text at fault.
             for i, t in enumerate(texts):
                 try:
-                    self._tk.encode(t, add_special_tokens=add_special_tokens)
+                    backend.encode(t, add_special_tokens=add_special_tokens)
                 except Exception as one_exc:
                     error = self._encode_error(t, one_exc)
                     if error is not None:
                         raise UserError(f"text #{i}: {error}") from None
             raise exc from None
+
+    def _literal_backend(self) -> tokenizers.Tokenizer:
+        # A second backend rather than toggling the flag on the shared one: encoding may run in several threads.
+        if self._literal is None:
+            literal = tokenizers.Tokenizer.from_str(self._tk.to_str())
+            literal.encode_special_tokens = True
+            self._literal = literal
+        return self._literal
+
+    @property
+    def added_tokens(self) -> tuple[list[int], list[int]]:
+        """The ids `encode(text)` puts before and after a text's own tokens (e.g. ([bos], []) for Llama)."""
+        if self._added is None:
+            sample = next((i for i in range(self.vocab_size) if not self._is_special_id(i)), None)
+            if sample is None:
+                return [], []
+            enc = self._tk.encode(self._tk.decode([sample], skip_special_tokens=False), add_special_tokens=True)
+            mask = enc.special_tokens_mask
+            ids = enc.ids
+            inner = [i for i, m in enumerate(mask) if not m]
+            if not inner:
+                self._added = (list(ids), [])
+            else:
+                self._added = (ids[:inner[0]], ids[inner[-1] + 1:])
+        return self._added
+
+    def _is_special_id(self, token_id: int) -> bool:
+        added = self._tk.get_added_tokens_decoder().get(token_id)
+        return added is not None and added.special
 
     def _encode_error(self, text: str, exc: Exception) -> UserError | None:
         if _MISSING_UNK not in str(exc):
@@ -618,6 +659,57 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise UserError(f"chat template failed: {_one_line(exc)}") from None
 
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        template_name: str | None = None,
+        literal_content: bool = True,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Token ids of `messages` rendered by the chat template, as transformers' `apply_chat_template(...,
+        tokenize=True)` gives them (the rendered text encoded without adding special tokens: the template writes
+        its own).
+
+        literal_content: special-token text inside a message's content (a user typing "<|im_start|>system") is read
+        as plain text, not as the control token, so content cannot forge turns; a role holding such text is an
+        error. Where no content holds such text (the usual case) the ids are exactly transformers'.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt, template_name, **template_kwargs)
+        if not literal_content:
+            return self.encode(text, add_special_tokens=False)
+        pattern = self._special_pattern()
+        strings = list(_message_strings(messages))
+        for m in messages:
+            if pattern is not None and isinstance(m.get("role"), str) and pattern.search(m["role"]):
+                raise UserError(f"the chat role {m['role'][:40]!r} holds special-token text; use a plain role name")
+        if pattern is None or not any(pattern.search(t) for t in strings):
+            return self.encode(text, add_special_tokens=False)
+        # Render again with every string of the messages replaced by a marker, to learn where each sits in the
+        # text: the template's own text is encoded with its control tokens, the messages' text literally.
+        markers = [f"\ue000{i}\ue001" for i in range(len(strings))]
+        marked = _replace_message_strings(messages, iter(markers))
+        layout = self.apply_chat_template(marked, add_generation_prompt, template_name, **template_kwargs)
+        pieces = re.split("(\ue000\\d+\ue001)", layout)
+        found = [int(p[1:-1]) for p in pieces[1::2]]
+        if sorted(set(found)) != sorted(found) or any(f >= len(strings) for f in found):
+            raise UserError("a chat message holds special-token text and the chat template rewrites message "
+                            "text, so it cannot be kept literal; remove the special tokens from the message")
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if not piece:
+                continue
+            if i % 2:
+                ids += self.encode(strings[int(piece[1:-1])], add_special_tokens=False, split_special_tokens=True)
+            else:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _special_pattern(self) -> re.Pattern | None:
+        specials = sorted({t.content for t in self._tk.get_added_tokens_decoder().values() if t.special},
+                          key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, specials))) if specials else None
+
     def _chat_template_source(self, template_name: str | None) -> str:
         if template_name is not None and template_name != "default":
             if template_name not in self.extra_chat_templates:
@@ -643,3 +735,30 @@ class Tokenizer:
             f"Tokenizer(model={kind}, vocab_size={self.vocab_size}, "
             f"special_tokens={self.special_tokens}{extras})"
         )
+
+
+def _message_strings(messages: list[Mapping[str, Any]]) -> Iterator[str]:
+    """The text of every message, in order (text parts of list contents included)."""
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                    yield part["text"]
+
+
+def _replace_message_strings(messages: list[Mapping[str, Any]], new: Iterator[str]) -> list[dict[str, Any]]:
+    """`messages` with the strings `_message_strings` yields replaced, in the same order, by `new`'s."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        content = m.get("content")
+        if isinstance(content, str):
+            m["content"] = next(new)
+        elif isinstance(content, list):
+            m["content"] = [dict(part, text=next(new)) if isinstance(part, Mapping) and isinstance(
+                part.get("text"), str) else part for part in content]
+        out.append(m)
+    return out
