@@ -277,18 +277,25 @@ def embed_cmd(
 
     import decoderlab
 
+    from .atomic import atomic_write
     from .embeddings import embed
 
     source = Path(input_path)
     if not source.is_file():
         raise UserError(f"--input {input_path!r} is not a file")
-    texts = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [line for line in _read_text(source, "--input").splitlines() if line.strip()]
+    target = Path(output) if output.endswith(".npy") else Path(output + ".npy")  # as np.save names it
+    if not target.parent.is_dir():
+        raise UserError(f"--output {output!r}: the folder {str(target.parent)!r} does not exist; create it first")
     model = decoderlab.load(path)
     tok = decoderlab.Tokenizer.from_folder(path)
     vectors = embed(model, texts, tok, pooling, batch_size=batch_size, layer=layer, padding_side=padding_side,
                     normalize=normalize)
-    np.save(output, vectors.numpy())
-    console.print(f"{len(texts)} texts -> {output} {tuple(vectors.shape)} ({pooling})", highlight=False)
+    try:
+        atomic_write(target, lambda f: np.save(f, vectors.numpy()))
+    except OSError as e:
+        raise UserError(f"cannot write --output {output!r} ({e.strerror or e})") from None
+    console.print(f"{len(texts)} texts -> {target} {tuple(vectors.shape)} ({pooling})", highlight=False)
 
 
 @app.command("pine")
@@ -316,7 +323,7 @@ def pine_cmd(
         source = Path(segments_file)
         if not source.is_file():
             raise UserError(f"--segments-file {segments_file!r} is not a file")
-        docs += [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        docs += [line for line in _read_text(source, "--segments-file").splitlines() if line.strip()]
     if not docs:
         raise UserError("no segments: pass --segment TEXT (repeatable) or --segments-file FILE")
     model = decoderlab.load(path)
@@ -364,7 +371,7 @@ def position_bias_cmd(
         if not source.is_file():
             raise UserError(f"--items {items_path!r} is not a file")
         raw = []
-        for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_text(source, "--items").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -385,6 +392,17 @@ def position_bias_cmd(
                       " ".join(f"{a:.2f}" for a in r.accuracy_by_position),
                       " ".join(f"{c:.2f}" for c in r.chosen_position))
     console.print(table)
+
+
+def _read_text(path, flag: str) -> str:
+    """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{flag} {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") \
+            from None
+    except OSError as e:
+        raise UserError(f"cannot read {flag} {str(path)!r} ({e.strerror or e})") from None
 
 
 def main() -> None:

@@ -112,6 +112,8 @@ class GenerationConfig:
         return out
 
     def save(self, folder: str | Path) -> None:
+        """Write generation_config.json into `folder` (created if needed), atomically."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(folder) / FILE, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @property

@@ -692,7 +692,8 @@ class Tokenizer:
         layout = self.apply_chat_template(marked, add_generation_prompt, template_name, **template_kwargs)
         pieces = re.split("(\ue000\\d+\ue001)", layout)
         found = [int(p[1:-1]) for p in pieces[1::2]]
-        if sorted(set(found)) != sorted(found) or any(f >= len(strings) for f in found):
+        rebuilt = "".join(strings[int(p[1:-1])] if i % 2 else p for i, p in enumerate(pieces))
+        if any(f >= len(strings) for f in found) or rebuilt != text:
             raise UserError("a chat message holds special-token text and the chat template rewrites message "
                             "text, so it cannot be kept literal; remove the special tokens from the message")
         ids: list[int] = []
