@@ -187,11 +187,13 @@ def test_qwen2_window_fields_that_cannot_load(fields, fragment):
 @pytest.mark.parametrize("arch, field", [("LlamaForCausalLM", "attn_logit_softcapping"),
                                          ("LlamaForCausalLM", "final_logit_softcapping"),
                                          ("MistralForCausalLM", "attention_bias"),
+                                         ("MistralForCausalLM", "use_sliding_window"),
                                          ("Qwen2ForCausalLM", "mlp_bias")])
 def test_fields_transformers_ignores_are_ignored_with_a_warning(arch, field):
     plain = ModelConfig.from_hf_config(_llama_like(arch))
     with pytest.warns(UserWarning, match=f"sets {field}=.*which transformers' {arch} ignores"):
-        got = ModelConfig.from_hf_config(_llama_like(arch, **{field: True if "bias" in field else 30.0}))
+        value = {"use_sliding_window": False}.get(field, True if "bias" in field else 30.0)
+        got = ModelConfig.from_hf_config(_llama_like(arch, **{field: value}))
     assert got == plain
 
 

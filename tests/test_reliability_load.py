@@ -46,6 +46,20 @@ def _retype(name, dtype):
     return lambda state: state.__setitem__(name, state[name].to(dtype))
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def _as_bin(folder, state_of=lambda state: state, keep: float = 1.0):
+    """Replace the folder's safetensors by a pytorch_model.bin of `state_of(its tensors)`, cut to `keep`."""
+    state = state_of(load_file(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[:int(len(data) * keep)])
+
+
 LLAMA_DOWN = "model.layers.1.mlp.down_proj.weight"
 LLAMA_EMBED = "model.embed_tokens.weight"
 
@@ -57,6 +71,8 @@ CASES = {
     "config-string": ("llama", lambda f: (f / "config.json").write_text('"llama"'), "not a string"),
     "config-number": ("llama", lambda f: (f / "config.json").write_text("42"), "not a number"),
     "config-not-json": ("llama", lambda f: (f / "config.json").write_text('{"architectures": ['), "is not valid JSON"),
+    "config-deeply-nested": ("llama", lambda f: (f / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+                             "nested too deeply"),
     "config-not-utf8": ("llama", lambda f: (f / "config.json").write_bytes(b'{"a": "\xff"}'), "is not valid JSON"),
     "norm-eps-string": ("llama", lambda f: _edit_config(f, _set("rms_norm_eps", "1e-5")),
                         "'rms_norm_eps' must be a positive number, got '1e-5'"),
@@ -94,6 +110,9 @@ CASES = {
                        "'model.layers.0.self_attn.k_proj.bias' (for blocks.0.attn.qkv.bias) is missing"),
     "truncated-safetensors": ("gpt2", lambda f: (f / "model.safetensors").write_bytes(
         (f / "model.safetensors").read_bytes()[:300]), "is truncated or corrupt"),
+    "bin-pickle-runs-code": ("llama", lambda f: _as_bin(f, lambda s: {**s, "x": _RunsCode()}),
+                             "holds Python objects besides tensors"),
+    "bin-truncated": ("llama", lambda f: _as_bin(f, keep=0.5), "pytorch_model.bin is truncated or corrupt"),
     "shard-index-not-a-map": ("mistral-sharded", lambda f: (f / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]})), "'weight_map' must map tensor names"),
     "shard-outside-folder": ("mistral-sharded", lambda f: (f / "model.safetensors.index.json").write_text(
@@ -125,8 +144,9 @@ def _cli(capsys, *args: str) -> str:
             cli.main()
     finally:
         sys.argv = argv
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert exit_.value.code == 2, err
+    assert out == ""  # nothing printed, and nothing a hostile file could make run
     return err
 
 
@@ -140,6 +160,7 @@ def test_bad_folder_is_one_line_error(folder_for, capsys, name):
     message = str(err.value)
     assert fragment in message and "\n" not in message, message
     assert str(folder) in message
+    assert "this ran while loading" not in capsys.readouterr().out
     err_text = _cli(capsys, "info", str(folder))
     assert err_text == f"error: {message}\n"
 

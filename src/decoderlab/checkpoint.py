@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -46,6 +47,8 @@ def read_config(path: str | Path) -> ModelConfig:
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e}); re-save the model") from None
+    except RecursionError:
+        raise CheckpointError(f"{cfg_path} is nested too deeply to be a model config") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {cfg_path} ({e.strerror or e})") from None
     if not isinstance(data, dict):
@@ -64,6 +67,11 @@ def read_config(path: str | Path) -> ModelConfig:
         message = str(e)  # "config.json field ..." reads "<folder>/config.json field ..."
         message = message.removeprefix("config.json") if message.startswith("config.json ") else f": {message}"
         raise ConfigError(f"{cfg_path}{message}") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _json_kind(value: object) -> str:
@@ -121,7 +129,7 @@ class _TensorSource:
             try:
                 self._handles[file] = safe_open(str(self.folder / file), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({e}); "
+                raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({_first_line(e)}); "
                                       "copy or save it again") from None
         return self._handles[file]
 
@@ -129,8 +137,11 @@ class _TensorSource:
         if file not in self._bins:
             try:
                 state = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:  # what weights_only raises for anything but tensors and containers
+                raise CheckpointError(f"{self.folder / file} holds Python objects besides tensors (a pickle that "
+                                      "could run code), so it is not loaded; use a safetensors copy") from None
             except Exception as e:  # torch raises many kinds for a damaged zip/pickle
-                raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({e}); "
+                raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({_first_line(e)}); "
                                       "copy or save it again") from None
             if not isinstance(state, dict) or not all(
                     isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
@@ -152,7 +163,7 @@ class _TensorSource:
             code = part.get_dtype()
             return tuple(part.get_shape()), _SAFETENSORS_DTYPES.get(code, code.lower())
         except SafetensorError as e:
-            raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({e}); "
+            raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({_first_line(e)}); "
                                   "copy or save it again") from None
 
     def get(self, name: str) -> torch.Tensor:
@@ -162,7 +173,7 @@ class _TensorSource:
         try:
             return self._open(file).get_tensor(name)
         except SafetensorError as e:
-            raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({e}); "
+            raise CheckpointError(f"{self.folder / file} is truncated or corrupt ({_first_line(e)}); "
                                   "copy or save it again") from None
 
 

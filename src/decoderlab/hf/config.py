@@ -66,8 +66,9 @@ _FOREIGN = {"attn_logit_softcapping": None, "final_logit_softcapping": None, "qu
 _FOREIGN_BY_FAMILY = {
     "gpt2": {},
     "llama": {"sliding_window": None, "use_sliding_window": False, "layer_types": None},
-    "mistral": {"attention_bias": False, "mlp_bias": False, "use_sliding_window": False, "layer_types": None},
-    "qwen2": {"attention_bias": False, "mlp_bias": False},
+    # Mistral applies sliding_window whatever use_sliding_window says: only `false` would mislead.
+    "mistral": {"attention_bias": False, "mlp_bias": False, "use_sliding_window": True, "layer_types": None},
+    "qwen2": {"mlp_bias": False},  # its attention_bias is ignored too, but q/k/v have biases: no surprise
 }
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True, "attention": False}  # "attention": legacy
 
@@ -81,7 +82,7 @@ def family_of(data: dict[str, Any]) -> str:
     supported = ", ".join(ARCHITECTURES)
     if archs:
         if archs[0] not in ARCHITECTURES:
-            raise ConfigError(f"config.json has architecture {archs[0]!r}; supported: {supported}")
+            raise ConfigError(f"config.json has architecture {_show(archs[0])}; supported: {supported}")
         family = ARCHITECTURES[archs[0]]
         if model_type is not None and model_type != family:
             raise ConfigError(f"config.json says architectures {archs[0]!r} but model_type {_show(model_type)} "
@@ -89,7 +90,7 @@ def family_of(data: dict[str, Any]) -> str:
         return family
     if isinstance(model_type, str) and model_type in FAMILY_ARCHITECTURES:
         return model_type
-    found = f"model_type {model_type!r}" if model_type is not None else "no 'architectures' entry"
+    found = f"model_type {_show(model_type)}" if model_type is not None else "no 'architectures' entry"
     raise ConfigError(f"config.json has {found}; supported: {supported}")
 
 
