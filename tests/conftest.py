@@ -42,17 +42,28 @@ HF_CASES = {
     "mistral-window": ("MistralConfig", dict(vocab_size=99, hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
                                              max_position_embeddings=128, sliding_window=7)),
+    # Qwen2 with a window of 5 in layers 1 and 2 (max_window_layers=1) and full attention in layer 0.
+    "qwen2-window-mixed": ("Qwen2Config", dict(vocab_size=103, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128, use_sliding_window=True,
+                                               sliding_window=5, max_window_layers=1)),
+    # Qwen2 with explicit layer_types, sliding in every layer.
+    "qwen2-window-all": ("Qwen2Config", dict(vocab_size=103, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=128, use_sliding_window=True,
+                                             sliding_window=6, layer_types=["sliding_attention"] * 2)),
 }
 HF_MODEL_CLASS = {"GPT2Config": "GPT2LMHeadModel", "LlamaConfig": "LlamaForCausalLM",
                   "Qwen2Config": "Qwen2ForCausalLM", "MistralConfig": "MistralForCausalLM"}
 
 
-def make_hf_model(case: str, seed: int = 0):
-    """A transformers model of `case` with every weight (norms and biases too) randomised."""
+def make_hf_model(case: str, seed: int = 0, **overrides):
+    """A transformers model of `case` (its config kwargs updated by `overrides`) with every weight (norms and
+    biases too) randomised."""
     import transformers
 
     config_cls, kwargs = HF_CASES[case]
-    config = getattr(transformers, config_cls)(**kwargs)
+    config = getattr(transformers, config_cls)(**{**kwargs, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, HF_MODEL_CLASS[config_cls])(config).eval()

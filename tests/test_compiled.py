@@ -17,10 +17,11 @@ def _prompts(vocab_size: int, lengths: tuple[int, ...], seed: int = 1) -> list[l
     return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama", "mistral-window"])
+@pytest.mark.parametrize("case", ["gpt2", "llama", "mistral-window", "qwen2-window-mixed"])
 def test_compiled_greedy_equals_eager_on_a_ragged_batch(hf_folder, case):
     # gpt2: learned positions; llama: RoPE, GQA, biases; mistral-window: a sliding window (7) shorter than
-    # the 17 + 24 tokens, so the graph's window term matters.
+    # the 17 + 24 tokens, so the graph's window term matters; qwen2-window-mixed: a window (5) in two of
+    # three layers, so the graph masks each layer its own way.
     model = decoderlab.load(hf_folder(case)).eval()
     prompts = _prompts(model.config.vocab_size, (5, 17, 1))
     eager = generate(model, prompts, 24, stop_tokens=[])

@@ -1,8 +1,8 @@
 """`ModelConfig`: the one validated description of a decoderlab transformer.
 
 Every architecture decoderlab runs (GPT-2, Llama, Qwen2, Mistral and our own variants) is a setting
-of these fields; the model switches behaviour on them, never on a model's name. Named presets and
-the Hugging Face `config.json` mapping live here too.
+of these fields; the model switches behaviour on them, never on a model's name. Named presets live
+here too; the Hugging Face `config.json` mapping lives in `decoderlab.hf`.
 """
 
 from __future__ import annotations
@@ -17,16 +17,8 @@ from .errors import ConfigError
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu2")
-# The Hugging Face families whose weights and config.json we map, keyed by `architectures[0]`.
-HF_ARCHITECTURES = {
-    "GPT2LMHeadModel": "gpt2",
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "MistralForCausalLM": "mistral",
-}
-# And back: the `architectures` entry written for each family.
-FAMILY_ARCHITECTURES = {family: arch for arch, family in HF_ARCHITECTURES.items()}
-_HF_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+# The Hugging Face families a config can be saved as (decoderlab.hf maps them).
+HF_FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
 
 
 @dataclass
@@ -60,7 +52,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False
     logit_softcap: float | None = None
+    # Sliding-window attention: a query sees the last `sliding_window` slots (itself included), in the layers
+    # listed in `sliding_layers` (ascending indices), or in every layer where that is None.
     sliding_window: int | None = None
+    sliding_layers: list[int] | None = None
     # Extra heads predicting tokens t+2 .. t+1+n_future (multi-token prediction; self-speculation).
     n_future: int = 0
     dropout: float = 0.0
@@ -77,35 +72,58 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"invalid model config: {msg}")
 
+        # Types first: a config read from a file may hold anything, and the checks below compare numbers.
         for name in ("vocab_size", "n_layers", "n_heads", "d_model", "context_length"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        need(self.norm in NORMS, f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
-        need(self.positions in POSITIONS,
-             f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
-        need(self.activation in ACTIVATIONS,
-             f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+            need(_is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        for name in ("n_kv_heads", "d_mlp", "head_dim", "sliding_window"):
+            value = getattr(self, name)
+            need(value is None or _is_int(value) and value > 0, f"{name} must be a positive integer or None, "
+                 f"got {value!r}")
+        need(_is_int(self.n_future) and self.n_future >= 0, "n_future must be a non-negative integer")
+        for name in ("norm_eps", "rope_theta", "dropout", "init_std"):
+            value = getattr(self, name)
+            need(_is_number(value), f"{name} must be a finite number, got {value!r}")
+        need(self.logit_softcap is None or _is_number(self.logit_softcap) and self.logit_softcap > 0,
+             f"logit_softcap must be a positive number or None, got {self.logit_softcap!r}")
+        for name in ("norm_bias", "bias_qkv", "bias_attn_out", "bias_mlp", "tie_embeddings", "qk_norm"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("activation", ACTIVATIONS)):
+            value = getattr(self, name)
+            need(isinstance(value, str) and value in choices,
+                 f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         if self.head_dim is None:
             need(self.d_model % self.n_heads == 0,
                  f"n_heads={self.n_heads} does not divide d_model={self.d_model}; change one or set head_dim")
-        need(self.kv_heads > 0 and self.n_heads % self.kv_heads == 0,
-             f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
-        need(self.dim_head > 0, f"head_dim must be positive, got {self.head_dim}")
+        need(self.n_heads % self.kv_heads == 0, f"n_kv_heads={self.kv_heads} must divide n_heads={self.n_heads}")
         if self.positions == "rope":
             need(self.dim_head % 2 == 0, f"RoPE needs an even head_dim, got {self.dim_head}")
             need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         if self.rope_scaling is not None:
+            need(isinstance(self.rope_scaling, dict) and all(_is_number(v) for v in self.rope_scaling.values()),
+                 f"rope_scaling must map names to numbers, got {self.rope_scaling!r}")
             missing = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             missing -= set(self.rope_scaling)
             need(not missing, f"rope_scaling lacks {', '.join(sorted(missing))} (Llama-3-style scaling)")
-        need(self.mlp_width > 0, f"d_mlp must be positive, got {self.d_mlp}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
-        need(self.logit_softcap is None or self.logit_softcap > 0, "logit_softcap must be positive or None")
-        need(self.sliding_window is None or self.sliding_window > 0, "sliding_window must be positive or None")
-        need(isinstance(self.n_future, int) and self.n_future >= 0, "n_future must be a non-negative integer")
-        need(self.hf_family is None or self.hf_family in FAMILY_ARCHITECTURES,
-             f"unknown hf_family {self.hf_family!r}; choose one of {', '.join(FAMILY_ARCHITECTURES)} or None")
+        if self.sliding_layers is not None:
+            layers = self.sliding_layers
+            need(isinstance(layers, list | tuple) and all(_is_int(i) and 0 <= i < self.n_layers for i in layers)
+                 and len(set(layers)) == len(layers),
+                 f"sliding_layers must list distinct layer indices in [0, {self.n_layers}), got {layers!r}")
+            need(self.sliding_window is not None, "sliding_layers is set but sliding_window is None; set the window")
+            need(len(layers) > 0, "sliding_layers=[] slides no layer; set sliding_window=None instead")
+            # One spelling per model: every layer sliding is None (Mistral's form), so configs compare equal.
+            self.sliding_layers = None if len(layers) == self.n_layers else sorted(layers)
+        need(self.hf_family is None or self.hf_family in HF_FAMILIES,
+             f"unknown hf_family {self.hf_family!r}; choose one of {', '.join(HF_FAMILIES)} or None")
+        need(self.bos_token_id is None or _is_int(self.bos_token_id),
+             f"bos_token_id must be a token id or None, got {self.bos_token_id!r}")
+        eos = self.eos_token_id
+        need(eos is None or _is_int(eos) or isinstance(eos, list) and all(_is_int(t) for t in eos),
+             f"eos_token_id must be a token id, a list of them or None, got {eos!r}")
+        need(isinstance(self.extra, dict), f"extra must be a dict, got {type(self.extra).__name__}")
 
     # Resolved shape values (the `None` defaults filled in).
     @property
@@ -115,6 +133,19 @@ class ModelConfig:
     @property
     def dim_head(self) -> int:
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None where it attends to every earlier slot."""
+        if self.sliding_layers is None or layer in self.sliding_layers:
+            return self.sliding_window
+        return None
+
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Every layer's sliding window (None: full attention)."""
+        if self.sliding_layers is None:  # read in every forward pass: the common case without a loop
+            return [self.sliding_window] * self.n_layers
+        return [self.layer_window(i) for i in range(self.n_layers)]
 
     @property
     def mlp_width(self) -> int:
@@ -136,6 +167,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object of fields, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -168,140 +201,28 @@ class ModelConfig:
                 total += self.context_length * d
         return total
 
-    # ---- Hugging Face config.json ----------------------------------------------------------
+    # ---- Hugging Face config.json (the mapping lives in decoderlab.hf) ------------------------
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face `config.json` dict; the family comes from `architectures`."""
-        archs = hf.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch not in HF_ARCHITECTURES:
-            found = f"architecture {arch!r}" if arch else "no 'architectures' entry"
-            raise ConfigError(f"config.json has {found}; supported: {', '.join(HF_ARCHITECTURES)}")
-        family = HF_ARCHITECTURES[arch]
-        common = dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-                      hf_family=family, init_std=float(hf.get("initializer_range", 0.02)))
-        if family == "gpt2":
-            for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-                if hf.get(flag):
-                    raise ConfigError(f"GPT-2 config sets {flag}=true, which decoderlab does not support")
-            if hf.get("scale_attn_weights") is False:
-                raise ConfigError("GPT-2 config sets scale_attn_weights=false, which decoderlab does not support")
-            act = hf.get("activation_function", "gelu_new")
-            if act not in _HF_ACT:
-                raise ConfigError(f"GPT-2 activation_function {act!r} is not supported; use gelu or gelu_new")
-            return cls(
-                vocab_size=hf["vocab_size"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                d_model=hf["n_embd"], d_mlp=hf.get("n_inner"), context_length=hf["n_positions"],
-                norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_bias=True,
-                positions="learned", activation=_HF_ACT[act], bias_qkv=True, bias_attn_out=True,
-                bias_mlp=True, tie_embeddings=hf.get("tie_word_embeddings", True), **common,
-            )
-        act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ConfigError(f"{arch} hidden_act {act!r} is not supported; decoderlab maps silu (SwiGLU)")
-        n_heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim")
-        if head_dim == hf["hidden_size"] // n_heads:
-            head_dim = None  # the default; keeps configs comparable
-        theta, scaling = _hf_rope(hf)
-        window = None
-        if family == "mistral":
-            window = hf.get("sliding_window")
-        elif family == "qwen2" and hf.get("use_sliding_window"):
-            types = hf.get("layer_types") or []
-            if len(set(types)) > 1 or hf.get("max_window_layers", 0) > 0 and not types:
-                raise ConfigError("Qwen2 config mixes sliding-window and full-attention layers; "
-                                  "decoderlab supports one attention kind for all layers")
-            window = hf.get("sliding_window")
-        attn_bias = True if family == "qwen2" else bool(hf.get("attention_bias", False))
-        return cls(
-            vocab_size=hf["vocab_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-            d_model=hf["hidden_size"], n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            d_mlp=hf["intermediate_size"], head_dim=head_dim,
-            context_length=hf.get("max_position_embeddings", 2048), norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6), norm_bias=False, positions="rope", rope_theta=theta,
-            rope_scaling=scaling, activation="swiglu", bias_qkv=attn_bias,
-            bias_attn_out=bool(hf.get("attention_bias", False)) if family != "qwen2" else False,
-            bias_mlp=bool(hf.get("mlp_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
-            sliding_window=window, **common,
-        )
+        """Build from a Hugging Face `config.json` dict as transformers would; see `decoderlab.hf.config`."""
+        from .hf import from_hf_config
+
+        return from_hf_config(hf)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The Hugging Face `config.json` dict for this config's family (`hf_family`)."""
-        if self.hf_family is None:
-            raise ConfigError("this config has no Hugging Face family (hf_family=None); "
-                              "set hf_family to one of gpt2, llama, qwen2, mistral if its shape fits")
-        self._check_fits_family()
-        family = self.hf_family
-        out: dict[str, Any] = {"architectures": [FAMILY_ARCHITECTURES[family]], "model_type": family,
-                               "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_embeddings,
-                               "initializer_range": self.init_std, "torch_dtype": "float32"}
-        if self.bos_token_id is not None:
-            out["bos_token_id"] = self.bos_token_id
-        if self.eos_token_id is not None:
-            out["eos_token_id"] = self.eos_token_id
-        if family == "gpt2":
-            out.update(n_layer=self.n_layers, n_head=self.n_heads, n_embd=self.d_model,
-                       n_inner=self.d_mlp, n_positions=self.context_length,
-                       layer_norm_epsilon=self.norm_eps,
-                       activation_function="gelu_new" if self.activation == "gelu_tanh" else "gelu",
-                       resid_pdrop=self.dropout, embd_pdrop=self.dropout, attn_pdrop=self.dropout)
-            return out
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **self.rope_scaling}
-        out.update(num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
-                   num_key_value_heads=self.kv_heads, hidden_size=self.d_model,
-                   intermediate_size=self.mlp_width, head_dim=self.dim_head,
-                   max_position_embeddings=self.context_length, rms_norm_eps=self.norm_eps,
-                   hidden_act="silu", rope_theta=self.rope_theta, rope_parameters=rope,
-                   attention_dropout=self.dropout)
-        if family == "llama":
-            out.update(attention_bias=self.bias_qkv, mlp_bias=self.bias_mlp)
-        if family == "mistral":
-            out["sliding_window"] = self.sliding_window
-        if family == "qwen2":
-            out.update(use_sliding_window=self.sliding_window is not None,
-                       sliding_window=self.sliding_window, max_window_layers=0)
-        return out
+        from .hf import to_hf_config
 
-    def _check_fits_family(self) -> None:
-        family = self.hf_family
-        if family == "gpt2":
-            want = dict(n_future=0, norm="layernorm", norm_bias=True, positions="learned", bias_qkv=True,
-                        bias_attn_out=True, bias_mlp=True, qk_norm=False, logit_softcap=None,
-                        sliding_window=None, kv_heads=self.n_heads, dim_head=self.d_model // self.n_heads)
-            if self.activation not in ("gelu", "gelu_tanh"):
-                raise ConfigError(f"config does not fit the gpt2 family: activation={self.activation!r}")
-        else:
-            want = dict(n_future=0, norm="rmsnorm", positions="rope", activation="swiglu", qk_norm=False,
-                        logit_softcap=None, bias_attn_out=self.bias_qkv if family == "llama" else False)
-            if family == "qwen2":
-                want.update(bias_qkv=True, bias_mlp=False)
-            if family == "mistral":
-                want.update(bias_qkv=False, bias_mlp=False)
-            if family != "mistral" and family != "qwen2" and self.sliding_window is not None:
-                raise ConfigError("config uses a sliding window, which the Llama family does not have")
-        for name, value in want.items():
-            if getattr(self, name) != value:
-                raise ConfigError(f"config does not fit the {family} family: {name}={getattr(self, name)!r} "
-                                  f"(the family needs {value!r}); set hf_family=None to save our own format")
+        return to_hf_config(self)
 
 
-def _hf_rope(hf: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
-    """RoPE theta and Llama-3 scaling from either the transformers v4 or v5 config layout."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None
-    if kind != "llama3":
-        raise ConfigError(f"RoPE scaling type {kind!r} is not supported; decoderlab supports default and llama3")
-    scaling = {key: float(params[key]) for key in ("factor", "low_freq_factor", "high_freq_factor")}
-    scaling["original_max_position_embeddings"] = int(
-        params.get("original_max_position_embeddings", hf.get("max_position_embeddings", 8192)))
-    return theta, scaling
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _gpt2(**kw: Any) -> ModelConfig:

@@ -2,7 +2,8 @@
 
 Masks and positions are explicit inputs: with neither, it is a plain causal LM over positions
 0..T-1 and attention takes SDPA's `is_causal` fast path. Architecture differences (norm, positions,
-activation, GQA, biases, QK-norm, soft-cap, tied embeddings) are config switches, not subclasses.
+activation, GQA, biases, QK-norm, soft-cap, tied embeddings, per-layer sliding windows) are config switches,
+not subclasses.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
 @dataclass
 class _AttnPlan:
-    """How every layer of one forward pass attends: SDPA's causal flag, a boolean mask, or a custom function."""
+    """How a layer of one forward pass attends: SDPA's causal flag, a boolean mask, or a custom function."""
 
     mask: torch.Tensor | None
     is_causal: bool
@@ -303,8 +304,9 @@ class Transformer(nn.Module):
 
         `mask` is a `masks.Mask`, or the boolean tensor [B or 1, 1, T, cache.length + T] it materialises to
         (for loops that build one pattern once and reuse it). A cache in static mode (`cache.write_slots` set)
-        needs `positions` and a tensor mask over all `cache.max_length` slots (sliding window included), and its
-        `length` is left to the caller: every step then has the same shapes (`generate(..., compile=True)`).
+        needs `positions` and a tensor mask over all `cache.max_length` slots, and its `length` is left to the
+        caller: every step then has the same shapes (`generate(..., compile=True)`). The model adds each layer's
+        sliding window (`config.layer_windows`) to any mask it is given, tensor masks included.
         `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
         `edit_residual(layer, x)` may return a changed residual stream [B, T, d] before block `layer` runs
         (token prepending, steering, patching); it is called once per block.
@@ -341,11 +343,11 @@ class Transformer(nn.Module):
             if mask is not None or cache is not None or attentions:
                 raise UserError("a custom attention function owns masking and caching: pass no mask, cache "
                                 "or attentions=True with it")
-            rope, plan = None, _AttnPlan(None, False, False, attention)
+            rope, plans = None, [_AttnPlan(None, False, False, attention)] * len(self.blocks)
         else:
             rope = self._rope(positions, x.dtype) if self.config.positions == "rope" else None
-            plan = self._attention_plan(mask, B, T, past, input_ids.device, eager=attentions,
-                                        static_keys=cache.max_length if static else None)
+            plans = self._attention_plans(mask, B, T, past, input_ids.device, eager=attentions,
+                                          static=cache if static else None)
 
         all_hidden = [] if hidden_states else None
         all_attn = [] if attentions else None
@@ -354,7 +356,7 @@ class Transformer(nn.Module):
                 x = edit_residual(i, x)
             if all_hidden is not None:
                 all_hidden.append(x)
-            x, weights = block(x, rope, plan, cache)
+            x, weights = block(x, rope, plans[i], cache)
             if all_attn is not None:
                 all_attn.append(weights)
         if cache is not None and not static:
@@ -386,25 +388,38 @@ class Transformer(nn.Module):
         cos, signed_sin = rope_angles(pos, self.rope_inv_freq, dtype)
         return cos.unsqueeze(1), signed_sin.unsqueeze(1)  # [B, 1, T, D]
 
-    def _attention_plan(self, mask: masks.Mask | torch.Tensor | None, B: int, T: int, past: int,
-                        device: torch.device, eager: bool, static_keys: int | None = None) -> _AttnPlan:
-        window = self.config.sliding_window
+    def _attention_plans(self, mask: masks.Mask | torch.Tensor | None, B: int, T: int, past: int,
+                         device: torch.device, eager: bool, static: KVCache | None = None) -> list[_AttnPlan]:
+        """Each layer's plan: the one mask, and `& window(w)` in the layers with a sliding window w.
+
+        Layers that share a window share a plan, so a model without windows builds one (Qwen2's mixed models
+        build two). `static` is a cache in static mode: its `write_slots` are the query slots.
+        """
         # Measured on CPU: for bf16 training at short contexts the written-out attention's backward is
         # 2-4x faster than SDPA's flash kernel (benchmarks/README.md); longer contexts favour the kernel.
         eager = eager or (torch.is_grad_enabled() and device.type == "cpu" and past + T <= 256
                           and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        windows = self.config.layer_windows
+        plans = {w: self._attention_plan(mask, w, B, T, past, device, eager, static) for w in set(windows)}
+        return [plans[w] for w in windows]
+
+    def _attention_plan(self, mask: masks.Mask | torch.Tensor | None, window: int | None, B: int, T: int,
+                        past: int, device: torch.device, eager: bool, static: KVCache | None) -> _AttnPlan:
         def slots() -> tuple[torch.Tensor, torch.Tensor]:
             return torch.arange(past, past + T, device=device), torch.arange(past + T, device=device)
 
         if isinstance(mask, torch.Tensor):  # already materialised (hot loops that reuse one pattern)
-            keys = static_keys or past + T
+            keys = static.max_length if static is not None else past + T
             if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, T, keys) or (
                     mask.shape[0] not in (1, B)):
                 raise UserError(f"a tensor mask must be bool [B or 1, 1, {T}, {keys}] (queries x cache slots), "
                                 f"got {str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}")
             dense = mask
-            # A static cache's mask is complete: its slots are not known here as numbers.
-            if window is not None and past + T > window and static_keys is None:
+            if window is not None and static is not None:
+                # A static cache's query slots are a tensor (inside a compiled graph): the window always applies.
+                key_slots = torch.arange(keys, device=device)
+                dense = dense & masks.window(window).materialize(static.write_slots, key_slots, device=device)
+            elif window is not None and past + T > window:
                 dense = dense & masks.window(window).materialize(*slots(), device=device)
         else:
             if mask is None:

@@ -3,9 +3,10 @@
 An eager decode step pays Python and dispatch for every operation (about 55 us per layer here), which is most
 of a small model's step. To compile the step once, every step must have the same shapes: the KV cache runs in
 static mode (`KVCache.write_slots`: keys are written at a slot given as a tensor, attention reads the whole
-buffer under a mask), and the mask causal & padding(valid) & window is built inside the graph from the slot
-tensor. Cache sizes come in powers of two, so prompts of different lengths share graphs. Token Recycling's
-tree verification (`CompiledTreeStep`) runs the same way, with its tree mask prepared outside the graph.
+buffer under a mask), and the mask causal & padding(valid) is built inside the graph from the slot tensor; the
+model adds each layer's sliding window to it from the same tensor, also inside the graph. Cache sizes come in
+powers of two, so prompts of different lengths share graphs. Token Recycling's tree verification
+(`CompiledTreeStep`) runs the same way, with its tree mask prepared outside the graph.
 """
 
 from __future__ import annotations
@@ -34,13 +35,10 @@ def cache_slots(needed: int, context_length: int) -> int:
     return max(needed, min(slots, context_length))
 
 
-def _decode_step(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, valid: Tensor,
-                 window: int | None) -> Tensor:
-    slot = cache.write_slots
+def _decode_step(model: Transformer, tokens: Tensor, positions: Tensor, cache: KVCache, valid: Tensor) -> Tensor:
     keys = torch.arange(valid.shape[1], device=valid.device)
-    mask = valid & (keys <= slot)  # causal & padding(valid), for the one query slot
-    if window is not None:
-        mask = mask & (slot - keys < window)
+    mask = valid & (keys <= cache.write_slots)  # causal & padding(valid), for the one query slot
+    # The model adds each layer's sliding window from the same slot tensor, inside the graph.
     return model(tokens, positions, mask[:, None, None, :], cache, logits_to_keep=1)[:, -1]
 
 
@@ -98,7 +96,6 @@ class CompiledDecodeStep:
         _prepare(model)
         self.model, self.cache, self.valid = model, cache, valid
         self.positions = positions.view(-1, 1).clone()
-        self.window = model.config.sliding_window
         cache.write_slots = torch.tensor([cache.length], device=valid.device)
         self._first = True
 
@@ -106,7 +103,7 @@ class CompiledDecodeStep:
         """Logits [B, V] after feeding `tokens` [B, 1]; advances the cache and the positions."""
         if self.cache.length >= self.cache.max_length:
             raise UserError(f"KV cache is full: room for {self.cache.max_length} tokens")
-        logits = _decode_graph(self._first, self.model, tokens, self.positions, self.cache, self.valid, self.window)
+        logits = _decode_graph(self._first, self.model, tokens, self.positions, self.cache, self.valid)
         self._first = False
         self.cache.write_slots += 1
         self.positions += 1

@@ -2,7 +2,8 @@
 
 Each rule maps one decoderlab parameter to one or more Hugging Face tensors: several are
 concatenated along the output dimension (fused QKV, fused gate/up), and GPT-2's `Conv1D` weights
-are stored transposed. The table is chosen from `config.json`'s `architectures`, never from names.
+are stored transposed. The table is chosen by the family `decoderlab.hf.config` reads from
+`config.json`, never from a model's name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,14 @@ def split_sizes(config: ModelConfig, ours: str) -> list[int] | None:
     if ".mlp.up." in ours and config.gated_mlp:
         return [config.mlp_width, config.mlp_width]
     return None
+
+
+def part_shapes(config: ModelConfig, ours: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shape each HF tensor of decoderlab parameter `ours` (of `shape`) must have, in `hf_names` order."""
+    names, transpose = hf_names(config.hf_family, ours)
+    sizes = split_sizes(config, ours) if len(names) > 1 else [shape[0]]
+    parts = [(size, *shape[1:]) for size in sizes]
+    return [tuple(reversed(p)) if transpose else p for p in parts]
 
 
 def to_hf_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
