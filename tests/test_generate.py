@@ -512,7 +512,12 @@ def test_generation_config_defaults_and_end_ids_match_transformers(hf_folder, tm
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
     ours = decoderlab.load(folder)
     config = transformers.GenerationConfig.from_pretrained(folder)
-    assert resolve_sampling(ours) == SamplingParams(config.temperature, config.top_k, config.top_p)
+    defaults = transformers.GenerationConfig._get_default_generation_params()  # what generate() fills in
+
+    def used(name: str):
+        return defaults[name] if getattr(config, name) is None else getattr(config, name)
+
+    assert resolve_sampling(ours) == SamplingParams(used("temperature"), used("top_k"), used("top_p"))
     assert generate(ours, [prompt], 20, seed=1).tokens != generate(ours, [prompt], 20, seed=2).tokens
     assert generate(ours, [prompt], 20, temperature=0).tokens == generate(
         decoderlab.load(hf_folder("llama")), [prompt], 20).tokens
@@ -539,7 +544,16 @@ def test_cache_reserve_grows_geometrically_and_keeps_contents():
         cache.resize(4)
 
 
-def test_long_request_holds_memory_for_what_it_generated(monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Hundreds of tiny steps: one thread is several times faster than a pool on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_long_request_holds_memory_for_what_it_generated(monkeypatch, one_thread):
     # A 32k-context model asked for 10**6 tokens: the cache starts at prompt + CACHE_CHUNK and doubles, so after
     # 300 tokens it holds at most twice that, not the context (which would be 64x more here).
     torch.manual_seed(0)
@@ -633,7 +647,8 @@ def test_a_decoder_of_several_tokens_a_step_gets_the_hosts_budget_and_stops(char
     assert result.completion_tokens == [5, 1]
     # Stop strings and text through the same host loop.
     a, b = chars.token_to_id("a"), chars.token_to_id("b")
-    result = generate(model, [[a], [b]], 9, decoder=Echo, stop_strings=["bbb"], tokenizer=chars, stop_tokens=[])
+    result = generate(_tiny(vocab_size=97), [[a], [b]], 9, decoder=Echo, stop_strings=["bbb"], tokenizer=chars,
+                      stop_tokens=[])
     assert result.texts == ["aaaaaaaaa", ""] and result.tokens[1] == [b, b, b]
     assert result.stopped_by == [None, "bbb"]
 
@@ -647,3 +662,33 @@ def test_a_decoder_that_gives_no_token_or_no_logprobs_is_a_one_line_error():
         with pytest.raises(UserError, match=match) as info:
             generate(_tiny(), [[1, 2]], 5, decoder=decoder, **kwargs)
         assert "\n" not in str(info.value)
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_stops_on_the_checkpoint_end_ids_on_every_path(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    tok = Tokenizer.train_char(texts=["abcdefghij klmnop\n"])
+    torch.manual_seed(2)  # a wide init: varied greedy text, so the end id first comes after several tokens
+    model = Transformer(ModelConfig.preset("char-baby", vocab_size=tok.vocab_size, init_std=0.3)).eval()
+    prompt = tok.encode("abc")
+    free = generate(model, [prompt], 30, temperature=0, stop_tokens=[]).tokens[0]
+    at = max(i for i, t in enumerate(free[:15]) if t not in free[:i])
+    assert at >= 2 and tok.eos_id is None and model.config.eos_token_id is None
+    model.generation_config = GenerationConfig(eos_token_id=[free[at]])  # an end id only generation_config.json has
+    folder = tmp_path / "m"
+    decoderlab.save(model, folder, tokenizer=tok)
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == free[at]
+    want = "abc" + tok.decode(free[:at]) + "\n"
+    for extra in ([], ["--speculative", "recycle"], ["--speculative", str(folder)]):
+        out = subprocess.run([sys.executable, "-m", "decoderlab", "generate", str(folder), "abc", "--tokens", "30",
+                              *extra], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        if extra:
+            assert out.stdout.startswith(want) and "tokens per forward pass" in out.stdout[len(want):]
+        else:
+            assert out.stdout == want
