@@ -673,6 +673,9 @@ def test_cli_generate_stops_on_the_checkpoint_end_ids_on_every_path(tmp_path):
     import sys
 
     tok = Tokenizer.train_char(texts=["abcdefghij klmnop\n"])
+    # A chat template whose text the char vocabulary covers: a user turn is its content then "\n".
+    tok = Tokenizer(tok.backend, dict(tok.special_tokens),
+                    chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
     torch.manual_seed(2)  # a wide init: varied greedy text, so the end id first comes after several tokens
     model = Transformer(ModelConfig.preset("char-baby", vocab_size=tok.vocab_size, init_std=0.3)).eval()
     prompt = tok.encode("abc")
@@ -692,3 +695,9 @@ def test_cli_generate_stops_on_the_checkpoint_end_ids_on_every_path(tmp_path):
             assert out.stdout.startswith(want) and "tokens per forward pass" in out.stdout[len(want):]
         else:
             assert out.stdout == want
+    # --chat: the prompt goes through the template (Tokenizer.encode_chat), and the text printed is the reply alone.
+    chat = generate(model, [tok.encode_chat([{"role": "user", "content": "abc"}])], 30, tokenizer=tok)
+    out = subprocess.run([sys.executable, "-m", "decoderlab", "generate", str(folder), "abc", "--tokens", "30",
+                          "--chat"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == chat.texts[0] + "\n"
