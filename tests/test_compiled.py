@@ -1,4 +1,5 @@
-"""The compiled decode step (`generate(..., compile=True)`): the same tokens as the eager loop, static-mode cache."""
+"""The compiled decode step (`generate(..., compile=True)`): the same tokens as the eager loop, static-mode cache,
+growing through graphs of power-of-two sizes."""
 
 from __future__ import annotations
 
@@ -66,6 +67,25 @@ def test_compiled_step_repacks_weights_changed_after_pack():
         module.packed = None
     assert after.tokens == generate(model, prompts, 16, stop_tokens=[]).tokens
     assert after.tokens != before.tokens
+
+
+def test_compiled_cache_grows_through_graphs_of_each_size(monkeypatch):
+    # A first cache of cache_slots(prompt + 8) = 64 slots for 100 new tokens: it grows to 128 mid-generation, and
+    # the step moves to that size's graph (guards checked again), with the eager loop's tokens.
+    from decoderlab.generation import engine
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layers=1, n_heads=2, d_model=32, context_length=1024,
+                                    positions="rope", init_std=0.3)).eval()
+    prompts = _prompts(50, (5, 9))
+    eager = generate(model, prompts, 100, stop_tokens=[])
+    monkeypatch.setattr(engine, "CACHE_CHUNK", 8)
+    caches = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **kw: caches.append(new_cache(*a, **kw)) or caches[-1])
+    compiled = generate(model, prompts, 100, stop_tokens=[], compile=True)
+    assert compiled.tokens == eager.tokens
+    assert caches[0].max_length == 128  # started at 64, doubled once: a power of two for the graph
 
 
 def test_cache_slots_come_in_powers_of_two_within_the_context():

@@ -1,7 +1,9 @@
-"""Generation: greedy parity with transformers, sampling and its processors, stops, streaming, bad input."""
+"""Generation: greedy parity with transformers, sampling and its processors, stops, streaming, defaults from
+generation_config, KV-cache growth, NaN refusal, logprobs, bad input."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import string
 
@@ -11,8 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import decoderlab
-from decoderlab import ModelConfig, Tokenizer, Transformer, UserError
-from decoderlab.generation import generate, sampling, stream
+from decoderlab import GenerationConfig, KVCache, ModelConfig, Tokenizer, Transformer, UserError
+from decoderlab.generation import (
+    Decoded,
+    DecodeRequest,
+    SamplingParams,
+    engine,
+    generate,
+    resolve_sampling,
+    sampling,
+    stream,
+)
 
 FAST = settings(max_examples=100, deadline=None)
 # 97 one-character tokens: the vocabulary size of the tiny GPT-2 in conftest.HF_CASES.
@@ -429,7 +440,9 @@ def test_training_mode_is_restored():
     (dict(temperature=math.nan), "temperature"),
     (dict(temperature=1.0, top_p=0.0), "top_p"),
     (dict(temperature=1.0, top_p=1.5), "top_p"),
-    (dict(top_k=0), "top_k"),
+    (dict(top_k=-1), "top_k"),
+    (dict(logprobs=21), "logprobs"),
+    (dict(logprobs=True), "logprobs"),
     (dict(min_p=2.0), "min_p"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(input_ids=[]), "no prompts"),
@@ -452,3 +465,239 @@ def test_bad_input_is_a_one_line_user_error(kwargs, match):
         with pytest.raises(UserError, match=match) as info:
             fn(model, **args)
         assert "\n" not in str(info.value)
+
+
+# -- defaults from generation_config ----------------------------------------------------------------------
+
+
+def test_sampling_defaults_come_from_the_generation_config():
+    model = _tiny()
+    assert resolve_sampling(model) == SamplingParams()  # no generation_config.json: greedy
+    # Llama-3-Instruct's file: do_sample, temperature 0.6, top_p 0.9 (top_k left to transformers' default, 50).
+    model.generation_config = GenerationConfig(eos_token_id=[7, 9], do_sample=True, temperature=0.6, top_p=0.9)
+    assert resolve_sampling(model) == SamplingParams(0.6, 50, 0.9)
+    # Arguments given win, one by one; 0 / 1 switch a filter off; temperature 0 is greedy.
+    assert resolve_sampling(model, temperature=1.0, top_k=0, top_p=1.0) == SamplingParams(1.0, None, 1.0)
+    assert resolve_sampling(model, temperature=0).greedy
+    model.generation_config = GenerationConfig(do_sample=False, temperature=0.6, repetition_penalty=1.3)
+    assert resolve_sampling(model) == SamplingParams(repetition_penalty=1.3)  # greedy, the penalty still applies
+
+
+def test_generation_config_defaults_and_end_ids_match_transformers(hf_folder, tmp_path):
+    import json
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "llama"
+    shutil.copytree(hf_folder("llama"), folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = _prompts(101, (7,), seed=4)[0]
+    ids = torch.tensor([prompt])
+    free = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=25, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, repetition_penalty=1.3)[0, 7:].tolist()
+    at = max(i for i, t in enumerate(free[:15]) if t not in free[:i])
+    # A checkpoint that does not sample, with a repetition penalty and an end id that config.json lacks.
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.3, "eos_token_id": [free[at]],
+         "pad_token_id": 0}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=25)[0, 7:].tolist()
+    ours = decoderlab.load(folder)
+    assert ours.config.eos_token_id != [free[at]]
+    result = generate(ours, [prompt], 25)  # no arguments: every default from the checkpoint
+    assert expected == free[:at + 1]
+    assert result.tokens[0] + [result.stopped_by[0]] == expected and result.finish_reasons == ["stop"]
+    # The same checkpoint, sampling by default: the resolved settings are transformers' (top_k 50 by default).
+    (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    ours = decoderlab.load(folder)
+    config = transformers.GenerationConfig.from_pretrained(folder)
+    defaults = transformers.GenerationConfig._get_default_generation_params()  # what generate() fills in
+
+    def used(name: str):
+        return defaults[name] if getattr(config, name) is None else getattr(config, name)
+
+    assert resolve_sampling(ours) == SamplingParams(used("temperature"), used("top_k"), used("top_p"))
+    assert generate(ours, [prompt], 20, seed=1).tokens != generate(ours, [prompt], 20, seed=2).tokens
+    assert generate(ours, [prompt], 20, temperature=0).tokens == generate(
+        decoderlab.load(hf_folder("llama")), [prompt], 20).tokens
+
+
+# -- KV cache growth --------------------------------------------------------------------------------------
+
+
+def test_cache_reserve_grows_geometrically_and_keeps_contents():
+    config = ModelConfig(vocab_size=50, n_layers=2, n_heads=2, d_model=32, context_length=1 << 20)
+    cache = KVCache(config, 2, 8)
+    k = torch.randn(2, 2, 5, 16)
+    cache.update(0, k, -k)
+    cache.advance(5)
+    assert not cache.reserve(8) and cache.max_length == 8
+    assert cache.reserve(9) and cache.max_length == 16  # twice, not just enough
+    assert cache.reserve(100, limit=50) and cache.max_length == 100  # at least what is needed
+    assert cache.reserve(101, limit=150) and cache.max_length == 150  # at most the limit
+    assert cache.reserve(151, round_up=lambda n: 1 << (n - 1).bit_length()) and cache.max_length == 512
+    keys, values = cache.update(0, torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16))
+    assert torch.equal(keys[:, :, :5], k) and torch.equal(values[:, :, :5], -k)
+    assert cache.nbytes == 2 * 2 * 2 * 2 * 512 * 16 * 4
+    with pytest.raises(UserError):
+        cache.resize(4)
+
+
+@pytest.fixture
+def one_thread():
+    """Hundreds of tiny steps: one thread is several times faster than a pool on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_long_request_holds_memory_for_what_it_generated(monkeypatch, one_thread):
+    # A 32k-context model asked for 10**6 tokens: the cache starts at prompt + CACHE_CHUNK and doubles, so after
+    # 300 tokens it holds at most twice that, not the context (which would be 64x more here).
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, n_layers=2, n_heads=2, d_model=32, context_length=32768,
+                                    positions="rope", init_std=0.3)).eval()
+    caches = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda *a, **kw: caches.append(new_cache(*a, **kw)) or caches[-1])
+    prompts = _prompts(50, (5, 9))
+    steps = stream(model, prompts, 10**6, stop_tokens=[])
+    grown = [s.tokens for s in itertools.islice(steps, 300)]
+    (cache,) = caches
+    assert 9 + 256 < cache.max_length <= 2 * (9 + 256) and cache.length == 9 + 299
+    assert cache.nbytes <= 2 * (9 + 256) * 2 * 2 * 2 * 16 * 4 * 2
+    steps.close()
+    # The same tokens as with the whole request preallocated.
+    monkeypatch.setattr(engine, "CACHE_CHUNK", 10**6)
+    big = stream(model, prompts, 10**6, stop_tokens=[])
+    assert [s.tokens for s in itertools.islice(big, 300)] == grown
+    assert caches[-1].max_length == 32768
+
+
+# -- NaN weights and logprobs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_for_the_prompt_are_refused(value):
+    model = _tiny()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = value
+    kind = "NaN" if math.isnan(value) else "(NaN|infinite)"
+    for fn in (generate, lambda *a, **kw: list(stream(*a, **kw))):
+        with pytest.raises(UserError, match=f"produced {kind} logits for the prompt") as info:
+            fn(model, _prompts(50, (4, 6)), 5)
+        assert "\n" not in str(info.value)
+
+
+def test_logprobs_are_the_log_softmax_of_the_raw_logits(tiny_gpt2):
+    ours, _ = tiny_gpt2
+    prompts = _prompts(97, (4, 9, 6))
+    kwargs = dict(temperature=1.3, top_k=5, repetition_penalty=1.2, seed=3, stop_tokens=[])
+    result = generate(ours, prompts, 12, logprobs=4, **kwargs)
+    assert result.tokens == generate(ours, prompts, 12, **kwargs).tokens  # asking for logprobs changes nothing
+    for prompt, tokens, logprobs in zip(prompts, result.tokens, result.logprobs, strict=True):
+        with torch.inference_mode():
+            # Before temperature, penalties and filters: the model's own distribution at each position.
+            want = ours(torch.tensor([prompt + tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
+        assert [lp.token for lp in logprobs] == tokens
+        for i, lp in enumerate(logprobs):
+            assert lp.logprob == pytest.approx(float(want[i, lp.token]), abs=1e-4)
+            assert [t for t, _ in lp.top] == want[i].topk(4).indices.tolist()
+            values = [v for _, v in lp.top]
+            assert values == sorted(values, reverse=True) and values == pytest.approx(want[i].topk(4).values.tolist(),
+                                                                                        abs=1e-4)
+    # Streamed: one TokenLogprob per new token, in step; k=0 gives the tokens' own logprobs and no alternatives.
+    for step in stream(ours, prompts, 5, logprobs=0, **kwargs):
+        assert [[lp.token for lp in row] for row in step.logprobs] == step.tokens
+        assert all(lp.top == [] for row in step.logprobs for lp in row)
+    assert generate(ours, prompts, 3, **kwargs).logprobs is None
+
+
+# -- the decoder protocol ---------------------------------------------------------------------------------
+
+
+class Echo:
+    """A decoder through the public protocol alone: each step repeats each prompt's last token, twice."""
+
+    def __init__(self, request: DecodeRequest) -> None:
+        self.last = [p[-1] for p in request.prompts]
+        self.closed = False
+        self.finished: list[int] = []
+
+    def step(self, allowed=None, forced=None) -> Decoded:
+        return Decoded([[t, t] for t in self.last])
+
+    def finish(self, rows: list[int]) -> None:
+        self.finished += rows
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_decoder_of_several_tokens_a_step_gets_the_hosts_budget_and_stops(chars):
+    model = _tiny()
+    steps = stream(model, [[5, 7]], 5, decoder=Echo, stop_tokens=[])
+    assert [s.tokens for s in steps] == [[[7, 7]], [[7, 7]], [[7]]]  # the budget cuts the last step
+    assert steps.decoder.closed
+    # Two rows: one stops on a stop id mid-step (the stop id counts, nothing after it is kept), the other runs on.
+    result = generate(model, [[1, 2], [3, 9]], 5, decoder=Echo, stop_tokens=[9])
+    assert result.tokens == [[2, 2, 2, 2, 2], []] and result.finish_reasons == ["length", "stop"]
+    assert result.completion_tokens == [5, 1]
+    # Stop strings and text through the same host loop.
+    a, b = chars.token_to_id("a"), chars.token_to_id("b")
+    result = generate(_tiny(vocab_size=97), [[a], [b]], 9, decoder=Echo, stop_strings=["bbb"], tokenizer=chars,
+                      stop_tokens=[])
+    assert result.texts == ["aaaaaaaaa", ""] and result.tokens[1] == [b, b, b]
+    assert result.stopped_by == [None, "bbb"]
+
+
+def test_a_decoder_that_gives_no_token_or_no_logprobs_is_a_one_line_error():
+    class Mute(Echo):
+        def step(self, allowed=None, forced=None) -> Decoded:
+            return Decoded([[] for _ in self.last])
+
+    for decoder, kwargs, match in ((Mute, {}, "gave no token for row 0"), (Echo, dict(logprobs=2), "logprobs")):
+        with pytest.raises(UserError, match=match) as info:
+            generate(_tiny(), [[1, 2]], 5, decoder=decoder, **kwargs)
+        assert "\n" not in str(info.value)
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_cli_generate_stops_on_the_checkpoint_end_ids_on_every_path(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    tok = Tokenizer.train_char(texts=["abcdefghij klmnop\n"])
+    # A chat template whose text the char vocabulary covers: a user turn is its content then "\n".
+    tok = Tokenizer(tok.backend, dict(tok.special_tokens),
+                    chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    torch.manual_seed(2)  # a wide init: varied greedy text, so the end id first comes after several tokens
+    model = Transformer(ModelConfig.preset("char-baby", vocab_size=tok.vocab_size, init_std=0.3)).eval()
+    prompt = tok.encode("abc")
+    free = generate(model, [prompt], 30, temperature=0, stop_tokens=[]).tokens[0]
+    at = max(i for i, t in enumerate(free[:15]) if t not in free[:i])
+    assert at >= 2 and tok.eos_id is None and model.config.eos_token_id is None
+    model.generation_config = GenerationConfig(eos_token_id=[free[at]])  # an end id only generation_config.json has
+    folder = tmp_path / "m"
+    decoderlab.save(model, folder, tokenizer=tok)
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == free[at]
+    want = "abc" + tok.decode(free[:at]) + "\n"
+    for extra in ([], ["--speculative", "recycle"], ["--speculative", str(folder)]):
+        out = subprocess.run([sys.executable, "-m", "decoderlab", "generate", str(folder), "abc", "--tokens", "30",
+                              *extra], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        if extra:
+            assert out.stdout.startswith(want) and "tokens per forward pass" in out.stdout[len(want):]
+        else:
+            assert out.stdout == want
+    # --chat: the prompt goes through the template (Tokenizer.encode_chat), and the text printed is the reply alone.
+    chat = generate(model, [tok.encode_chat([{"role": "user", "content": "abc"}])], 30, tokenizer=tok)
+    out = subprocess.run([sys.executable, "-m", "decoderlab", "generate", str(folder), "abc", "--tokens", "30",
+                          "--chat"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == chat.texts[0] + "\n"

@@ -1,18 +1,29 @@
 """Speculative decoding: greedy parity with plain `generate`, cache consistency, the recycler's matrix, the
-sampling distribution of draft-model speculation (chi-square), and bad input."""
+sampling distribution of draft-model speculation (chi-square, chains of drafts with filters), bad input; and every
+generation path (plain, three speculative decoders, PINE) against the same stops, defaults, logprobs, cache
+growth and refusals."""
 
 from __future__ import annotations
 
+import copy
 import math
+import string
 
 import pytest
 import torch
 
 import decoderlab
-from decoderlab import ModelConfig, Transformer, UserError
-from decoderlab.generation import generate, sampling
+from decoderlab import GenerationConfig, ModelConfig, Tokenizer, Transformer, UserError, pine
+from decoderlab.generation import SamplingParams, Stream, generate, sampling, stream
 from decoderlab.generation import speculative as spec
-from decoderlab.generation.speculative import SpeculativeResult, TokenRecycler, mtp_generate, speculative_generate
+from decoderlab.generation.speculative import (
+    SpeculativeResult,
+    TokenRecycler,
+    draft_decoder,
+    mtp_decoder,
+    mtp_generate,
+    speculative_generate,
+)
 
 PROMPTS = [[1], [3, 1, 4, 1, 5], [7, 7, 7, 7], list(range(2, 40))]
 
@@ -58,6 +69,9 @@ def test_greedy_identical_to_plain(models, method):
 
 def test_recycler_compiled_identical_to_plain(models, monkeypatch):
     target, _ = models
+    # A first cache of cache_slots(prompt + 2 + 16 nodes) = 64 slots: the longest prompt's grows past it on the
+    # way, and the verification moves to the graph (and tree mask) of the new size.
+    monkeypatch.setattr(spec, "CACHE_CHUNK", 2)
     calls = []
     verify = spec.CompiledTreeStep.__call__
     monkeypatch.setattr(spec.CompiledTreeStep, "__call__", lambda self, *a: calls.append(1) or verify(self, *a))
@@ -186,7 +200,7 @@ def _chi_square_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
     obs = torch.cat([counts[~small], counts[small].sum().view(1)])
     keep = exp > 0
     stat = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
-    df = int(keep.sum()) - 1
+    df = max(int(keep.sum()) - 1, 1)
     z = 3.09  # upper 0.001 quantile of the standard normal; Wilson-Hilferty approximation of the chi-square's
     critical = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
     return stat < critical
@@ -218,7 +232,7 @@ def peaked_pair() -> tuple[Transformer, Transformer]:
     return _peaked(0, 8.0), _peaked(1, 8.0)
 
 
-def test_sampling_matches_target_distribution(peaked_pair):
+def test_sampling_matches_target_distribution(peaked_pair, one_thread):
     target, draft = peaked_pair
     prompt = [1, 2, 3]
     want = _target_joint(target, prompt, 1.0)
@@ -232,7 +246,7 @@ def test_sampling_matches_target_distribution(peaked_pair):
     assert not _chi_square_ok(counts, draft_joint)
 
 
-def test_wrong_acceptance_rule_is_caught(peaked_pair, monkeypatch):
+def test_wrong_acceptance_rule_is_caught(peaked_pair, monkeypatch, one_thread):
     target, draft = peaked_pair
     prompt = [1, 2, 3]
     monkeypatch.setattr(spec, "accept_probability", lambda p, q: torch.ones_like(p))
@@ -240,7 +254,7 @@ def test_wrong_acceptance_rule_is_caught(peaked_pair, monkeypatch):
     assert not _chi_square_ok(counts, _target_joint(target, prompt, 1.0))
 
 
-def test_sampling_with_temperature_and_top_k(peaked_pair):
+def test_sampling_with_temperature_and_top_k(peaked_pair, one_thread):
     target, draft = peaked_pair
     prompt = [4, 4]
     counts = torch.zeros(8)
@@ -258,6 +272,105 @@ def test_seed_reproducible(peaked_pair):
     a = speculative_generate(target, draft, [[1, 2]], 10, temperature=1.0, seed=7, stop_tokens=[])
     b = speculative_generate(target, draft, [[1, 2]], 10, temperature=1.0, seed=7, stop_tokens=[])
     assert a.tokens == b.tokens
+
+
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Plain sampling's distribution: temperature, then top-k, then top-p (the property-tested processors)."""
+    return sampling.top_p(sampling.top_k(logits.double() / temperature, top_k), top_p).softmax(-1)
+
+
+def _target_joint3(target: Transformer, prompt: list[int], **kw) -> torch.Tensor:
+    """P(x1, x2, x3) [8, 8, 8] of plain sampling from the target, by enumeration of every prefix."""
+    V = 8
+    with torch.inference_mode():
+        p1 = _filtered_probs(target(torch.tensor([prompt]))[0, -1], **kw)
+        p2 = _filtered_probs(target(torch.tensor([prompt + [a] for a in range(V)]))[:, -1], **kw)  # [a, b]
+        rows = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+        p3 = _filtered_probs(target(rows)[:, -1], **kw).view(V, V, V)  # [a, b, c]
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def _chains(target: Transformer, draft: Transformer, prompt: list[int], n: int, monkeypatch, **kw):
+    """Counts of the first three tokens over n seeds of speculative sampling with k=3 drafts and 4 new tokens,
+    and how the first round went: (drafts, emitted) per call."""
+    rounds = []
+    verify = spec._verify
+
+    def spy(logits, drafts, q_rows, params, generator):
+        out = verify(logits, drafts, q_rows, params, generator)
+        rounds.append((len(drafts), len(out)))
+        return out
+
+    monkeypatch.setattr(spec, "_verify", spy)
+    counts = torch.zeros(8, 8, 8)
+    first = []
+    for seed in range(n):
+        before = len(rounds)
+        got = speculative_generate(target, draft, [prompt], 4, k=3, seed=seed, stop_tokens=[], **kw)
+        x1, x2, x3 = got.tokens[0][:3]
+        counts[x1, x2, x3] += 1
+        first.append(rounds[before])
+    return counts, first
+
+
+@pytest.fixture(scope="module")
+def chain_pair() -> tuple[Transformer, Transformer]:
+    """A target and a draft close to it (the target's weights with noise on the LM head): chains of drafts are
+    often accepted in full and sometimes rejected partway."""
+    target = _peaked(0, 6.0)
+    draft = _peaked(0, 6.0)
+    with torch.no_grad():
+        w = draft.lm_head.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(5)) * w.std() * 0.3)
+    return target, draft
+
+
+@pytest.fixture
+def one_thread():
+    """Thousands of tiny forward passes: one thread is several times faster than a pool on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CHAIN_SAMPLING = dict(temperature=1.3, top_k=4, top_p=0.9)
+
+
+def test_chains_of_drafts_keep_the_joint_distribution_with_filters(chain_pair, monkeypatch, one_thread):
+    # The joint law of the first three tokens, each round drafting k=3: the first round verifies three drafts, so
+    # accepting a whole chain and rejecting at draft 1 or 2 (resampling from the residual there) all shape it.
+    # Checked with Pearson's chi-square at p = 0.001 (cells under 5 expected pooled) against the exact law by
+    # enumeration of all 8^3 continuations; top-k and top-p are on, so the filters enter p and q alike (43 of the
+    # 512 cells remain). Measured: statistic 31 against a critical 69 here; a residual drawn from p instead scores
+    # 353 against 53 with 800 samples.
+    target, draft = chain_pair
+    prompt = [1, 2, 3]
+    want = _target_joint3(target, prompt, **CHAIN_SAMPLING)
+    counts, first = _chains(target, draft, prompt, 1500, monkeypatch, **CHAIN_SAMPLING)
+    assert all(d == 3 for d, _ in first)  # k drafts in the first round
+    full = sum(e == 4 for _, e in first)
+    later_rejection = sum(e in (2, 3) for _, e in first)  # rejected at draft 1 or 2, after accepting a chain
+    assert full > 300 and later_rejection > 200, (full, later_rejection)
+    assert int((want > 0).sum()) < 8 ** 3 // 2  # the filters cut the support
+    assert counts[want == 0].sum() == 0  # nothing the filters remove is ever drawn
+    assert _chi_square_ok(counts, want)
+    assert _chi_square_ok(counts.sum(2), want.sum(2))  # the first two alone
+    # The control: the draft's own law, which the same counts must not fit.
+    draft_law = _target_joint3(draft, prompt, **CHAIN_SAMPLING)
+    assert not _chi_square_ok(counts, draft_law)
+
+
+@pytest.mark.parametrize("wrong", ["accept every draft", "resample from p"])
+def test_a_wrong_rule_fails_the_chain_test(chain_pair, monkeypatch, one_thread, wrong):
+    target, draft = chain_pair
+    prompt = [1, 2, 3]
+    if wrong == "accept every draft":
+        monkeypatch.setattr(spec, "accept_probability", lambda p, q: torch.ones_like(p))
+    else:  # after a rejection, draw from the target instead of the residual norm(max(0, p - q))
+        monkeypatch.setattr(spec, "residual", lambda p, q: p)
+    counts, _ = _chains(target, draft, prompt, 800, monkeypatch, **CHAIN_SAMPLING)
+    assert not _chi_square_ok(counts, _target_joint3(target, prompt, **CHAIN_SAMPLING))
 
 
 # ---- templates and bad input ---------------------------------------------------------------------------------------
@@ -303,3 +416,157 @@ def test_zero_new_tokens(models):
     for got in (TokenRecycler(target).generate([[1]], 0), speculative_generate(target, draft, [[1]], 0),
                 mtp_generate(target, [[1]], 0)):
         assert got.tokens == [[]] and got.completion_tokens == [0] and got.forward_passes == [0]
+
+
+# ---- every path: the same stops, defaults, logprobs, cache growth and refusals as plain decoding -------------------
+
+ALPHABET40 = string.ascii_lowercase + "0123456789 .,;"
+
+
+@pytest.fixture(scope="module")
+def chars40() -> Tokenizer:
+    tok = Tokenizer.train_char(texts=[ALPHABET40])
+    assert tok.vocab_size == 40 and tok.eos_id is None
+    return tok
+
+
+@pytest.fixture(scope="module")
+def rope_pair() -> tuple[Transformer, Transformer]:
+    """(a RoPE target with two future heads, a smaller RoPE draft): every path runs on them, PINE included."""
+    return _model("rope", 0, n_future=2), _model("rope", 1, n_layers=1, d_model=16)
+
+
+PROMPT = [3, 1, 4, 1, 5]
+
+
+def _paths(target: Transformer, draft: Transformer) -> dict:
+    """Every generation path, greedy: name -> fn(prompt, n, **kwargs) -> GenerationResult. PINE gets the prompt as
+    prefix, one segment and suffix, where it is plain decoding."""
+    recycler = TokenRecycler(target, n_nodes=15)
+    return {
+        "plain": lambda p, n, **kw: generate(target, [p], n, temperature=0, **kw),
+        "recycler": lambda p, n, **kw: recycler.generate([p], n, **kw),
+        "draft": lambda p, n, **kw: speculative_generate(target, draft, [p], n, k=3, temperature=0, **kw),
+        "mtp": lambda p, n, **kw: mtp_generate(target, [p], n, **kw),
+        "pine": lambda p, n, **kw: pine.generate(target, p[:1], [p[1:-1]], p[-1:], n, temperature=0, **kw),
+    }
+
+
+def _summary(result) -> tuple:
+    return result.tokens, result.texts, result.finish_reasons, result.stopped_by, result.completion_tokens
+
+
+def test_every_path_stops_on_the_generation_config_end_ids(rope_pair, monkeypatch):
+    target, draft = rope_pair
+    free = generate(target, [PROMPT], 30, temperature=0, stop_tokens=[]).tokens[0]
+    # The latest token among the first 15 that had not appeared before: reached after several speculative rounds.
+    at = max(i for i, t in enumerate(free[:15]) if t not in free[:i])
+    end = free[at]
+    assert at >= 2 and target.config.eos_token_id is None
+    # An end id only the generation_config knows (as an instruct model's end-of-turn token).
+    monkeypatch.setattr(target, "generation_config", GenerationConfig(eos_token_id=[end]))
+    for name, run in _paths(target, draft).items():
+        got = run(PROMPT, 30)
+        assert _summary(got) == ([free[:at]], None, ["stop"], [end], [at + 1]), name
+
+
+def test_every_path_cuts_at_stop_strings_and_streams_text(rope_pair, chars40):
+    target, draft = rope_pair
+    kw = dict(stop_tokens=[], tokenizer=chars40)
+    free = generate(target, [PROMPT], 30, temperature=0, **kw)
+    assert free.texts == [chars40.decode(free.tokens[0])]
+    stop = free.texts[0][9:11]
+    want = generate(target, [PROMPT], 30, temperature=0, stop_strings=[stop], **kw)
+    assert want.finish_reasons == ["stop"] and want.stopped_by == [stop]
+    for name, run in _paths(target, draft).items():
+        assert _summary(run(PROMPT, 30, stop_strings=[stop], **kw)) == _summary(want), name
+    # Streamed through a speculative decoder: several tokens a step, the same text deltas in the end.
+    steps = list(stream(target, [PROMPT], 30, temperature=0, stop_strings=[stop], decoder=TokenRecycler(
+        target, n_nodes=15).decoder, **kw))
+    assert max(len(s.tokens[0]) for s in steps) > 1
+    assert [t for s in steps for t in s.tokens[0]] == want.tokens[0]
+    assert "".join(s.texts[0] for s in steps) == want.texts[0]
+    assert steps[-1].finish_reasons == ["stop"] and steps[-1].stopped_by == [stop]
+
+
+def test_every_path_reports_the_same_logprobs(rope_pair):
+    target, draft = rope_pair
+    want = generate(target, [PROMPT], 20, temperature=0, stop_tokens=[], logprobs=3)
+    with torch.inference_mode():
+        full = target(torch.tensor([PROMPT + want.tokens[0]]))[0, len(PROMPT) - 1:-1].log_softmax(-1)
+    for name, run in _paths(target, draft).items():
+        got = run(PROMPT, 20, stop_tokens=[], logprobs=3)
+        assert got.tokens == want.tokens, name
+        assert [lp.token for lp in got.logprobs[0]] == got.tokens[0]
+        for i, lp in enumerate(got.logprobs[0]):
+            assert lp.logprob == pytest.approx(float(full[i, lp.token]), abs=1e-4), (name, i)
+            assert [t for t, _ in lp.top] == full[i].topk(3).indices.tolist(), (name, i)
+            assert [v for _, v in lp.top] == pytest.approx(full[i].topk(3).values.tolist(), abs=1e-4)
+
+
+def test_draft_speculation_applies_penalties_as_plain_decoding(rope_pair):
+    # Greedy with penalties is deterministic: each verified position must see the drafts before it as generated.
+    target, draft = rope_pair
+    kw = dict(repetition_penalty=1.8, frequency_penalty=0.7, stop_tokens=[])
+    want = generate(target, [PROMPT], 30, temperature=0, **kw).tokens
+    assert want != generate(target, [PROMPT], 30, temperature=0, stop_tokens=[]).tokens
+    got = speculative_generate(target, draft, [PROMPT], 30, k=3, temperature=0, **kw)
+    assert got.tokens == want and got.tokens_per_pass[0] > 1
+
+
+@pytest.mark.parametrize("method", ["recycler", "draft", "mtp", "pine"])
+def test_caches_grow_with_the_output_and_keep_tokens(rope_pair, monkeypatch, method):
+    target, draft = rope_pair
+    monkeypatch.setattr(spec, "CACHE_CHUNK", 2)  # a first cache of prompt + 2 (+ drafts): it must grow often
+    monkeypatch.setattr(pine, "CACHE_CHUNK", 2)
+    prompt = PROMPT * 3
+    want = generate(target, [prompt], 40, temperature=0, stop_tokens=[]).tokens
+    caches = _capture_caches(monkeypatch, target, draft)
+    got = _paths(target, draft)[method](prompt, 40, stop_tokens=[])
+    assert got.tokens == want
+    first = len(prompt) + 2
+    assert caches and all(c.max_length >= first + 16 for c in caches)  # grew (geometrically) past its first size
+    assert all(c.max_length <= len(prompt) + 40 + 16 for c in caches)  # never past what the request can use
+
+
+def test_nan_weights_are_refused_on_every_path(rope_pair):
+    target, draft = rope_pair
+    bad = copy.deepcopy(target)
+    with torch.no_grad():
+        bad.final_norm.weight[0] = float("nan")
+    for name, run in _paths(bad, draft).items():
+        with pytest.raises(UserError, match="produced NaN logits for the prompt") as info:
+            run(PROMPT, 5)
+        assert "\n" not in str(info.value), name
+    bad_draft = copy.deepcopy(draft)
+    with torch.no_grad():
+        bad_draft.final_norm.weight[0] = float("nan")
+    with pytest.raises(UserError, match="the draft model produced NaN"):
+        speculative_generate(target, bad_draft, [PROMPT], 5, temperature=0)
+
+
+def test_greedy_only_decoders_refuse_sampling_and_take_no_defaults(rope_pair, monkeypatch):
+    target, draft = rope_pair
+    recycler = TokenRecycler(target)
+    for decoder in (recycler.decoder, mtp_decoder()):
+        for kwargs in (dict(temperature=0.7), dict(temperature=0, repetition_penalty=1.2)):
+            with pytest.raises(UserError, match="decodes greedily") as info:
+                stream(target, [PROMPT], 5, decoder=decoder, **kwargs)
+            assert "\n" not in str(info.value)
+    # A checkpoint that samples by default: its settings are named as the source of the refusal ...
+    monkeypatch.setattr(target, "generation_config", GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9))
+    with pytest.raises(UserError, match="temperature=0.6 .*generation_config"):
+        stream(target, [PROMPT], 5, decoder=recycler.decoder)
+    # ... while the greedy methods stay greedy, and draft-model speculation samples with them.
+    greedy = generate(target, [PROMPT], 20, temperature=0, stop_tokens=[]).tokens
+    assert recycler.generate([PROMPT], 20, stop_tokens=[]).tokens == greedy
+    assert mtp_generate(target, [PROMPT], 20, stop_tokens=[]).tokens == greedy
+    sampled = stream(target, [PROMPT], 5, decoder=draft_decoder(draft))
+    assert sampled.decoder.params == SamplingParams(0.6, 50, 0.9)
+    # Several tokens a step cannot follow a grammar's per-token masks, nor compile where there is no graph.
+    for decoder in (recycler.decoder, draft_decoder(draft), mtp_decoder()):
+        with pytest.raises(UserError, match="cannot follow a grammar"):
+            Stream(target, [PROMPT], 5, SamplingParams(), force={0: {0: 1}}, decoder=decoder)
+    for decoder in (draft_decoder(draft), mtp_decoder()):
+        with pytest.raises(UserError, match="compile=True is not supported"):
+            stream(target, [PROMPT], 5, temperature=0, compile=True, decoder=decoder)

@@ -1,12 +1,16 @@
 """Preallocated key/value cache: one buffer for all layers, written in place at explicit slots.
 
-It never grows with `torch.cat`; `length` counts the filled slots, `truncate` rolls back rejected
-speculative tokens, and `keep` compacts accepted tree nodes into consecutive slots. With `write_slots` set,
-a forward pass writes at slots given as a tensor and attends over the whole buffer: every decode step then
-has the same shapes, which is what a compiled decode step needs (`decoderlab.generation.compiled`).
+It never grows with `torch.cat` per step: `reserve` makes room geometrically (twice the length, one copy into a
+larger buffer, amortised), so a generation allocates what it has used, not the whole context up front.
+`length` counts the filled slots, `truncate` rolls back rejected speculative tokens, and `keep` compacts
+accepted tree nodes into consecutive slots. With `write_slots` set, a forward pass writes at slots given as a
+tensor and attends over the whole buffer: every decode step then has the same shapes, which is what a compiled
+decode step needs (`decoderlab.generation.compiled`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -42,6 +46,39 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.keys.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers."""
+        return self.keys.nbytes + self.values.nbytes
+
+    def reserve(self, needed: int, limit: int | None = None,
+                round_up: Callable[[int], int] | None = None) -> bool:
+        """Make room for `needed` slots. A buffer that is too short grows to twice its length (at least `needed`,
+        at most `limit` where that is at least `needed`), then `round_up` (e.g. to the next power of two for
+        compiled graphs): one copy of the filled slots into a new buffer, so growth costs O(1) per token
+        amortised. Returns whether the buffers were replaced (compiled steps then re-check their graph)."""
+        if needed <= self.max_length:
+            return False
+        target = max(needed, 2 * self.max_length)
+        if limit is not None and limit >= needed:
+            target = min(target, limit)
+        if round_up is not None:
+            target = max(needed, round_up(target))
+        self.resize(target)
+        return True
+
+    def resize(self, max_length: int) -> None:
+        """Move to buffers of `max_length` slots, keeping the `length` filled ones (the rest start as zeros)."""
+        if max_length < self.length:
+            raise UserError(f"cannot shrink a KV cache holding {self.length} tokens to {max_length} slots")
+        shape = (*self.keys.shape[:3], max_length, self.keys.shape[4])
+        keys = torch.zeros(shape, device=self.keys.device, dtype=self.keys.dtype)
+        values = torch.zeros(shape, device=self.values.device, dtype=self.values.dtype)
+        keys[:, :, :, :self.length] = self.keys[:, :, :, :self.length]
+        values[:, :, :, :self.length] = self.values[:, :, :, :self.length]
+        self.keys, self.values = keys, values
+        self._layer_keys, self._layer_values = self.keys.unbind(0), self.values.unbind(0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `k`, `v` [B, H_kv, T, D] after the filled slots; return all keys/values so far (views).

@@ -213,49 +213,69 @@ def serve_cmd(
 @app.command("generate")
 def generate_cmd(
     path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
-    prompt: str = typer.Argument(..., help="Text to continue."),
+    prompt: str = typer.Argument(..., help="Text to continue (encoded with the tokenizer's special tokens, e.g. BOS)."),
     tokens: int = typer.Option(200, "--tokens", "-n", help="New tokens at most (fewer past the context length)."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
-    top_k: int = typer.Option(None, help="Sample among the k most likely tokens."),
+    temperature: float = typer.Option(None, help="Sampling temperature (0 = greedy). Sampling flags left out take "
+                                      "the checkpoint's generation_config.json (greedy without one)."),
+    top_k: int = typer.Option(None, help="Sample among the k most likely tokens (0: off)."),
     top_p: float = typer.Option(None, help="Sample among the most likely tokens holding this much probability."),
+    repetition_penalty: float = typer.Option(None, help="Penalise tokens already seen (1: off), as transformers."),
     seed: int = typer.Option(None, help="Random seed."),
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable)."),
     chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template."),
-    speculative: str = typer.Option(None, help="Greedy speculative decoding: recycle (Token Recycling), "
-                                    "mtp (the model's future heads) or a draft model's folder."),
+    speculative: str = typer.Option(None, help="Speculative decoding: recycle (Token Recycling) or mtp (the "
+                                    "model's future heads), both greedy; or a draft model's folder (samples as "
+                                    "plain decoding does)."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
 ) -> None:
-    """Stream a prompt's continuation to the terminal as it is generated."""
+    """Stream a prompt's continuation to the terminal as it is generated; it stops at the checkpoint's end ids
+    (generation_config.json, config.json, the tokenizer's eos) or a --stop text."""
     import decoderlab
 
-    from .generation import stream
+    from .generation import TokenRecycler, draft_decoder, mtp_decoder, stream
 
     model = decoderlab.load(path).pack()
     tok = decoderlab.Tokenizer.from_folder(path)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-    ids = tok.encode(text) or ([tok.bos_id] if tok.bos_id is not None else [])
-    if speculative:
-        if compile and speculative != "recycle":
-            raise UserError("--compile applies to plain decoding and --speculative recycle; leave it out here")
-        from .generation import TokenRecycler, mtp_generate, speculative_generate
-
+    if chat:
+        ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    else:
+        ids = tok.encode(prompt) or ([tok.bos_id] if tok.bos_id is not None else [])
+    if not ids:
+        raise UserError("the prompt is empty and the tokenizer has no BOS token to start from; give some text")
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    decoder = None
+    if speculative in ("recycle", "mtp"):
+        given = [f"--{k.replace('_', '-')}" for k, v in sampling.items()
+                 if v is not None and not (k == "temperature" and v == 0)]
+        if given:
+            raise UserError(f"--speculative {speculative} decodes greedily; leave out {', '.join(given)} "
+                            "(or use a draft model's folder, which samples)")
+        # Greedy whatever the checkpoint's generation_config says: these decoders cannot sample.
+        sampling = dict(temperature=0.0, repetition_penalty=1.0)
         if speculative == "recycle":
-            result = TokenRecycler(model).generate([ids], tokens, compile=compile)
-        elif speculative == "mtp":
-            result = mtp_generate(model, [ids], tokens)
+            decoder = TokenRecycler(model).decoder
         else:
-            result = speculative_generate(model, decoderlab.load(speculative), [ids], tokens, seed=seed)
-        sys.stdout.write(("" if chat else prompt) + tok.decode(result.tokens[0]) + "\n")
-        console.print(f"[dim]{result.mean_accepted:.2f} tokens per forward pass[/dim]", highlight=False)
-        return
-    steps = stream(model, [ids], tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                   stop_strings=stop or None, tokenizer=tok, compile=compile)
+            if compile:
+                raise UserError("--compile applies to plain decoding and --speculative recycle; leave it out here")
+            decoder = mtp_decoder()
+    elif speculative:
+        if compile:
+            raise UserError("--compile applies to plain decoding and --speculative recycle; leave it out here")
+        decoder = draft_decoder(decoderlab.load(speculative))
+    steps = stream(model, [ids], tokens, **sampling, seed=seed, stop_strings=stop or None, tokenizer=tok,
+                   compile=compile, decoder=decoder)
     if not chat:
         sys.stdout.write(prompt)
+    generated = 0
     for step in steps:
+        generated += len(step.tokens[0]) + isinstance(step.stopped_by[0], int)
         sys.stdout.write(step.texts[0])
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if decoder is not None:
+        sys.stdout.flush()
+        passes = max(steps.decoder.forward_passes, 1)
+        console.print(f"[dim]{generated / passes:.2f} tokens per forward pass[/dim]", highlight=False)
 
 
 @app.command("embed")

@@ -25,8 +25,7 @@ from torch import Tensor
 
 from . import masks
 from .errors import UserError
-from .generation.engine import PAD_ID, GenerationResult, _collect, _Decoder, _make_stream, _stop_strings, _stop_tokens
-from .generation.sampling import SamplingParams
+from .generation.engine import CACHE_CHUNK, PAD_ID, CachedDecoder, DecodeRequest, GenerationResult, stream
 from .model import Transformer, apply_rope, rope_angles
 from .tokenizer import Tokenizer
 
@@ -159,8 +158,11 @@ class PineAttention:
     the segments' keys in [J, Lmax] blocks, without positions (fp32, for the ranking) and rotated (for scores).
     """
 
-    def __init__(self, model: Transformer, layout: _Layout, cache_dtype: torch.dtype | None = None) -> None:
-        self.cache = model.new_cache(layout.ids.shape[0], layout.group.shape[1], dtype=cache_dtype)
+    def __init__(self, model: Transformer, layout: _Layout, cache_dtype: torch.dtype | None = None,
+                 slots: int | None = None) -> None:
+        # `slots`: the cache's first size (it grows as generation needs, up to every slot of the layout).
+        self.limit = layout.group.shape[1]
+        self.cache = model.new_cache(layout.ids.shape[0], slots or self.limit, dtype=cache_dtype)
         self.seg_keys_raw: list[Tensor | None] = [None] * model.config.n_layers
         self.seg_keys: list[Tensor | None] = [None] * model.config.n_layers
         self.inv_freq = model.rope_inv_freq
@@ -171,6 +173,7 @@ class PineAttention:
         """Prepare a forward pass over the next `n_new` slots (tables shared by every layer)."""
         lay, start = self.layout, self.cache.length
         end = start + n_new
+        self.cache.reserve(end, limit=self.limit)
         q_slots = torch.arange(start, end, device=lay.ids.device)
         allowed = lay.mask.materialize(q_slots, torch.arange(end, device=lay.ids.device),
                                        batch_size=lay.ids.shape[0], device=lay.ids.device)
@@ -307,19 +310,23 @@ def suffix_logits(model: Transformer, items: Iterable[PineInput | Sequence[Any]]
     return [out[b, keep - len(it.suffix):].float() for b, it in enumerate(items)]
 
 
-class _PineDecoder(_Decoder):
-    """The generation engine's device side with PINE forward passes (prompt, then one token per step)."""
+class _PineDecoder(CachedDecoder):
+    """The generation engine's default decoder with PINE forward passes (prompt, then one token per step)."""
 
-    @torch.inference_mode()
-    def __init__(self, model: Transformer, items: list[PineInput], steps: int, params: SamplingParams, seed: int,
-                 cache_dtype: torch.dtype | None, sort_segments: bool = True) -> None:
-        self.model = model
-        self.layout = _Layout(items, steps, model.device, sort_segments)
-        self.attention = PineAttention(model, self.layout, cache_dtype)
-        self.init_sampling(params, seed, self.layout.ids, self.layout.valid, model.config.vocab_size)
+    def __init__(self, request: DecodeRequest, items: list[PineInput], sort_segments: bool = True) -> None:
+        if request.compile:
+            raise UserError("compile=True is not supported with PINE (its attention is its own function); "
+                            "leave it out")
+        self.request, self.model = request, request.model
+        self.layout = _Layout(items, request.max_new_tokens, request.model.device, sort_segments)
+        self.attention: PineAttention | None = None  # made at the first step
+        self.init_sampling(request, self.layout.ids, self.layout.valid)
 
     def logits(self) -> Tensor:
         if self.last is None:
+            T = self.layout.ids.shape[1]
+            self.attention = PineAttention(self.model, self.layout, self.request.cache_dtype,
+                                           slots=T + min(self.request.max_new_tokens, CACHE_CHUNK))
             feed = self.layout.ids
         else:
             feed = self.last.masked_fill(self.done, PAD_ID)[:, None]
@@ -328,43 +335,47 @@ class _PineDecoder(_Decoder):
         self.attention.advance()
         return out[:, -1]
 
+    def close(self) -> None:
+        self.attention = None
+
 
 def generate(model: Transformer, prefix: Sequence[int], segments: Sequence[Sequence[int]], suffix: Sequence[int],
-             max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, min_p: float | None = None, seed: int | None = None,
-             stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
-             tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None,
+             max_new_tokens: int = 64, *, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+             seed: int | None = None, stop_tokens: int | Iterable[int] | None = None,
+             stop_strings: str | Iterable[str] | None = None, tokenizer: Tokenizer | None = None,
+             cache_dtype: torch.dtype | None = None, logprobs: int | None = None,
              sort_segments: bool = True) -> GenerationResult:
     """Continue after `suffix` with PINE: every generated token also ranks and re-places the segments from its
-    own point of view. Sampling arguments as in `decoderlab.generate`; returns a `GenerationResult` for one row.
+    own point of view. Sampling, stops and logprobs as in `decoderlab.generate` (arguments left as None take the
+    checkpoint's generation_config defaults; the default stop ids are every end id the model and tokenizer
+    know); returns a `GenerationResult` for one row.
     """
     return batch_generate(model, [(prefix, segments, suffix)], max_new_tokens, temperature=temperature,
-                          top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, stop_tokens=stop_tokens,
-                          stop_strings=stop_strings, tokenizer=tokenizer, cache_dtype=cache_dtype,
-                          sort_segments=sort_segments)
+                          top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                          stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
+                          cache_dtype=cache_dtype, logprobs=logprobs, sort_segments=sort_segments)
 
 
 def batch_generate(model: Transformer, items: Iterable[PineInput | Sequence[Any]], max_new_tokens: int = 64, *,
-                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   min_p: float | None = None, seed: int | None = None,
+                   temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                   min_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
                    stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
                    tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None,
-                   sort_segments: bool = True) -> GenerationResult:
-    """`generate` for a batch of (prefix, segments, suffix) inputs, decoded together."""
+                   logprobs: int | None = None, sort_segments: bool = True) -> GenerationResult:
+    """`generate` for a batch of (prefix, segments, suffix) inputs, decoded together: the engine's `stream` with
+    a PINE decoder, so stops, stop strings, text and finish reasons are plain decoding's."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    params = SamplingParams(temperature, top_k, top_p, min_p)
     items = _inputs(model, items, max(max_new_tokens - 1, 0))
-    stop_ids = _stop_tokens(stop_tokens, model, tokenizer)
-    stops = _stop_strings(stop_strings, tokenizer)
 
-    def decoder(model: Transformer, prompts: list[list[int]], steps: int, params: SamplingParams, seed: int,
-                cache_dtype: torch.dtype | None) -> _PineDecoder:
-        return _PineDecoder(model, items, steps, params, seed, cache_dtype, sort_segments)
+    def decoder(request: DecodeRequest) -> _PineDecoder:
+        return _PineDecoder(request, items, sort_segments)
 
-    steps = _make_stream(model, [it.tokens for it in items], max_new_tokens, params, seed, stop_ids, stops,
-                         tokenizer, cache_dtype, None, decoder=decoder)
-    return _collect(steps, tokenizer, max_new_tokens, trace=False)
+    return stream(model, [it.tokens for it in items], max_new_tokens, temperature=temperature, top_k=top_k,
+                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                  stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer, cache_dtype=cache_dtype,
+                  logprobs=logprobs, decoder=decoder).result()
 
 
 def build(tokenizer: Tokenizer, template: str, documents: Sequence[str], *,

@@ -1,18 +1,53 @@
-"""Text generation: `generate` (whole results) and `stream` (step by step) over one KV-cached decode loop.
+"""Text generation: `generate` (whole results) and `stream` (step by step) over one decode engine.
 
+The engine (`engine`) is a host loop over a public decoder protocol: a `Decoder`, built by a factory from a
+`DecodeRequest`, runs the forward passes and returns one or more tokens per row per step (`Decoded`); the host
+applies stop ids, stop strings, the token budget, text and logprobs alike for every decoder. `CachedDecoder` is
+the default; `stream(..., decoder=factory)` takes another (PINE, the speculative decoders).
 Lossless speculative decoding (Token Recycling, a draft model, multi-token heads) lives in `speculative`.
 The logits processors (penalties, temperature, top-k, top-p, min-p) live in `sampling` as pure functions.
 """
 
-from . import constrained, sampling
+from . import constrained, sampling, speculative
 from .constrained import Grammar
 from .counterfactual import Trace, counterfactual
-from .engine import GenerationResult, GenerationStep, Stream, generate, stream
-from .sampling import SamplingParams
-from .speculative import SpeculativeResult, TokenRecycler, mtp_generate, speculative_generate, tree_template
+from .engine import (
+    CACHE_CHUNK,
+    CachedDecoder,
+    Decoded,
+    Decoder,
+    DecodeRequest,
+    DecoderFactory,
+    GenerationResult,
+    GenerationStep,
+    Stream,
+    check_prompts,
+    generate,
+    require_finite,
+    resolve_sampling,
+    resolve_stop_strings,
+    resolve_stop_tokens,
+    stream,
+)
+from .sampling import SamplingParams, TokenLogprob, token_logprobs
+from .speculative import (
+    DraftDecoder,
+    MTPDecoder,
+    RecyclingDecoder,
+    SpeculativeResult,
+    TokenRecycler,
+    draft_decoder,
+    mtp_decoder,
+    mtp_generate,
+    speculative_generate,
+    tree_template,
+)
 
 __all__ = [
-    "GenerationResult", "GenerationStep", "Grammar", "SamplingParams", "SpeculativeResult", "Stream", "TokenRecycler",
-    "Trace", "constrained", "counterfactual", "generate", "mtp_generate", "sampling", "speculative_generate", "stream",
-    "tree_template",
+    "CACHE_CHUNK", "CachedDecoder", "DecodeRequest", "Decoded", "Decoder", "DecoderFactory", "DraftDecoder",
+    "GenerationResult", "GenerationStep", "Grammar", "MTPDecoder", "RecyclingDecoder", "SamplingParams",
+    "SpeculativeResult", "Stream", "TokenLogprob", "TokenRecycler", "Trace", "check_prompts", "constrained",
+    "counterfactual", "draft_decoder", "generate", "mtp_decoder", "mtp_generate", "require_finite",
+    "resolve_sampling", "resolve_stop_strings", "resolve_stop_tokens", "sampling", "speculative",
+    "speculative_generate", "stream", "token_logprobs", "tree_template",
 ]

@@ -5,8 +5,9 @@ of a small model's step. To compile the step once, every step must have the same
 static mode (`KVCache.write_slots`: keys are written at a slot given as a tensor, attention reads the whole
 buffer under a mask), and the mask causal & padding(valid) is built inside the graph from the slot tensor; the
 model adds each layer's sliding window to it from the same tensor, also inside the graph. Cache sizes come in
-powers of two, so prompts of different lengths share graphs. Token Recycling's tree verification
-(`CompiledTreeStep`) runs the same way, with its tree mask prepared outside the graph.
+powers of two, so prompts of different lengths share graphs; a cache that grows (`KVCache.reserve`) moves the
+step to the graph of its new size. Token Recycling's tree verification (`CompiledTreeStep`) runs the same way,
+with its tree mask prepared outside the graph.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class CompiledDecodeStep:
 
     `cache` must have been filled by a normal (eager) forward of the prompts; `valid` [B, cache.max_length]
     marks the slots that hold (or will hold) real tokens; `positions` [B] are the next tokens' positions.
+    When the cache grows, the slots it gains count as valid (they hold generated tokens).
     """
 
     def __init__(self, model: Transformer, cache: KVCache, valid: Tensor, positions: Tensor) -> None:
@@ -103,6 +105,12 @@ class CompiledDecodeStep:
         """Logits [B, V] after feeding `tokens` [B, 1]; advances the cache and the positions."""
         if self.cache.length >= self.cache.max_length:
             raise UserError(f"KV cache is full: room for {self.cache.max_length} tokens")
+        grown = self.cache.max_length - self.valid.shape[1]
+        if grown:
+            # A new buffer size: another graph, whose guards the next call checks in full.
+            more = torch.ones(self.valid.shape[0], grown, dtype=torch.bool, device=self.valid.device)
+            self.valid = torch.cat([self.valid, more], dim=1)
+            self._first = True
         logits = _decode_graph(self._first, self.model, tokens, self.positions, self.cache, self.valid)
         self._first = False
         self.cache.write_slots += 1
@@ -132,6 +140,9 @@ class CompiledTreeStep:
         start = self.cache.length
         if start + self.n > self.cache.max_length:
             raise UserError(f"KV cache is full: room for {self.cache.max_length} tokens")
+        if self.mask.shape[-1] != self.cache.max_length:  # the cache grew: a mask (and graph) of its new size
+            self.mask = self.mask.new_zeros(1, 1, self.n, self.cache.max_length)
+            self._first = True
         # The context before the tree, then the tree's own pattern; slots after it stay hidden (never written).
         self.mask[..., :start] = True
         self.mask[..., start:start + self.n] = self.ancestors

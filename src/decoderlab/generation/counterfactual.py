@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..model import Transformer
-from .engine import GenerationResult, Trace, _collect, _make_stream, _prompts
+from .engine import GenerationResult, Stream, Trace, check_prompts
 
 __all__ = ["Trace", "counterfactual"]
 
@@ -46,13 +46,9 @@ def counterfactual(model: Transformer, trace: Trace, intervention: Mapping[str, 
             new = [new]
         if hasattr(new, "tolist"):
             new = new.tolist()
-        prompts = _prompts(new, model.config.vocab_size)
+        prompts = check_prompts(new, model)
         if len(prompts) != B:
             raise UserError(f"the prompt intervention has {len(prompts)} prompts; the trace has {B}")
-        longest = max(len(p) for p in prompts)
-        if longest > model.config.context_length:
-            raise UserError(f"a prompt of {longest} tokens exceeds the model's context length of "
-                            f"{model.config.context_length}; shorten it")
     force = {step: dict(rows) for step, rows in trace.forced.items()}  # a counterfactual's own interventions
     forced_row = forced_at = forced_token = None
     if "token" in intervention:
@@ -77,10 +73,10 @@ def counterfactual(model: Transformer, trace: Trace, intervention: Mapping[str, 
     n = trace.max_new_tokens if max_new_tokens is None else max_new_tokens
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {n!r}")
-    steps = _make_stream(model, prompts, n, trace.params, trace.seed, set(trace.stop_tokens),
-                         list(trace.stop_strings), trace.tokenizer, trace.cache_dtype, trace.grammar, force,
-                         compile=trace.compile)
-    result = _collect(steps, trace.tokenizer, n, trace=True)
+    steps = Stream(model, prompts, n, trace.params, seed=trace.seed, stop_ids=trace.stop_tokens,
+                   stop_strings=trace.stop_strings, tokenizer=trace.tokenizer, cache_dtype=trace.cache_dtype,
+                   grammar=trace.grammar, force=force, compile=trace.compile)
+    result = steps.result(trace=True)
     if forced_row is not None:
         row = result.tokens[forced_row]
         applied = (len(row) > forced_at and row[forced_at] == forced_token) or (

@@ -3,6 +3,9 @@
 Each processor returns new logits (filtered tokens get -inf); `choose` applies the ones `SamplingParams` asks
 for, in transformers' order (penalties, temperature, top-k, top-p, min-p), then takes the argmax or samples.
 
+`token_logprobs` reports what the model thought of the chosen tokens: log-softmax of the raw logits (before
+temperature, penalties, filters and grammar masks, as vLLM reports by default), with the top alternatives.
+
 Sampling is the Gumbel-Max trick: argmax(logits / T + g) with g i.i.d. standard Gumbel noise over the whole
 vocabulary draws exactly from softmax(logits / T), and makes the noise an explicit, replayable input (the
 structural causal model that `counterfactual` replays). Filtered tokens stay -inf whatever noise they get.
@@ -123,6 +126,16 @@ class SamplingParams:
         return bool(self.frequency_penalty)
 
 
+def penalized(logits: Tensor, params: SamplingParams, seen: Tensor | None = None,
+              counts: Tensor | None = None) -> Tensor:
+    """The logits after the repetition and frequency penalties `params` asks for (fp32), else unchanged."""
+    if params.needs_seen:
+        logits = repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.needs_counts:
+        logits = frequency_penalty(logits.float(), counts, params.frequency_penalty)
+    return logits
+
+
 def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            seen: Tensor | None = None, counts: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     """The next token id of each row [B] from logits [B, V].
@@ -134,11 +147,7 @@ def choose(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     """
     if params.greedy and not (params.needs_seen or params.needs_counts):
         return logits.argmax(dim=-1)
-    logits = logits.float()
-    if params.needs_seen:
-        logits = repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.needs_counts:
-        logits = frequency_penalty(logits, counts, params.frequency_penalty)
+    logits = penalized(logits.float(), params, seen, counts)
     # Filters do not change the argmax, so greedy stops here (as transformers does with do_sample=False).
     if params.greedy:
         return logits.argmax(dim=-1)
@@ -155,3 +164,50 @@ def filtered(logits: Tensor, params: SamplingParams) -> Tensor:
     if params.min_p:
         logits = min_p(logits, params.min_p)
     return logits
+
+
+def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
+    """The distribution sampling draws from (after any penalties): softmax of the `filtered` logits."""
+    return filtered(logits, params).softmax(dim=-1)
+
+
+# The most alternatives a step reports per token (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the `top` most likely tokens at its position as
+    (token, logprob) pairs, most likely first. From log-softmax of the raw logits: before temperature, penalties,
+    top-k/top-p/min-p filters and grammar masks (vLLM's default), so it says what the model thought, not what
+    the sampler drew from."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor | list[int], k: int) -> list[TokenLogprob]:
+    """`TokenLogprob`s of `tokens` [N] at the positions whose raw logits are `logits` [N, V], with the top `k`
+    alternatives each (fp32 log-softmax)."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    tokens = torch.as_tensor(tokens, device=logits.device).view(-1)
+    chosen = logprobs.gather(-1, tokens[:, None])[:, 0].tolist()
+    k = min(k, logprobs.shape[-1])
+    if k:
+        top = logprobs.topk(k, dim=-1)
+        values, indices = top.values.tolist(), top.indices.tolist()
+    else:
+        values = indices = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, list(zip(idx, val, strict=True)))
+            for t, lp, idx, val in zip(tokens.tolist(), chosen, indices, values, strict=True)]
+
+
+def check_logprobs(k: object) -> int | None:
+    """`logprobs` as the engine takes it: None (none reported) or the number of alternatives, 0..MAX_LOGPROBS."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS:
+        raise UserError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
+                        f"got {k!r}")
+    return k

@@ -4,13 +4,19 @@ Three drafters share one contract (greedy output identical to `generate(..., tem
 distributed exactly as plain sampling): `TokenRecycler` (training-free, a draft tree grown from a matrix of
 recently seen top-k successors), `speculative_generate` (a smaller draft model; speculative sampling) and
 `mtp_generate` (self-speculation with the model's own future-token heads). All take one prompt (batch size 1).
+
+Each is a `Decoder` of the generation engine (`RecyclingDecoder`, `DraftDecoder`, `MTPDecoder`) that emits the
+tokens a verification pass accepts, so the engine's host loop applies the same stop ids (by default every end id
+of the generation_config, config and tokenizer), stop strings, token budget, finish reasons, text streaming and
+logprobs as plain decoding: `stream(model, ids, decoder=TokenRecycler(model).decoder, tokenizer=tok)` streams
+speculative output. The `*_generate` functions run such a stream and add acceptance statistics.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -18,9 +24,19 @@ from torch import Tensor
 from .. import masks
 from ..errors import UserError
 from ..model import Transformer
+from ..tokenizer import Tokenizer
 from .compiled import CompiledTreeStep, cache_slots
-from .engine import GenerationResult, _prompts, _stop_tokens
-from .sampling import SamplingParams, filtered
+from .engine import (
+    CACHE_CHUNK,
+    Decoded,
+    DecodeRequest,
+    DecoderFactory,
+    GenerationResult,
+    Stream,
+    require_finite,
+    stream,
+)
+from .sampling import SamplingParams, penalized, probabilities, token_logprobs
 
 # Prior acceptance probability of a draft by the rank of its token among the recycled successors; only the
 # ratios matter, to decide which (parent, rank) nodes the static tree template spends its budget on.
@@ -47,75 +63,44 @@ class SpeculativeResult(GenerationResult):
         return sum(values) / len(values)
 
 
-class _Output:
-    """Collects emitted tokens of one row and applies the stop tokens and the token budget, as `generate` does."""
-
-    def __init__(self, steps: int, stop_ids: set[int]) -> None:
-        self.steps, self.stop_ids = steps, stop_ids
-        self.tokens: list[int] = []
-        self.stopped_by: int | None = None
-        self.done = steps == 0
-
-    @property
-    def remaining(self) -> int:
-        return self.steps - len(self.tokens) - (self.stopped_by is not None)
-
-    def add(self, token: int) -> bool:
-        """Emit `token`; True when the row is finished (and nothing more may be emitted)."""
-        if token in self.stop_ids:
-            self.stopped_by, self.done = token, True
-        else:
-            self.tokens.append(token)
-            self.done = len(self.tokens) >= self.steps
-        return self.done
-
-    def result(self, prompt_length: int, passes: int, draft_passes: int = 0) -> SpeculativeResult:
-        completion = len(self.tokens) + (self.stopped_by is not None)
-        reason = "stop" if self.stopped_by is not None else "length"
-        return SpeculativeResult([self.tokens], None, [reason], [self.stopped_by], [prompt_length], [completion],
-                                 forward_passes=[passes], tokens_per_pass=[completion / max(passes, 1)],
-                                 draft_passes=[draft_passes])
+def _result(steps: Stream) -> SpeculativeResult:
+    """Run a speculative stream to the end: its `GenerationResult` with the decoder's pass counts."""
+    decoder = steps.decoder
+    base = steps.result()
+    passes = decoder.forward_passes
+    return SpeculativeResult(**{f.name: getattr(base, f.name) for f in fields(GenerationResult)},
+                             forward_passes=[passes],
+                             tokens_per_pass=[base.completion_tokens[0] / max(passes, 1)],
+                             draft_passes=[getattr(decoder, "draft_passes", 0)])
 
 
-def _one_prompt(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
-                what: str) -> tuple[list[int], int]:
-    """The single prompt and the number of tokens to generate (as `stream` bounds it), or a one-line UserError."""
-    prompts = _prompts(input_ids, model.config.vocab_size)
-    if len(prompts) != 1:
-        raise UserError(f"{what} decodes one prompt at a time (batch size 1), got {len(prompts)}; "
+def _check_request(request: DecodeRequest, what: str, greedy_only: bool, compiles: bool = False) -> None:
+    """What every speculative decoder refuses, as one-line errors: batches, grammars and forced tokens (a
+    step emits several tokens), compile where it has no compiled path, and sampling where it is greedy-only."""
+    if len(request.prompts) != 1:
+        raise UserError(f"{what} decodes one prompt at a time (batch size 1), got {len(request.prompts)}; "
                         "loop over the prompts or use decoderlab.generate for batches")
-    prompt = prompts[0]
-    ctx = model.config.context_length
-    if len(prompt) > ctx:
-        raise UserError(f"a prompt of {len(prompt)} tokens exceeds the model's context length of {ctx}; shorten it")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    # As in `stream`: the last token is chosen but never fed, so a full context still gets one new token.
-    return prompt, min(max_new_tokens, ctx - len(prompt) + 1)
+    if request.constrained:
+        raise UserError(f"{what} emits several tokens per step and cannot follow a grammar or forced tokens; "
+                        "use decoderlab.generate")
+    if request.compile and not compiles:
+        raise UserError(f"compile=True is not supported by {what}; leave it out")
+    p = request.params
+    if greedy_only and (not p.greedy or p.needs_seen or p.needs_counts):
+        asked = [f"temperature={p.temperature}" if not p.greedy else "",
+                 f"repetition_penalty={p.repetition_penalty}" if p.needs_seen else "",
+                 f"frequency_penalty={p.frequency_penalty}" if p.needs_counts else ""]
+        raise UserError(f"{what} decodes greedily without penalties, but the sampling settings ask for "
+                        f"{', '.join(a for a in asked if a)} (settings not given come from the checkpoint's "
+                        "generation_config); pass temperature=0 and no penalties, or use draft-model speculation")
 
 
-def _begin(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int,
-           stop_tokens: int | Iterable[int] | None, what: str) -> tuple[list[int], _Output]:
-    """The checked prompt and an output collector with the stop tokens and token budget `generate` would use."""
-    prompt, steps = _one_prompt(model, input_ids, max_new_tokens, what)
-    return prompt, _Output(steps, _stop_tokens(stop_tokens, model, None))
+def _cache(model: Transformer, request: DecodeRequest, extra: int) -> tuple[int, int]:
+    """(first size, largest size) of a speculative decoder's cache: the prompt and what the request can use
+    (plus `extra` slots for the drafts of a pass), the first size holding at most CACHE_CHUNK new tokens."""
+    T, steps = request.prompt_length, request.max_new_tokens
+    return T + min(steps, CACHE_CHUNK) + extra, T + steps + extra
 
-
-def _cache_dtype(model: Transformer) -> torch.dtype | None:
-    # The same choice as `generate`: an fp32 cache on the CPU, so the attention arithmetic matches plain decoding.
-    return torch.float32 if model.device.type == "cpu" else None
-
-
-def _eval(*models: Transformer) -> list[bool]:
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    return modes
-
-
-def _restore(models: Iterable[Transformer], modes: list[bool]) -> None:
-    for m, mode in zip(models, modes, strict=True):
-        m.train(mode)
 
 
 # ---- Token Recycling ---------------------------------------------------------------------------------------------
@@ -217,73 +202,99 @@ class TokenRecycler:
             tokens[start:end] = self.matrix[tokens[self.parents[start:end]], self.ranks[start:end]]
         return tokens
 
-    @torch.inference_mode()
+    def decoder(self, request: DecodeRequest) -> RecyclingDecoder:
+        """The `Decoder` factory for `stream(..., decoder=recycler.decoder)`: greedy, no penalties, batch 1;
+        `stream(..., compile=True)` verifies full-size trees through one compiled graph."""
+        return RecyclingDecoder(self, request)
+
     def generate(self, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
-                 stop_tokens: int | Iterable[int] | None = None, compile: bool = False) -> SpeculativeResult:
-        """Greedy continuation of one prompt by up to `max_new_tokens` tokens (stop tokens as `generate`).
+                 stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
+                 tokenizer: Tokenizer | None = None, logprobs: int | None = None,
+                 compile: bool = False) -> SpeculativeResult:
+        """Greedy continuation of one prompt by up to `max_new_tokens` tokens; stops, stop strings, text and
+        logprobs as `generate` (the default stop ids are every end id of the model and `tokenizer`).
+        Greedy whatever the checkpoint's generation_config says (this method takes no sampling settings).
 
         compile: verify full-size trees through one `torch.compile` graph (`generation.compiled`), as
         `generate(..., compile=True)` does for plain steps; the few smaller trees near the end run eagerly.
         """
-        model = self.model
-        prompt, out = _begin(model, input_ids, max_new_tokens, stop_tokens, "Token Recycling")
-        if out.done:
-            return out.result(len(prompt), 0)
-        modes = _eval(model)
-        try:
-            return self._run(prompt, out, compile)
-        finally:
-            _restore([model], modes)
+        return _result(stream(self.model, input_ids, max_new_tokens, temperature=0.0, repetition_penalty=1.0,
+                              stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
+                              logprobs=logprobs, compile=compile, decoder=self.decoder))
 
-    def _run(self, prompt: list[int], out: _Output, compile: bool = False) -> SpeculativeResult:
-        model, device, ctx = self.model, self.model.device, self.model.config.context_length
-        slots = len(prompt) + out.steps + len(self.parents)
-        if compile:
-            slots = cache_slots(slots, ctx)
-        cache = model.new_cache(1, slots, dtype=_cache_dtype(model))
-        verify = CompiledTreeStep(model, cache, self.ancestors[0, 0]) if compile else None
-        ids = torch.tensor([prompt], device=device)
-        logits = model(ids, cache=cache)[0]  # every position's logits: they all feed the matrix
-        self.update(ids[0], logits)
-        passes = 1
-        pending = int(logits[-1].argmax())
-        while not out.add(pending):
+
+class RecyclingDecoder:
+    """Token Recycling as a `Decoder`: the prompt's pass emits its greedy token; every later step verifies a
+    draft tree rooted at the last emitted token and emits the accepted path plus the bonus token."""
+
+    def __init__(self, recycler: TokenRecycler, request: DecodeRequest) -> None:
+        _check_request(request, "Token Recycling", greedy_only=True, compiles=True)
+        if request.model is not recycler.model:
+            raise UserError("this TokenRecycler was made for another model; make one per model")
+        self.recycler, self.request = recycler, request
+        self.budget, self.emitted, self.forward_passes = request.max_new_tokens, 0, 0
+        self.cache = self.verify = None
+        self.pending = 0  # the last emitted token: not in the cache yet, the root of the next tree
+
+    def _reserve(self, needed: int) -> None:
+        ctx = self.recycler.model.config.context_length
+        self.cache.reserve(needed, limit=self.limit,
+                           round_up=(lambda n: cache_slots(n, ctx)) if self.request.compile else None)
+
+    @torch.inference_mode()
+    def step(self, allowed: Tensor | None = None, forced: dict[int, int] | None = None) -> Decoded:
+        r, request = self.recycler, self.request
+        model, device, ctx = r.model, r.model.device, r.model.config.context_length
+        if self.cache is None:
+            prompt = request.prompts[0]
+            slots, self.limit = _cache(model, request, len(r.parents))
+            if request.compile:
+                slots = cache_slots(slots, ctx)
+            self.cache = model.new_cache(1, slots, dtype=request.kv_dtype)
+            self.verify = CompiledTreeStep(model, self.cache, r.ancestors[0, 0]) if request.compile else None
+            ids = torch.tensor([prompt], device=device)
+            logits = model(ids, cache=self.cache)[0]  # every position's logits: they all feed the matrix
+            require_finite(logits[-1])
+            r.update(ids[0], logits)
+            self.forward_passes = 1
+            rows, emitted = logits[-1:], [int(logits[-1].argmax())]
+        else:
+            cache = self.cache
             start = cache.length  # the pending token's slot and position
-            depth = min(out.remaining - 1, ctx - 1 - start, len(self.upto) - 1)
-            n = self.upto[depth]
-            tokens = self.draft(pending, n)
-            if verify is not None and n == verify.n:
-                logits = verify(tokens[None], (start + self.depth)[None])[0]
+            depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.upto) - 1)
+            n = r.upto[depth]
+            tokens = r.draft(self.pending, n)
+            self._reserve(start + n)
+            if self.verify is not None and n == self.verify.n:
+                logits = self.verify(tokens[None], (start + r.depth)[None])[0]
             else:
-                mask = torch.cat([self.ancestors.new_ones(1, 1, n, start), self.ancestors[:, :, :n, :n]], dim=-1)
-                logits = model(tokens[None], positions=start + self.depth[:n], mask=mask, cache=cache)[0]
-            passes += 1
-            self.update(tokens, logits)
+                mask = torch.cat([r.ancestors.new_ones(1, 1, n, start), r.ancestors[:, :, :n, :n]], dim=-1)
+                logits = model(tokens[None], positions=start + r.depth[:n], mask=mask, cache=cache)[0]
+            self.forward_passes += 1
+            r.update(tokens, logits)
             greedy, drafted = logits.argmax(-1).tolist(), tokens.tolist()
-            # Walk down the tree while greedy decoding's choice is among the node's children.
+            # Walk down the tree while greedy decoding's choice is among the node's children; every node on the
+            # path emits greedy decoding's choice after it (the last one's is the bonus token).
             path, node = [0], 0
-            while True:
-                choice = greedy[node]
-                nxt = next((c for c in self.children[node] if c < n and drafted[c] == choice), None)
-                if nxt is None:
-                    break
-                if out.add(choice):
-                    break
+            while (nxt := next((c for c in r.children[node] if c < n and drafted[c] == greedy[node]),
+                               None)) is not None:
                 path.append(nxt)
                 node = nxt
-            if out.done:
-                break
             cache.keep(start, torch.tensor(path, device=device) + start)
-            pending = greedy[node]
-        return out.result(len(prompt), passes)
+            rows, emitted = logits[path], [greedy[i] for i in path]
+        self.emitted += len(emitted)
+        self.pending = emitted[-1]
+        logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
+        return Decoded([emitted], logprobs)
+
+    def finish(self, rows: list[int]) -> None:
+        pass  # one row: the host stops calling
+
+    def close(self) -> None:
+        self.cache = self.verify = None
 
 
 # ---- draft-model speculative sampling ----------------------------------------------------------------------------
-
-
-def _probs(logits: Tensor, params: SamplingParams) -> Tensor:
-    """The distribution plain sampling draws from: temperature, then top-k, top-p, min-p, then softmax."""
-    return filtered(logits, params).softmax(dim=-1)
 
 
 def accept_probability(p: Tensor, q: Tensor) -> Tensor:
@@ -300,90 +311,164 @@ def residual(p: Tensor, q: Tensor) -> Tensor:
     return torch.where(total > 0, r / total.clamp(min=1e-30), p)
 
 
+def draft_decoder(draft_model: Transformer, k: int = 4) -> DecoderFactory:
+    """The `Decoder` factory of speculative sampling with `draft_model` proposing `k` tokens a round:
+    `stream(model, ids, decoder=draft_decoder(small, k=4), temperature=0.8, ...)`."""
+    def factory(request: DecodeRequest) -> DraftDecoder:
+        return DraftDecoder(request, draft_model, k)
+
+    return factory
+
+
 @torch.inference_mode()
 def speculative_generate(model: Transformer, draft_model: Transformer,
                          input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *, k: int = 4,
-                         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                         min_p: float | None = None, seed: int | None = None,
-                         stop_tokens: int | Iterable[int] | None = None) -> SpeculativeResult:
+                         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                         min_p: float | None = None, repetition_penalty: float | None = None,
+                         frequency_penalty: float | None = None, seed: int | None = None,
+                         stop_tokens: int | Iterable[int] | None = None,
+                         stop_strings: str | Iterable[str] | None = None, tokenizer: Tokenizer | None = None,
+                         logprobs: int | None = None) -> SpeculativeResult:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a smaller `draft_model`, batch size 1.
 
-    Each round the draft proposes up to `k` tokens (sampled from its own filtered distribution q, with its own
+    Each round the draft proposes up to `k` tokens (sampled from its own processed distribution q, with its own
     KV cache), the target scores them all in one pass, accepts draft i with probability min(1, p_i/q_i) and
     on the first rejection resamples from norm(max(0, p - q)); when all are accepted a bonus token comes from
-    the target. Output is distributed exactly as `generate` with the same temperature / top_k / top_p / min_p;
-    temperature 0 gives exactly plain greedy. Both caches roll back with `truncate`. Penalties are not supported.
+    the target. Output is distributed exactly as `generate` with the same sampling settings (arguments left as
+    None take the target's generation_config defaults; penalties included: each position's p and q see the
+    tokens before it, drafts too); temperature 0 gives exactly plain greedy. Stops, stop strings, text and
+    logprobs as `generate`. Both caches roll back with `truncate`.
     """
-    params = SamplingParams(temperature, top_k, top_p, min_p)
-    if draft_model.config.vocab_size != model.config.vocab_size:
-        raise UserError(f"the draft model's vocabulary ({draft_model.config.vocab_size} tokens) differs from the "
-                        f"target's ({model.config.vocab_size}); use a draft trained with the same tokenizer")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise UserError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise UserError(f"seed must be an integer or None, got {seed!r}")
-    prompt, out = _begin(model, input_ids, max_new_tokens, stop_tokens, "speculative_generate")
-    if out.done:
-        return out.result(len(prompt), 0)
-    modes = _eval(model, draft_model)
-    try:
-        return _speculate(model, draft_model, prompt, out, k, params, seed)
-    finally:
-        _restore([model, draft_model], modes)
+    return _result(stream(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                          seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
+                          logprobs=logprobs, decoder=draft_decoder(draft_model, k)))
 
 
-def _speculate(model: Transformer, draft_model: Transformer, prompt: list[int], out: _Output, k: int,
-               params: SamplingParams, seed: int | None) -> SpeculativeResult:
-    device = model.device
-    generator = torch.Generator(device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    ctx_t, ctx_d = model.config.context_length, draft_model.config.context_length
-    room = len(prompt) + out.steps + k + 1
-    cache_t = model.new_cache(1, room, dtype=_cache_dtype(model))
-    cache_d = draft_model.new_cache(1, room, dtype=_cache_dtype(draft_model))
-    seq = list(prompt)  # every committed token; the last is not in the target's cache yet
-    passes = draft_passes = 0
-    while not out.done:
+class _History:
+    """The tokens a row has seen (prompt and output) and how often it generated each, for the penalties."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab_size: int, device: torch.device) -> None:
+        self.params, self.V = params, vocab_size
+        self.seen = self.counts = None
+        if params.needs_seen:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, prompt] = True
+        if params.needs_counts:
+            self.counts = torch.zeros(1, vocab_size, device=device)
+
+    def add(self, tokens: list[int]) -> None:
+        for t in tokens:
+            if self.seen is not None:
+                self.seen[0, t] = True
+            if self.counts is not None:
+                self.counts[0, t] += 1
+
+    def logits(self, logits: Tensor, drafts: list[int], first: int = 0) -> Tensor:
+        """Penalised `logits` [N, V] where row i follows the history plus drafts[:first + i]."""
+        if self.seen is None and self.counts is None:
+            return logits
+        N = logits.shape[0]
+        before = torch.zeros(N, self.V, device=logits.device)  # row i: how often each token is in those drafts
+        if drafts:
+            cum = torch.nn.functional.one_hot(torch.tensor(drafts, device=logits.device), self.V).float().cumsum(0)
+            at = torch.arange(N, device=logits.device) + first - 1  # row i takes cum[first + i - 1]
+            rows = at >= 0
+            before[rows] = cum[at[rows]]
+        seen = None if self.seen is None else self.seen | (before > 0)
+        counts = None if self.counts is None else self.counts + before
+        return penalized(logits.float(), self.params, seen, counts)
+
+
+class DraftDecoder:
+    """Speculative sampling as a `Decoder`: each step is one round (up to k drafts, one target pass) and emits
+    the accepted drafts plus the correction or bonus token."""
+
+    def __init__(self, request: DecodeRequest, draft_model: Transformer, k: int) -> None:
+        _check_request(request, "draft-model speculation", greedy_only=False)
+        model = request.model
+        if not isinstance(draft_model, Transformer):
+            raise UserError(f"the draft model must be a decoderlab Transformer, got {type(draft_model).__name__}")
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise UserError(f"the draft model's vocabulary ({draft_model.config.vocab_size} tokens) differs from the "
+                            f"target's ({model.config.vocab_size}); use a draft trained with the same tokenizer")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise UserError(f"k (draft tokens per round) must be an integer >= 1, got {k!r}")
+        self.request, self.model, self.draft, self.k = request, model, draft_model, k
+        self.params = request.params
+        self.generator = torch.Generator(model.device).manual_seed(request.seed)
+        self.seq = list(request.prompts[0])  # every emitted token; the last is not in the target's cache yet
+        self.history = _History(self.params, self.seq, model.config.vocab_size, model.device)
+        self.emitted = self.forward_passes = self.draft_passes = 0
+        self.cache_t = self.cache_d = None
+        self.was_training = draft_model.training
+
+    @torch.inference_mode()
+    def step(self, allowed: Tensor | None = None, forced: dict[int, int] | None = None) -> Decoded:
+        model, draft, params, device = self.model, self.draft, self.params, self.model.device
+        request = self.request
+        first = self.cache_t is None
+        if first:
+            draft.eval()  # the host puts the target in eval mode; the draft is ours
+            slots, self.limit = _cache(model, request, self.k + 1)
+            self.cache_t = model.new_cache(1, slots, dtype=request.kv_dtype)
+            dtype = request.cache_dtype or (torch.float32 if draft.device.type == "cpu" else None)
+            self.cache_d = draft.new_cache(1, slots, dtype=dtype)
+        cache_t, cache_d, seq = self.cache_t, self.cache_d, self.seq
+        ctx_t, ctx_d = model.config.context_length, draft.config.context_length
         n = len(seq)
         # Draft no further than the budget (the round also emits one target token) and both contexts allow.
-        k_now = max(0, min(k, out.remaining - 1, ctx_t - n, ctx_d - n + 1))
+        k_now = max(0, min(self.k, request.max_new_tokens - self.emitted - 1, ctx_t - n, ctx_d - n + 1))
         drafts: list[int] = []
         q_rows: list[Tensor] = []
         for _ in range(k_now):
             # The draft cache holds a prefix of seq + drafts: feed what it lacks (after a full acceptance, two).
             feed = (seq + drafts)[cache_d.length:]
-            logits_d = draft_model(torch.tensor([feed], device=device), cache=cache_d, logits_to_keep=1)[0, -1]
-            draft_passes += 1
+            cache_d.reserve(cache_d.length + len(feed), limit=self.limit)
+            logits_d = draft(torch.tensor([feed], device=device), cache=cache_d, logits_to_keep=1)[0, -1]
+            if self.draft_passes == 0:
+                require_finite(logits_d, "the draft model")
+            self.draft_passes += 1
+            logits_d = self.history.logits(logits_d[None], drafts, first=len(drafts))[0]
             if params.greedy:
                 token = int(logits_d.argmax())
             else:
-                q = _probs(logits_d[None], params)[0]
-                token = int(torch.multinomial(q, 1, generator=generator))
+                q = probabilities(logits_d[None], params)[0]
+                token = int(torch.multinomial(q, 1, generator=self.generator))
                 q_rows.append(q)
             drafts.append(token)
         feed = seq[cache_t.length:] + drafts
-        logits_t = model(torch.tensor([feed], device=device), cache=cache_t, logits_to_keep=k_now + 1)[0]
-        passes += 1
-        emitted = _verify(logits_t, drafts, q_rows, params, generator)
+        cache_t.reserve(cache_t.length + len(feed), limit=self.limit)
+        raw = model(torch.tensor([feed], device=device), cache=cache_t, logits_to_keep=k_now + 1)[0]
+        if first:
+            require_finite(raw[0])
+        self.forward_passes += 1
+        emitted = _verify(self.history.logits(raw, drafts), drafts, q_rows, params, self.generator)
         accepted = len(emitted) - 1
         # Keep the committed context and the accepted drafts; the last emitted token is fed next round.
         cache_t.truncate(n + accepted)
         cache_d.truncate(min(cache_d.length, n + accepted))
-        for token in emitted:
-            seq.append(token)
-            if out.add(token):
-                break
-    return out.result(len(prompt), passes, draft_passes)
+        seq += emitted
+        self.history.add(emitted)
+        self.emitted += len(emitted)
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = [token_logprobs(raw[:len(emitted)], emitted, request.logprobs)]
+        return Decoded([emitted], logprobs)
+
+    def finish(self, rows: list[int]) -> None:
+        pass  # one row: the host stops calling
+
+    def close(self) -> None:
+        self.cache_t = self.cache_d = None
+        self.draft.train(self.was_training)
 
 
 def _verify(logits: Tensor, drafts: list[int], q_rows: list[Tensor], params: SamplingParams,
             generator: torch.Generator) -> list[int]:
     """The tokens a round emits: the accepted drafts, then the correction (on a rejection) or the bonus token.
 
-    logits: the target's [len(drafts) + 1, V], row i scoring the token that draft i proposes.
+    logits: the target's [len(drafts) + 1, V] (penalties applied), row i scoring the token after draft i - 1.
     """
     if params.greedy:
         greedy = logits.argmax(-1).tolist()
@@ -394,7 +479,7 @@ def _verify(logits: Tensor, drafts: list[int], q_rows: list[Tensor], params: Sam
             emitted.append(token)
         emitted.append(greedy[len(emitted)])
         return emitted
-    p = _probs(logits, params)
+    p = probabilities(logits, params)
     emitted = []
     if drafts:
         d = torch.tensor(drafts, device=logits.device)
@@ -416,48 +501,85 @@ def _verify(logits: Tensor, drafts: list[int], q_rows: list[Tensor], params: Sam
 # ---- self-speculation with multi-token heads ----------------------------------------------------------------------
 
 
-@torch.inference_mode()
+def mtp_decoder(n_draft: int | None = None) -> DecoderFactory:
+    """The `Decoder` factory of self-speculation with the model's future heads (`n_draft` of them; default all):
+    `stream(model, ids, decoder=mtp_decoder())`. Greedy, batch 1."""
+    def factory(request: DecodeRequest) -> MTPDecoder:
+        return MTPDecoder(request, n_draft)
+
+    return factory
+
+
 def mtp_generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_new_tokens: int = 256, *,
-                 n_draft: int | None = None, stop_tokens: int | Iterable[int] | None = None) -> SpeculativeResult:
+                 n_draft: int | None = None, stop_tokens: int | Iterable[int] | None = None,
+                 stop_strings: str | Iterable[str] | None = None, tokenizer: Tokenizer | None = None,
+                 logprobs: int | None = None) -> SpeculativeResult:
     """Greedy self-speculative decoding with the model's future-token heads (`config.n_future` >= 1), batch 1.
 
     The heads' logits at the last accepted position draft the next `n_draft` tokens (default: all heads) beyond
     the main head's; the model verifies them in one causal pass and keeps the prefix greedy decoding agrees
-    with. Output is token-for-token that of `generate(..., temperature=0)`.
+    with. Output is token-for-token that of `generate(..., temperature=0)`, greedy whatever the checkpoint's
+    generation_config says; stops, stop strings, text and logprobs as `generate`.
     """
-    heads = model.config.n_future
-    if heads < 1:
-        raise UserError("this model has no future-token heads (n_future=0); train one with "
-                        "`decoderlab train --objective mtp --n-future N` or use TokenRecycler")
-    n_draft = heads if n_draft is None else n_draft
-    if isinstance(n_draft, bool) or not isinstance(n_draft, int) or not 0 <= n_draft <= heads:
-        raise UserError(f"n_draft must be an integer in [0, {heads}] (the model's future heads), got {n_draft!r}")
-    prompt, out = _begin(model, input_ids, max_new_tokens, stop_tokens, "mtp_generate")
-    if out.done:
-        return out.result(len(prompt), 0)
-    modes = _eval(model)
-    try:
-        device, ctx = model.device, model.config.context_length
-        cache = model.new_cache(1, len(prompt) + out.steps + n_draft, dtype=_cache_dtype(model))
-        feed = prompt
-        drafts: list[int] = []
-        passes = 0
-        while True:
-            start = cache.length
-            res = model(torch.tensor([feed + drafts], device=device), cache=cache, future=True,
-                        logits_to_keep=len(drafts) + 1)
-            passes += 1
-            greedy = res.logits[0].argmax(-1).tolist()
-            accepted = 0
-            while accepted < len(drafts) and drafts[accepted] == greedy[accepted]:
-                accepted += 1
-            if any(out.add(t) for t in greedy[:accepted + 1]):
-                break
-            # The pending token plus the accepted drafts stay; the rejected drafts' slots are rolled back.
-            cache.truncate(start + len(feed) + accepted)
-            feed = [greedy[accepted]]
-            room = min(n_draft, out.remaining - 1, ctx - 1 - cache.length)
-            drafts = [int(f[0, accepted].argmax()) for f in res.future_logits[:max(room, 0)]]
-        return out.result(len(prompt), passes)
-    finally:
-        _restore([model], modes)
+    return _result(stream(model, input_ids, max_new_tokens, temperature=0.0, repetition_penalty=1.0,
+                          stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
+                          logprobs=logprobs, decoder=mtp_decoder(n_draft)))
+
+
+class MTPDecoder:
+    """Self-speculation as a `Decoder`: each step is one causal pass over the pending token and the heads' drafts,
+    and emits the drafts greedy decoding agrees with plus greedy decoding's next token."""
+
+    def __init__(self, request: DecodeRequest, n_draft: int | None) -> None:
+        model = request.model
+        heads = model.config.n_future
+        if heads < 1:
+            raise UserError("this model has no future-token heads (n_future=0); train one with "
+                            "`decoderlab train --objective mtp --n-future N` or use TokenRecycler")
+        n_draft = heads if n_draft is None else n_draft
+        if isinstance(n_draft, bool) or not isinstance(n_draft, int) or not 0 <= n_draft <= heads:
+            raise UserError(f"n_draft must be an integer in [0, {heads}] (the model's future heads), got {n_draft!r}")
+        _check_request(request, "multi-token-head speculation", greedy_only=True)
+        self.request, self.model, self.n_draft = request, model, n_draft
+        self.emitted = self.forward_passes = 0
+        self.cache = None
+        self.feed = list(request.prompts[0])
+        self.drafts: list[int] = []
+
+    @torch.inference_mode()
+    def step(self, allowed: Tensor | None = None, forced: dict[int, int] | None = None) -> Decoded:
+        model, request, device = self.model, self.request, self.model.device
+        first = self.cache is None
+        if first:
+            slots, self.limit = _cache(model, request, self.n_draft)
+            self.cache = model.new_cache(1, slots, dtype=request.kv_dtype)
+        cache, feed, drafts = self.cache, self.feed, self.drafts
+        start = cache.length
+        cache.reserve(start + len(feed) + len(drafts), limit=self.limit)
+        res = model(torch.tensor([feed + drafts], device=device), cache=cache, future=True,
+                    logits_to_keep=len(drafts) + 1)
+        if first:
+            require_finite(res.logits[0, -1])
+        self.forward_passes += 1
+        greedy = res.logits[0].argmax(-1).tolist()
+        accepted = 0
+        while accepted < len(drafts) and drafts[accepted] == greedy[accepted]:
+            accepted += 1
+        emitted = greedy[:accepted + 1]
+        self.emitted += len(emitted)
+        # The pending token plus the accepted drafts stay; the rejected drafts' slots are rolled back.
+        cache.truncate(start + len(feed) + accepted)
+        self.feed = [greedy[accepted]]
+        room = min(self.n_draft, request.max_new_tokens - self.emitted - 1,
+                   model.config.context_length - 1 - cache.length)
+        self.drafts = [int(f[0, accepted].argmax()) for f in res.future_logits[:max(room, 0)]]
+        logprobs = None
+        if request.logprobs is not None:
+            logprobs = [token_logprobs(res.logits[0, :len(emitted)], emitted, request.logprobs)]
+        return Decoded([emitted], logprobs)
+
+    def finish(self, rows: list[int]) -> None:
+        pass  # one row: the host stops calling
+
+    def close(self) -> None:
+        self.cache = None
