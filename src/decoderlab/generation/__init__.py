@@ -7,12 +7,12 @@ The logits processors (penalties, temperature, top-k, top-p, min-p) live in `sam
 from . import constrained, sampling
 from .constrained import Grammar
 from .counterfactual import Trace, counterfactual
-from .engine import GenerationResult, GenerationStep, Stream, generate, stream
+from .engine import GenerationResult, GenerationStep, Stream, TokenLogprob, generate, stream
 from .sampling import SamplingParams
 from .speculative import SpeculativeResult, TokenRecycler, mtp_generate, speculative_generate, tree_template
 
 __all__ = [
     "GenerationResult", "GenerationStep", "Grammar", "SamplingParams", "SpeculativeResult", "Stream", "TokenRecycler",
-    "Trace", "constrained", "counterfactual", "generate", "mtp_generate", "sampling", "speculative_generate", "stream",
+    "TokenLogprob", "Trace", "constrained", "counterfactual", "generate", "mtp_generate", "sampling", "speculative_generate", "stream",
     "tree_template",
 ]

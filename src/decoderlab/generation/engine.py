@@ -40,12 +40,24 @@ class GenerationStep:
         UTF-8 character or could be the start of a stop string, so it may lag the tokens.
     finish_reasons: "stop" or "length" at the step the row finishes, else None.
     stopped_by: the stop token id or stop string that finished the row, at that step, else None.
+    logprobs: with `stream(..., logprobs=k)`, per row a `TokenLogprob` for each of `tokens[row]`, else None.
     """
 
     tokens: list[list[int]]
     texts: list[str] | None
     finish_reasons: list[str | None]
     stopped_by: list[int | str | None]
+    logprobs: list[list[TokenLogprob]] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (log-softmax of the raw logits, before any
+    penalty, temperature, filter or grammar), and the `k` most likely tokens there as (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -140,7 +152,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
            frequency_penalty: float | None = None, seed: int | None = None,
            stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
            tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None,
-           grammar: Any = None, compile: bool = False) -> Stream:
+           grammar: Any = None, compile: bool = False, logprobs: int | None = None) -> Stream:
     """Generate step by step: an iterator of `GenerationStep`, one per decoded token position.
 
     input_ids: a LongTensor [B, T] or a list of B token-id lists (of any lengths; left-padded internally).
@@ -162,6 +174,8 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
     compile: run the decode steps through one `torch.compile` graph (`generation.compiled`): a one-off compile of
         seconds per model, batch size and cache size (cached on disk by inductor across processes), then faster
         steps where Python overhead dominates (small models, bf16). The prompt's forward pass stays eager.
+    logprobs: give each step's tokens their log-probabilities and the `logprobs` most likely alternatives
+        (`GenerationStep.logprobs`); None: none.
     Sampling is Gumbel-Max, argmax(logits / T + g), with step t's noise drawn from a generator seeded from
     (seed, t): the same seed gives the same noise whatever tokens came before.
 
@@ -179,17 +193,19 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         raise UserError(f"seed must be an integer or None, got {seed!r}")
     if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
         raise UserError(f"cache_dtype must be a floating-point torch.dtype or None, got {cache_dtype!r}")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+        raise UserError(f"logprobs must be an integer >= 0 (alternatives per token) or None, got {logprobs!r}")
     stop_ids = _stop_tokens(stop_tokens, model, tokenizer)
     stops = _stop_strings(stop_strings, tokenizer)
     return _make_stream(model, prompts, max_new_tokens, params, seed, stop_ids, stops, tokenizer, cache_dtype,
-                        grammar, compile=compile)
+                        grammar, compile=compile, logprobs=logprobs)
 
 
 def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                  seed: int | None, stop_ids: set[int], stops: list[str], tokenizer: Tokenizer | None,
                  cache_dtype: torch.dtype | None, grammar: Any,
                  force: dict[int, dict[int, int]] | None = None, decoder: DecoderFactory | None = None,
-                 compile: bool = False) -> Stream:
+                 compile: bool = False, logprobs: int | None = None) -> Stream:
     """`stream` after its checks; `force` ({step: {row: token}}) overrides chosen tokens (counterfactuals);
     `decoder` builds the device side in place of `_Decoder` (PINE runs its own forward passes)."""
     if compile:
@@ -209,7 +225,7 @@ def _make_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: i
     if seed is None:
         seed = torch.Generator().seed()  # a fresh random seed, recorded for replays; the global RNG is untouched
     return Stream(model, prompts, steps, params, seed, stop_ids, stops, tokenizer, cache_dtype, grammars, state,
-                  force, decoder, compile)
+                  force, decoder, compile, logprobs)
 
 
 class Stream:
@@ -219,13 +235,13 @@ class Stream:
                  seed: int, stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
                  cache_dtype: torch.dtype | None, grammars: list[Grammar | None] | None = None,
                  state: GrammarState | None = None, force: dict[int, dict[int, int]] | None = None,
-                 decoder: DecoderFactory | None = None, compile: bool = False) -> None:
+                 decoder: DecoderFactory | None = None, compile: bool = False, logprobs: int | None = None) -> None:
         self.prompt_lengths = [len(p) for p in prompts]
         self.prompts, self.params, self.seed, self.stop_ids = prompts, params, seed, stop_ids
         self.stop_strings, self.cache_dtype, self.grammars = stop_strings, cache_dtype, grammars
         self.force, self.compile = force or {}, compile
         self._steps = _run(model, prompts, steps, params, seed, stop_ids, stop_strings, tokenizer, cache_dtype,
-                           state, force or {}, decoder)
+                           state, force or {}, decoder, logprobs)
 
     def __iter__(self) -> Iterator[GenerationStep]:
         return self
@@ -242,7 +258,7 @@ def _run(model: Transformer, prompts: list[list[int]], steps: int, params: Sampl
          stop_ids: set[int], stop_strings: list[str], tokenizer: Tokenizer | None,
          cache_dtype: torch.dtype | None, grammar: GrammarState | None = None,
          force: dict[int, dict[int, int]] | None = None,
-         make_decoder: DecoderFactory | None = None) -> Iterator[GenerationStep]:
+         make_decoder: DecoderFactory | None = None, logprobs: int | None = None) -> Iterator[GenerationStep]:
     """The host side of the loop: one sync per step to read the new tokens, then stop checks and text."""
     if steps == 0:
         return
@@ -251,12 +267,14 @@ def _run(model: Transformer, prompts: list[list[int]], steps: int, params: Sampl
     model.eval()
     try:
         decoder = (make_decoder or _Decoder)(model, prompts, steps, params, seed, cache_dtype)
+        decoder.top_logprobs = logprobs
         texts = [_RowText(tokenizer, stop_strings) for _ in range(B)] if tokenizer is not None else None
         finished = [False] * B
         for step in range(steps):
             allowed = grammar.allowed([not f for f in finished], model.device) if grammar is not None else None
             new = decoder.next_tokens(allowed, force.get(step) if force else None).tolist()
-            out = GenerationStep([[] for _ in range(B)], [""] * B if texts else None, [None] * B, [None] * B)
+            out = GenerationStep([[] for _ in range(B)], [""] * B if texts else None, [None] * B, [None] * B,
+                                 [[] for _ in range(B)] if logprobs is not None else None)
             ended = []
             for i, token in enumerate(new):  # a loop over rows, for the host-side stop checks
                 if finished[i]:
@@ -269,6 +287,8 @@ def _run(model: Transformer, prompts: list[list[int]], steps: int, params: Sampl
                     reason, stop = "stop", token
                 else:
                     out.tokens[i].append(token)
+                    if out.logprobs is not None:
+                        out.logprobs[i].append(decoder.token_logprob(i))
                     if texts and (stop := texts[i].add(token)) is not None:
                         reason = "stop"
                     if constrained and grammar.advance(i, token) and reason is None:
@@ -327,6 +347,7 @@ class _Decoder:
             filled = torch.ones(B, slots - T, dtype=torch.bool, device=device)
             self._compile_args = (torch.cat([valid, filled], dim=1), lengths)
         self.cache = model.new_cache(B, slots, dtype=cache_dtype)
+        self.top_logprobs: int | None = None
         self.init_sampling(params, seed, self.ids, valid, V)
 
     def init_sampling(self, params: SamplingParams, seed: int, ids: Tensor, valid: Tensor, vocab_size: int) -> None:
@@ -369,6 +390,7 @@ class _Decoder:
         allowed: bool [B, V], the tokens each row may take (a grammar's mask); forced: {row: token} overrides.
         """
         logits = self.logits()
+        raw = logits
         if allowed is not None:
             logits = logits.masked_fill(~allowed, -torch.inf)
         noise = None
@@ -385,7 +407,16 @@ class _Decoder:
         if self.counts is not None:
             self.counts.scatter_add_(1, tokens[:, None], self.ones)
         self.last = tokens
+        if getattr(self, "top_logprobs", None) is not None:
+            lp = raw.float().log_softmax(-1)
+            top = lp.topk(min(self.top_logprobs, lp.shape[-1]), dim=-1)
+            self._logprobs = (lp.gather(1, tokens[:, None])[:, 0].tolist(), top.indices.tolist(), top.values.tolist())
         return tokens
+
+    def token_logprob(self, row: int) -> TokenLogprob:
+        """The last chosen token of `row` with its logprob and top alternatives (`top_logprobs` set)."""
+        chosen, ids, values = self._logprobs
+        return TokenLogprob(int(self.last[row]), chosen[row], list(zip(ids[row], values[row], strict=True)))
 
     @torch.inference_mode()
     def finish(self, rows: list[int]) -> None:
