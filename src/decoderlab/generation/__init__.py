@@ -12,7 +12,7 @@ from .sampling import SamplingParams
 from .speculative import SpeculativeResult, TokenRecycler, mtp_generate, speculative_generate, tree_template
 
 __all__ = [
-    "GenerationResult", "GenerationStep", "Grammar", "SamplingParams", "SpeculativeResult", "Stream", "TokenRecycler",
-    "TokenLogprob", "Trace", "constrained", "counterfactual", "generate", "mtp_generate", "sampling", "speculative_generate", "stream",
-    "tree_template",
+    "GenerationResult", "GenerationStep", "Grammar", "SamplingParams", "SpeculativeResult", "Stream", "TokenLogprob",
+    "TokenRecycler", "Trace", "constrained", "counterfactual", "generate", "mtp_generate", "sampling",
+    "speculative_generate", "stream", "tree_template",
 ]

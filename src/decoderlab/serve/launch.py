@@ -9,6 +9,7 @@ request.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import sys
 from collections.abc import Callable
@@ -81,6 +82,9 @@ def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000,
                   "can use this model; set --api-key or DECODERLAB_API_KEY", file=sys.stderr)
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                                 timeout_graceful_shutdown=10)
+        shown = f"[{host}]" if ":" in host else host
+        logging.getLogger("uvicorn.error").info("serving %r at http://%s:%d/v1 (Ctrl-C to stop)", name, shown,
+                                                sock.getsockname()[1])
         _Uvicorn(config, on_exit=app.state.server.turns.close).run(sockets=[sock])
     finally:
         sock.close()
