@@ -143,6 +143,9 @@ class Server:
             ids = self.tokenizer.encode(prompt)  # with the tokenizer's special tokens (a Llama's BOS), as HF does
         else:
             ids = list(prompt)  # token ids are taken as they are
+            vocab = self.model.config.vocab_size
+            if (bad := next((i for i in ids if not 0 <= i < vocab), None)) is not None:
+                raise APIError(400, f"the prompt holds {bad}, not a token id in [0, {vocab})", param="prompt")
         if not ids and self.tokenizer.bos_id is not None:
             ids = [self.tokenizer.bos_id]
         if not ids:

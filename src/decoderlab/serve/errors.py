@@ -20,6 +20,8 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        message = _one_line(message)  # a request may echo something huge or multi-line back: keep it short
+        param = None if param is None else _one_line(param, 100)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
