@@ -738,3 +738,18 @@ def test_kv_cache_allocation_failure_is_a_json_error():
         finally:
             model.new_cache = real
         still_serves(base)
+
+
+def test_warning_without_a_key_on_a_public_address(tmp_path, monkeypatch, capsys):
+    from decoderlab.serve import launch
+
+    tok = char_tokenizer()
+    decoderlab.save(char_model(tok), tmp_path / "m", tokenizer=tok)
+    served = []
+    monkeypatch.setattr(launch._Uvicorn, "run", lambda self, sockets: served.append(sockets[0].getsockname()))
+    for host, key, warned in [("0.0.0.0", None, True), ("0.0.0.0", "k", False), ("127.0.0.1", None, False),
+                              ("localhost", None, False)]:
+        launch.serve(tmp_path / "m", host=host, port=0, api_key=key)
+        err = capsys.readouterr().err
+        assert ("warning: serving on 0.0.0.0 without --api-key" in err) == warned, (host, key, err)
+    assert len(served) == 4 and all(port > 0 for _, port in served)
