@@ -197,17 +197,33 @@ COMPILE_HELP = ("Decode through one torch.compile graph: seconds to compile at f
 def serve_cmd(
     path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
     model_name: str = typer.Option(None, "--model-name", help="Name clients pass as `model` (default: folder name)."),
     tokenizer: str = typer.Option(None, help="Tokenizer folder, if not the checkpoint's own."),
     device: str = typer.Option(None, help="cpu or cuda (default: cpu)."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    api_key: str = typer.Option(None, "--api-key", envvar="DECODERLAB_API_KEY",
+                                help="Require 'Authorization: Bearer KEY' on /v1 routes (env DECODERLAB_API_KEY)."),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body read (413 past it)."),
+    max_prompt_tokens: int = typer.Option(None, help="Longest prompt (400 past it); default: context length - 1."),
+    default_max_tokens: int = typer.Option(256, help="Tokens generated when a request gives no max_tokens."),
+    max_tokens_cap: int = typer.Option(None, help="Largest max_tokens accepted (400 past it); default: context."),
+    max_queue: int = typer.Option(16, help="Requests that may wait for the model (429 past it)."),
+    queue_timeout: float = typer.Option(None, help="Seconds a request may wait for the model (503 past it)."),
+    max_stop: int = typer.Option(4, help="Stop strings per request."),
+    max_stop_length: int = typer.Option(256, help="Characters per stop string."),
+    max_top_logprobs: int = typer.Option(20, help="Alternatives per token that logprobs may ask for."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
+    from .serve import ServerLimits
     from .serve import serve as run_server
 
+    limits = ServerLimits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens,
+                          default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
+                          queue_timeout=queue_timeout, max_stop=max_stop, max_stop_length=max_stop_length,
+                          max_top_logprobs=max_top_logprobs)
     run_server(path, host=host, port=port, model_name=model_name, tokenizer=tokenizer, device=device,
-               compile=compile)
+               compile=compile, limits=limits, api_key=api_key)
 
 
 @app.command("generate")

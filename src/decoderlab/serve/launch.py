@@ -1,0 +1,102 @@
+"""`serve`: load a checkpoint folder and serve it with uvicorn until SIGINT / SIGTERM.
+
+Flags are checked and the socket bound before the model loads, so a bad port or a busy address fails at once, in
+one line. A shutdown signal stops the running generation at its next decode step (its client gets a 503, or an
+SSE error event) and refuses queued requests, so the process exits within a step instead of after the longest
+request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+import uvicorn
+
+from ..errors import UserError
+from ..tokenizer import Tokenizer
+from .app import create_app
+from .limits import ServerLimits
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"cannot listen on {host!r}: {e}; pass --host with an address of this machine "
+                        "(127.0.0.1, 0.0.0.0, ::1, ...)") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from None
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
+          tokenizer: str | Path | None = None, device: str | None = None, dtype: str | None = None,
+          log_level: Literal["critical", "error", "warning", "info", "debug"] = "info", compile: bool = False,
+          limits: ServerLimits | None = None, api_key: str | None = None) -> None:
+    """Load a checkpoint folder (and its tokenizer, or the one at `tokenizer`) and serve it until interrupted.
+
+    limits / api_key / compile as in `create_app`. Without an api_key, listening on an address other than loopback
+    prints a warning. On the CPU the weights are packed for decoding (`Transformer.pack`).
+    """
+    from ..checkpoint import load
+
+    limits = limits or ServerLimits()
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port!r}")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key (or DECODERLAB_API_KEY) is empty; give a key, or leave it out")
+    tok_path = Path(tokenizer if tokenizer is not None else path_or_preset)
+    if not tok_path.exists():
+        raise UserError(f"serving needs a tokenizer: {path_or_preset} is not a checkpoint folder; "
+                        "pass a folder holding tokenizer.json, or --tokenizer FOLDER")
+    sock = _bind(host, port)
+    try:
+        tok = Tokenizer.from_folder(tok_path)
+        model = load(path_or_preset, device=device, dtype=dtype).pack()
+        name = model_name or Path(str(path_or_preset)).resolve().name or str(path_or_preset)
+        app = create_app(model, tok, name, compile=compile, limits=limits, api_key=api_key)
+        if api_key is None and not is_loopback(host):
+            print(f"warning: serving on {host} without --api-key: anyone who can reach port {sock.getsockname()[1]} "
+                  "can use this model; set --api-key or DECODERLAB_API_KEY", file=sys.stderr)
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                                timeout_graceful_shutdown=10)
+        shown = f"[{host}]" if ":" in host else host
+        logging.getLogger("uvicorn.error").info("serving %r at http://%s:%d/v1 (Ctrl-C to stop)", name, shown,
+                                                sock.getsockname()[1])
+        _Uvicorn(config, on_exit=app.state.server.turns.close).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, calling `on_exit` the moment a shutdown signal arrives (to stop generating)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)
