@@ -37,9 +37,22 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DECODERLAB_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread for the in-process runs too (see ONE_THREAD), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# One intra-op thread in the subprocesses: on a busy shared CPU, two threads per tiny model run ~10x slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def _cli(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     out = subprocess.run([sys.executable, "-m", "decoderlab", *args], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **(env or {})})
+                         env={**os.environ, **ONE_THREAD, **(env or {})})
     if check:
         assert out.returncode == 0, out.stderr[-2000:]
     return out
@@ -55,6 +68,11 @@ def _error(out: subprocess.CompletedProcess) -> str:
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run: Path) -> list[tuple]:
+    """What a resumed run must reproduce exactly: per record, the step, losses and learning rate (not timings)."""
+    return [(r["step"], r["train_loss"], r["lr"], r.get("val_loss")) for r in _metrics(run)]
 
 
 def test_train_end_to_end(corpus, tmp_path):
@@ -76,31 +94,222 @@ def test_train_end_to_end(corpus, tmp_path):
     assert abs(result.val_loss - evals[-1]["val_loss"]) < 1e-4
 
 
-def test_resume_after_kill_gives_the_same_losses(corpus, tmp_path):
-    common = ["--data", str(corpus), "--steps", "80", "--batch-size", "8", "--context", "32", "--set", "n_layers=2",
-              "--set", "d_model=32", "--set", "n_heads=2", "--log-interval", "1", "--save-interval", "5",
-              "--eval-interval", "1000", "--sample-tokens", "0", "--no-progress", "--dtype", "fp32"]
-    env = {"DECODERLAB_CACHE": os.environ["DECODERLAB_CACHE"]}
-    _cli("train", *common, "--out", str(tmp_path / "straight"), env=env)
-    straight = {r["step"]: r["train_loss"] for r in _metrics(tmp_path / "straight")}
+RESUMABLE = ["--steps", "80", "--batch-size", "8", "--context", "32", "--set", "n_layers=2", "--set", "d_model=32",
+             "--set", "n_heads=2", "--log-interval", "1", "--save-interval", "5", "--eval-interval", "1000",
+             "--sample-tokens", "0", "--no-progress", "--dtype", "fp32"]
 
-    run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "decoderlab", "train", *common, "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env})
+
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory) -> dict[int, tuple[float, float]]:
+    """The uninterrupted run's (train loss, lr) per step, which interrupted-then-resumed runs must reproduce."""
+    cache = tmp_path_factory.mktemp("straight-cache")
+    run = tmp_path_factory.mktemp("straight") / "run"
+    _cli("train", "--data", str(corpus), *RESUMABLE, "--out", str(run), env={"DECODERLAB_CACHE": str(cache)})
+    return {r["step"]: (r["train_loss"], r["lr"]) for r in _metrics(run)}
+
+
+def _start_and_wait(corpus: Path, run: Path, until_step: int) -> subprocess.Popen:
+    """A run of RESUMABLE in a subprocess, returned once metrics.jsonl has reached `until_step`."""
+    proc = subprocess.Popen([sys.executable, "-m", "decoderlab", "train", "--data", str(corpus), *RESUMABLE, "--out",
+                             str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
     deadline = time.time() + 240
-    while time.time() < deadline:
-        snaps = list((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else []
-        if any(s.name >= "step-0000015" for s in snaps):
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= until_step:
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
+    return proc
+
+
+def test_resume_after_kill_gives_the_same_losses(corpus, tmp_path, straight):
+    run = tmp_path / "killed"
+    proc = _start_and_wait(corpus, run, until_step=17)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(r["step"] for r in _metrics(run))
     assert killed_at < 80, "the run finished before it could be killed; make it longer"
-    _cli("train", "--resume", str(run), "--no-progress", env=env)
-    resumed = {r["step"]: r["train_loss"] for r in _metrics(run)}
+    _cli("train", "--resume", str(run), "--no-progress")
+    resumed = {r["step"]: (r["train_loss"], r["lr"]) for r in _metrics(run)}
+    assert sorted(resumed) == list(range(1, 81))
+    assert resumed == straight  # losses and learning rates: the schedule continued, not restarted
+
+
+def test_resume_after_sigint_gives_the_same_losses(corpus, tmp_path, straight):
+    """Ctrl-C finishes the step under way, saves a snapshot at that step (not only at --save-interval) and exits
+    130; a second Ctrl-C while it saves changes nothing."""
+    run = tmp_path / "interrupted"
+    proc = _start_and_wait(corpus, run, until_step=12)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    stopped_at = max(r["step"] for r in _metrics(run))
+    assert 12 <= stopped_at < 80
+    assert f"interrupted by SIGINT at step {stopped_at}" in stderr.strip().splitlines()[-1]
+    newest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    assert newest.name == f"step-{stopped_at:07d}" and (newest / "manifest.json").is_file()
+    out = _cli("train", "--resume", str(run), "--no-progress")
+    assert f"from step-{stopped_at:07d}" in out.stderr
+    resumed = {r["step"]: (r["train_loss"], r["lr"]) for r in _metrics(run)}
     assert sorted(resumed) == list(range(1, 81))
     assert resumed == straight
+
+
+def test_sigint_between_the_two_optimizers_saves_whole_steps(corpus, tmp_path, monkeypatch):
+    """The issue's case: Ctrl-C lands after AdamW stepped and before Muon did. The step still completes (both
+    optimizers), and the snapshot holds exactly the weights after it; a further signal during the save is ignored."""
+    from decoderlab.training import TrainingInterrupted, loop, snapshot
+
+    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "run"), steps=50, batch_size=4, context_length=16,
+                      model=TINY, save_interval=100, eval_interval=100, sample_tokens=0, dtype="fp32")
+    trainer = loop.Trainer(cfg, progress=False)
+    adamw, muon = trainer.optimizers
+    assert isinstance(muon, Muon)
+    muon_step = muon.step
+
+    def step_after_a_signal(*args, **kwargs):
+        if trainer.step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # handled between bytecodes: before Muon's update below
+        return muon_step(*args, **kwargs)
+
+    monkeypatch.setattr(muon, "step", step_after_a_signal)
+    write_manifest = snapshot.write_manifest
+
+    def signal_while_saving(folder, step):
+        os.kill(os.getpid(), signal.SIGINT)
+        return write_manifest(folder, step)
+
+    monkeypatch.setattr(snapshot, "write_manifest", signal_while_saving)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.run()
+    assert info.value.step == 7 and info.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # restored after the run
+    saved = decoderlab.load(tmp_path / "run" / "checkpoints" / "step-0000007")
+    for name, value in trainer.raw_model.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], value), name
+    states = torch.load(tmp_path / "run" / "checkpoints" / "step-0000007" / "optimizer.pt", weights_only=True)
+    assert int(states[0]["state"][0]["step"]) == 7  # AdamW
+    assert len(states[1]["state"]) == len(muon.param_groups[0]["params"])  # Muon's momentum for every matrix
+    assert snapshot.problem(tmp_path / "run" / "checkpoints" / "step-0000007") is None
+
+
+def test_time_run_fixes_its_length_and_resumes_exactly(corpus, tmp_path, monkeypatch):
+    """A --time run turns its budget into a step count once it has measured its speed; from there an interrupted
+    and resumed run takes exactly the uninterrupted run's steps. (A fake clock makes both runs see the same speed.)"""
+    from decoderlab.training import TrainingInterrupted, loop
+
+    clock = {"t": 0.0}
+
+    def fake_perf_counter():
+        clock["t"] += 0.01
+        return clock["t"]
+
+    monkeypatch.setattr(loop.time, "perf_counter", fake_perf_counter)
+    common = dict(data=[str(corpus)], time="1s", batch_size=4, context_length=16, model=TINY, sample_tokens=0,
+                  dtype="fp32", progress=False, log_interval=1)
+    clock["t"] = 0.0
+    whole = train(out=str(tmp_path / "whole"), **common)
+    state = json.loads(sorted((tmp_path / "whole" / "checkpoints").glob("step-*"))[-1].joinpath("state.json")
+                       .read_text())
+    assert state["schedule"]["segments"] == [[0, whole.steps, 0.0]] and whole.steps > 10
+
+    clock["t"] = 0.0
+    original_step = loop.Trainer.train_step
+
+    def interrupt_at_step_8(self):
+        loss = original_step(self)
+        if self.step == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(loop.Trainer, "train_step", interrupt_at_step_8)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(out=str(tmp_path / "split"), **common)
+    assert info.value.step == 8 and info.value.exit_code == 143
+    monkeypatch.setattr(loop.Trainer, "train_step", original_step)
+    clock["t"] = 1000.0  # the resumed process's clock reads differently; the schedule must not care
+    resumed = train(out=str(tmp_path / "split"), resume=True, progress=False)
+    assert resumed.steps == whole.steps
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
+
+
+def test_schedule_frozen_finished_run_and_extend(corpus, tmp_path):
+    """A finished run refuses --resume (one line, naming --extend) and a new budget on resume; --extend trains on
+    with a new segment that re-warms from the final LR and decays again."""
+    run = tmp_path / "run"
+    common = dict(batch_size=4, context_length=16, model=TINY, sample_tokens=0, progress=False, log_interval=1)
+    train(data=[str(corpus)], out=str(run), steps=20, **common)
+    first = _losses(run)
+    out = _cli("train", "--resume", str(run), "--time", "3m", check=False)
+    assert "differs from the run's" in _error(out) and "--extend" in _error(out)
+    out = _cli("train", "--resume", str(run), check=False)
+    assert "is finished (step 20 of 20)" in _error(out) and "--extend" in _error(out)
+    out = _cli("train", "--resume", str(run), "--extend", check=False)
+    assert "--extend needs the extra budget" in _error(out)
+
+    result = train(out=str(run), resume=True, extend=True, steps=10, progress=False)
+    assert result.steps == 30
+    records = _metrics(run)
+    assert _losses(run)[:20] == first  # the run's own history is kept
+    lrs = [r["lr"] for r in records[20:]]
+    peak = TrainConfig().lr
+    assert lrs[0] == pytest.approx(first[-1][2])  # the ramp starts at the LR the run ended with
+    assert max(lrs) == pytest.approx(peak) and lrs[-1] < 0.5 * peak  # back to the peak, then decayed again
+    state = json.loads((run / "checkpoints" / "step-0000030" / "state.json").read_text())
+    assert [s[:2] for s in state["schedule"]["segments"]] == [[0, 20], [20, 30]]
+    # Five evaluations per schedule segment.
+    assert [r["step"] for r in records if "val_loss" in r] == [4, 8, 12, 16, 20, 22, 24, 26, 28, 30]
+    out = _cli("train", "--resume", str(run), "--extend", "--steps", "5", "--sample-tokens", "0", "--no-progress")
+    assert "trained 35 steps" in out.stdout
+
+
+def test_unfinished_run_refuses_extend_and_new_budget(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(data=[str(corpus)], out=str(run), steps=2, batch_size=4, context_length=16, model=TINY, sample_tokens=0,
+          progress=False)
+    state_dir = run / "checkpoints" / "step-0000002"
+    state = json.loads((state_dir / "state.json").read_text())
+    assert state["schedule"]["segments"] == [[0, 2, 0.0]]
+    with pytest.raises(UserError, match="differs from the run's"):
+        train(out=str(run), resume=True, steps=10, progress=False)
+    with pytest.raises(UserError, match="continues a finished run"):
+        train(data=[str(corpus)], out=str(tmp_path / "new"), extend=True, steps=3, progress=False)
+
+
+def test_snapshot_manifest_skips_incomplete_and_corrupt(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = dict(batch_size=4, context_length=16, model=TINY, sample_tokens=0, progress=False, log_interval=1,
+                  dtype="fp32", save_interval=3, keep_last=3)
+    train(data=[str(corpus)], out=str(run), steps=9, **common)
+    straight = _losses(run)
+    snaps = sorted((run / "checkpoints").glob("step-*"))
+    assert [s.name for s in snaps] == ["step-0000003", "step-0000006", "step-0000009"]
+    manifest = json.loads((snaps[-1] / "manifest.json").read_text())
+    assert set(manifest["files"]) >= {"state.json", "optimizer.pt", "config.json", "model.safetensors"}
+    # The newest lost its manifest (a save cut short), the middle one has a flipped byte in its weights.
+    (snaps[-1] / "manifest.json").unlink()
+    weights = snaps[1] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (run / "checkpoints" / "step-0000009" / "state.json").write_text("{}")  # never read: no manifest
+    capsys.readouterr()
+    train(out=str(run), resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "skipping snapshot" in err and "step-0000009: no manifest.json" in err
+    assert "step-0000006: model.safetensors does not match the hash in its manifest" in err
+    assert "resuming" in err and "from step-0000003" in err
+    assert _losses(run) == straight  # steps 4..9 again, the same
+    assert sorted(s.name for s in (run / "checkpoints").glob("step-*")) == [
+        "step-0000003", "step-0000006", "step-0000009"]
+    for s in (run / "checkpoints").glob("step-*"):
+        from decoderlab.training import snapshot
+
+        assert snapshot.problem(s) is None  # the bad ones were replaced by whole snapshots
 
 
 def test_objectives_run_and_learn(corpus, tmp_path):
