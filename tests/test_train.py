@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -438,3 +439,140 @@ def test_default_corpus_train_then_sample_cli(tmp_path):
     assert again.stdout == out.stdout  # seeded
     bad = _cli("sample", str(tmp_path / "missing"), check=False)
     assert "not a folder" in _error(bad)
+
+
+def test_out_refusals_and_overwrite(corpus, tmp_path):
+    """A second run into the same --out is refused; --overwrite replaces the first run's files (so the two never
+    mix: no old snapshot outlives it) and leaves files that are not a run's alone."""
+    run = tmp_path / "run"
+    common = dict(data=[str(corpus)], batch_size=4, context_length=16, model=TINY, sample_tokens=0, progress=False,
+                  save_interval=2, keep_last=5, log_interval=1)
+    train(out=str(run), steps=6, **common)
+    (run / "NOTES.md").write_text("my notes about this run")
+    with pytest.raises(UserError, match="already holds a training run"):
+        train(out=str(run), steps=2, **common)
+    assert len(list((run / "checkpoints").glob("step-*"))) == 3
+    result = train(out=str(run), steps=2, overwrite=True, **common)
+    assert result.steps == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    assert (run / "NOTES.md").read_text() == "my notes about this run"
+    assert json.loads((run / "train_config.json").read_text())["steps"] == 2
+
+    parent = tmp_path / "does" / "not" / "exist" / "run"  # missing parents are created
+    train(out=str(parent), steps=1, **common)
+    decoderlab.load(parent)
+
+
+def test_checkpoint_failures_are_one_line(corpus, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError ("[enforce fail ...] unexpected pos"), safetensors as its
+    own error: both are one line, and the previous snapshot stays whole."""
+    from decoderlab.training import loop, snapshot
+
+    cfg = TrainConfig(data=[str(corpus)], out=str(tmp_path / "run"), steps=6, batch_size=4, context_length=16,
+                      model=TINY, eval_interval=100, sample_tokens=0)
+    trainer = loop.Trainer(cfg, progress=False)
+    trainer.train_step()
+    trainer.save(best=False)
+
+    def torch_disk_full(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 513408 vs 513296")
+
+    monkeypatch.setattr(loop.torch, "save", torch_disk_full)
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: shutil_usage(free=1024))
+    trainer.train_step()
+    with pytest.raises(UserError, match=r"No space left on device \(\[enforce fail.*previous checkpoint is intact"):
+        trainer.save(best=False)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000001"]
+    assert snapshot.problem(tmp_path / "run" / "checkpoints" / "step-0000001") is None
+
+
+def shutil_usage(free: int):
+    return shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+
+
+def test_corpus_without_newline_samples_from_a_known_token(tmp_path):
+    """The end-of-run sample's default prompt is a newline; a corpus without one still trains and samples (exit 0)."""
+    corpus = tmp_path / "one-line.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 60)
+    out = _cli("train", "--data", str(corpus), "--steps", "3", "--batch-size", "4", "--context", "16", "--set",
+               "n_layers=1", "--width", "32", "--heads", "2", "--sample-tokens", "10", "--no-progress", "--out",
+               str(tmp_path / "run"))
+    assert "trained 3 steps" in out.stdout and "sample:" in out.stdout
+    assert "the tokenizer has no '\\n'; the sample starts from 'a'" in out.stdout  # its first visible token
+
+
+def test_resume_reuses_the_snapshot_tokenizer_and_checks_the_data(corpus, tmp_path, monkeypatch, capsys):
+    """Resume never trains a tokenizer (even with the data cache gone); changed input files are refused unless
+    --allow-data-change, which continues on them with the run's own tokenizer."""
+    from decoderlab.tokenizer import Tokenizer
+
+    text = tmp_path / "text.txt"
+    text.write_text(corpus.read_text())
+    run = tmp_path / "run"
+    common = dict(batch_size=4, context_length=16, model=TINY, sample_tokens=0, progress=False, save_interval=3,
+                  dtype="fp32", log_interval=1)
+    train(data=[str(text)], out=str(run), steps=6, **common)
+    straight = _losses(run)
+    tokenizer = (run / "tokenizer.json").read_bytes()
+    shutil.rmtree(run / "checkpoints" / "step-0000006")  # as if killed before its save: resume from step 3
+    shutil.rmtree(tmp_path / "cache")  # the prepared data is gone too
+
+    def no_training(*a, **k):
+        raise AssertionError("resume trained a tokenizer")
+
+    monkeypatch.setattr(Tokenizer, "train_char", no_training)
+    train(out=str(run), resume=True, progress=False)
+    assert _losses(run) == straight
+    assert (run / "tokenizer.json").read_bytes() == tokenizer
+
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    text.write_text(text.read_text() + "more text, in the same alphabet.\n")
+    with pytest.raises(UserError, match=r"training data changed since step-0000003 was saved \(1 file\(s\) changed"):
+        train(out=str(run), resume=True, progress=False)
+    capsys.readouterr()
+    result = train(out=str(run), resume=True, progress=False, allow_data_change=True)
+    assert result.steps == 6 and "warning: the training data changed" in capsys.readouterr().err
+    assert (run / "tokenizer.json").read_bytes() == tokenizer
+
+
+def test_resume_tolerates_a_torn_metrics_line(corpus, tmp_path, capsys):
+    """A kill while appending to metrics.jsonl leaves half a line: resume drops it with a warning."""
+    run = tmp_path / "run"
+    train(data=[str(corpus)], out=str(run), steps=4, batch_size=4, context_length=16, model=TINY, sample_tokens=0,
+          progress=False, save_interval=2, log_interval=1, dtype="fp32")
+    straight = _losses(run)
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "tokens": 3')
+    capsys.readouterr()
+    train(out=str(run), resume=True, progress=False)
+    assert "dropped 1 unreadable line" in capsys.readouterr().err
+    assert _losses(run) == straight
+
+
+def test_memory_estimate_refuses_only_what_cannot_fit():
+    """The estimate is a lower bound: the quick start and these tests' settings pass on this machine; a batch of a
+    billion rows does not, with a one-line message naming the settings, the estimate and the memory available."""
+    from decoderlab.accel import available_memory
+    from decoderlab.training import check_memory, estimate_memory, resolve_model_config
+
+    cpu = torch.device("cpu")
+    quick_start = TrainConfig()
+    model = resolve_model_config(quick_start, vocab_size=200)
+    est = check_memory(quick_start, model, cpu)
+    assert est.total < 200e6  # 2 layers x 256 wide x 32 rows x 64 tokens
+    check_memory(TrainConfig(batch_size=8, context_length=32, model=TINY), resolve_model_config(
+        TrainConfig(context_length=32, model=TINY), 65), cpu)
+    # A measured point (batch 64, context 512, char vocab): 1.65 GB of new peak RSS; the lower bound is 0.42 GB.
+    big = TrainConfig(batch_size=64, context_length=512)
+    assert estimate_memory(big, resolve_model_config(big, 65)).total < 1.65e9
+    huge = TrainConfig(batch_size=10**9)
+    with pytest.raises(UserError) as info:
+        check_memory(huge, resolve_model_config(huge, 65), cpu, host_available=21 * 10**9)
+    message = str(info.value)
+    assert message.startswith("--batch-size 1,000,000,000 with --context 64 needs at least")
+    assert "this machine has 21.0 GB available" in message and "\n" not in message
+    accum = TrainConfig(batch_size=256, grad_accum=8, context_length=64)
+    assert estimate_memory(accum, model).rows == 32  # activations are per micro-batch
+    assert available_memory() is None or available_memory() > 0
