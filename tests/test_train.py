@@ -426,6 +426,38 @@ def test_torchrun_matches_single_process(corpus, tmp_path, mode, extra, tol):
     decoderlab.load(tmp_path / mode)  # rank 0 saved a complete model
 
 
+def test_torchrun_sigterm_stops_every_rank_at_one_step_then_resumes(corpus, tmp_path):
+    """torchrun forwards SIGTERM to its workers; they agree (through the per-step all-reduce) on the step to stop
+    after, rank 0 saves it, and a resumed torchrun run gives the uninterrupted torchrun run's losses exactly."""
+    run = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "decoderlab", "train"]
+    whole = subprocess.run([*torchrun, "--data", str(corpus), *RESUMABLE, "--out", str(tmp_path / "whole")],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    proc = subprocess.Popen([*torchrun, "--data", str(corpus), *RESUMABLE, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    stopped_at = max(r["step"] for r in _metrics(run))
+    assert stopped_at < 80
+    assert f"interrupted by SIGTERM at step {stopped_at}: saved" in stderr  # (torchrun adds its own traceback)
+    from decoderlab.training import snapshot
+
+    assert snapshot.snapshots(run)[-1].name == f"step-{stopped_at:07d}"
+    assert snapshot.problem(snapshot.snapshots(run)[-1]) is None
+    out = subprocess.run([*torchrun, "--resume", str(run), "--no-progress"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **ONE_THREAD})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r[0] for r in _losses(run)] == list(range(1, 81))
+    assert _losses(run) == _losses(tmp_path / "whole")
+
+
 def test_default_corpus_train_then_sample_cli(tmp_path):
     env = {"DECODERLAB_CACHE": os.environ["DECODERLAB_CACHE"]}
     out = _cli("train", "--steps", "3", "--batch-size", "4", "--set", "n_layers=1", "--width", "32", "--heads", "2",

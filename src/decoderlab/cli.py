@@ -166,7 +166,7 @@ def train(
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if main_rank:
-            print("interrupted before training started; nothing was saved", file=sys.stderr)
+            print("interrupted; the run folder's last complete snapshot, if any, is intact", file=sys.stderr)
         raise typer.Exit(130) from None
     if not main_rank:
         return

@@ -391,8 +391,9 @@ class Trainer:
         save_every = cfg.save_interval
         bar = _ProgressBar(self) if self.progress else None
         window_tokens, window_start = 0, time.perf_counter()
-        try:
-            with self.stop:
+        # The handlers stay until the run has fully stopped (plotting included): a second Ctrl-C then is ignored.
+        with self.stop:
+            try:
                 while not self.done():
                     loss = self.train_step()
                     window_tokens += self.tokens_per_step
@@ -437,11 +438,11 @@ class Trainer:
                         window_start = time.perf_counter()
                     if bar:
                         bar.update(loss, record)
-        finally:
-            if bar:
-                bar.close()
-            if self.ctx.is_main:
-                _plot_losses(self.run_dir)
+            finally:
+                if bar:
+                    bar.close()
+                if self.ctx.is_main:
+                    _plot_losses(self.run_dir)
         return TrainResult(self.run_dir, self.step, self.tokens, self.train_seconds, self.last_val,
                            self.last_val_bpb, self.best_val, history)
 

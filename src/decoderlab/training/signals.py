@@ -2,8 +2,9 @@
 snapshot and stops with `TrainingInterrupted` (exit code 130 for SIGINT, 143 for SIGTERM at the command line).
 
 The handlers only set a flag: the loop checks it between steps, so a snapshot never holds half-updated weights
-(e.g. AdamW stepped, Muon not). Further signals while the run finishes its step and saves are acknowledged and
-otherwise ignored; SIGKILL stays safe, since the previous snapshot is complete until the new one's manifest lands.
+(e.g. AdamW stepped, Muon not). A second signal while the run finishes its step and saves is acknowledged and
+otherwise ignored; a third quits at once without saving. Neither that nor SIGKILL can damage a snapshot: one is
+complete only once its manifest, written last, is there.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class StopRequests:
     def __init__(self, announce: bool = True) -> None:
         self.announce = announce
         self.signum: int | None = None
+        self.count = 0
         self._previous: dict[int, object] = {}
 
     def _say(self, text: str) -> None:
@@ -51,12 +53,17 @@ class StopRequests:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        self.count += 1
         if self.signum is None:
             self.signum = signum
             self._say(f"\n{name}: finishing the current step, then saving a snapshot to resume from\n")
+        elif self.count == 2:
+            self._say(f"\n{name}: already stopping, the snapshot is being written; a third signal quits at once "
+                      "without it (safe: the previous snapshot stays valid)\n")
         else:
-            self._say(f"\n{name}: already stopping; the snapshot is being written (kill -9 is safe: the previous "
-                      "snapshot stays valid until the new one is complete)\n")
+            # A run stuck somewhere (a hung collective, a slow disk) can still be left. Nothing is written after this,
+            # and a half-written snapshot has no manifest, so no snapshot can be damaged.
+            raise KeyboardInterrupt
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
