@@ -92,14 +92,26 @@ def plant_payload(path: Path, marker: Path) -> None:
 # ---- --resume of something that is not a resumable run
 
 
-@pytest.mark.parametrize("target", ["empty-folder", "a-file", "missing"])
+@pytest.mark.parametrize("target", ["empty-folder", "a-file", "missing", "model-folder"])
 def test_resume_of_what_is_not_a_run(pristine, tmp_path, target):
     path = tmp_path / target
     if target == "empty-folder":
         path.mkdir()
     elif target == "a-file":
         path.write_text("hello")
+    elif target == "model-folder":
+        decoderlab.save(decoderlab.load(pristine["run"]), path)
+    before = tree_hash(path) if path.is_dir() else None
     assert "is not a training run" in refused(pristine, "train", "--resume", str(path))
+    assert (tree_hash(path) if path.is_dir() else None) == before
+
+
+def test_resume_of_a_run_stopped_before_its_first_snapshot(pristine, run):
+    shutil.rmtree(run / "checkpoints")
+    before = tree_hash(run)
+    error = refused(pristine, "train", "--resume", str(run))
+    assert "has no snapshot to resume from" in error and "--overwrite" in error
+    assert tree_hash(run) == before
 
 
 def test_resume_pickle_payload_with_forged_manifest_is_refused_unrun(pristine, run, tmp_path):

@@ -134,8 +134,8 @@ def find_snapshot(run_dir: Path, note: Callable[[str], None] = print) -> Path:
             return folder
         note(f"skipping snapshot {folder}: {reason}")
     if not candidates:
-        raise UserError(f"{run_dir} has no snapshot to resume from (no {SNAPSHOT_DIR}/step-*/); "
-                        "pass the --out folder of an earlier `decoderlab train`")
+        raise UserError(f"{run_dir} has no snapshot to resume from (no {SNAPSHOT_DIR}/step-*/: the run stopped "
+                        "before its first save); start it again with --overwrite")
     raise UserError(f"no complete snapshot in {Path(run_dir) / SNAPSHOT_DIR} ({len(candidates)} found, none with a "
                     "manifest matching its files); the run cannot be resumed — start a new one")
 
