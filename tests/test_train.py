@@ -28,7 +28,8 @@ def corpus(tmp_path_factory) -> Path:
     from conftest import TINYSHAKESPEARE
 
     folder = tmp_path_factory.mktemp("corpus")
-    text = TINYSHAKESPEARE.read_text()[:40_000] if TINYSHAKESPEARE.exists() else Path(__file__).read_text() * 8
+    text = TINYSHAKESPEARE.read_text() if TINYSHAKESPEARE.exists() else Path(__file__).read_text() * 8
+    text = text[:40_000]  # 36,000 train and 4,000 val characters either way
     (folder / "text.txt").write_text(text)
     return folder / "text.txt"
 
@@ -403,9 +404,17 @@ def test_failed_checkpoint_keeps_previous(corpus, tmp_path, monkeypatch):
     decoderlab.load(tmp_path / "run" / "checkpoints" / "step-0000002")
 
 
+# --standalone: a free rendezvous port, so concurrent or leftover torchrun jobs (other test runs on this machine)
+# cannot join ours through the default port 29500.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "decoderlab",
+            "train"]
+
+
 @pytest.mark.parametrize("mode, extra, tol", [
     ("ddp", [], 3e-3),  # Muon's bf16 Newton-Schulz turns reduction-order noise into ~1e-3
-    ("fsdp", ["--fsdp", "--optimizer", "adamw", "--lr", "3e-3"], 1e-4),
+    # Context 64: the 4,000 val tokens make one evaluation batch, which only rank 0 reads; FSDP's forward is a
+    # collective, so rank 1 must run one too (it used to wait in the all-reduce while rank 0 waited in the forward).
+    ("fsdp", ["--fsdp", "--optimizer", "adamw", "--lr", "3e-3", "--context", "64"], 1e-4),
 ])
 def test_torchrun_matches_single_process(corpus, tmp_path, mode, extra, tol):
     common = ["--data", str(corpus), "--steps", "10", "--batch-size", "8", "--context", "32", "--set", "n_layers=2",
@@ -413,9 +422,8 @@ def test_torchrun_matches_single_process(corpus, tmp_path, mode, extra, tol):
               "--sample-tokens", "0", "--no-progress", "--dtype", "fp32", *extra]
     env = {"DECODERLAB_CACHE": os.environ["DECODERLAB_CACHE"]}
     _cli("train", *common, "--out", str(tmp_path / "single"), env=env)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "decoderlab",
-                          "train", *common, "--out", str(tmp_path / mode)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, **env})
+    out = subprocess.run([*TORCHRUN, *common, "--out", str(tmp_path / mode)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, **ONE_THREAD, **env})
     assert out.returncode == 0, out.stderr[-3000:]
     single, multi = _metrics(tmp_path / "single"), _metrics(tmp_path / mode)
     assert [r["step"] for r in single] == [r["step"] for r in multi] == list(range(1, 11))
@@ -430,7 +438,7 @@ def test_torchrun_sigterm_stops_every_rank_at_one_step_then_resumes(corpus, tmp_
     """torchrun forwards SIGTERM to its workers; they agree (through the per-step all-reduce) on the step to stop
     after, rank 0 saves it, and a resumed torchrun run gives the uninterrupted torchrun run's losses exactly."""
     run = tmp_path / "ddp"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "decoderlab", "train"]
+    torchrun = TORCHRUN
     whole = subprocess.run([*torchrun, "--data", str(corpus), *RESUMABLE, "--out", str(tmp_path / "whole")],
                            capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
     assert whole.returncode == 0, whole.stderr[-3000:]

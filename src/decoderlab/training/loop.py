@@ -356,11 +356,15 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         batches = iter_eval_batches(self.data.val, 64, self.model_config.context_length)
+        seen, forwards, spare = 0, 0, None
         for i, batch in enumerate(batches):
             if cfg.eval_batches is not None and i >= cfg.eval_batches:
                 break
+            seen = i + 1
             if i % self.ctx.world_size != self.ctx.rank:
+                spare = spare or batch
                 continue
+            forwards += 1
             x, y = batch.inputs.to(self.device), batch.targets.to(self.device)
             positions, mask = None, None
             if _crosses_documents(batch, slice(None)):
@@ -370,6 +374,12 @@ class Trainer:
                 logits = model(x, positions=positions, mask=mask)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             count += (y != -100).sum()
+        if dist.is_fsdp(self.model, self.ctx):
+            # An FSDP forward gathers every block's weights from all ranks: each rank must run as many forwards as
+            # the others, or the one with more waits forever. Ranks short of a batch run one they skipped, unused.
+            for _ in range(-(-seen // self.ctx.world_size) - forwards):
+                with self.autocast:
+                    model(spare.inputs.to(self.device))
         model.train()
         if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a forward without backward
             model.reshard()
