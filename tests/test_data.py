@@ -100,6 +100,66 @@ def test_rerun_reuses_and_changed_input_reprepares(tmp_path):
     assert prepare(src, out, tokenizer="bpe", vocab_size=300, progress=False).meta["tokenizer"] == "bpe"
 
 
+def test_fingerprint_and_input_changes(tmp_path):
+    """`fingerprint` is what prepare records (without reading the files); `input_stats` / `describe_change` say
+    which input files changed, appeared or went away."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(TEXT, encoding="utf-8")
+    b.write_text("second document\n", encoding="utf-8")
+    prepared = prepare(tmp_path, tmp_path / "out", progress=False)
+    assert data_module.fingerprint(tmp_path) == prepared.meta["fingerprint"]
+    assert data_module.fingerprint(tmp_path, tokenizer="bpe") != prepared.meta["fingerprint"]
+    before = data_module.input_stats(tmp_path)
+    assert [Path(p).name for p, _, _ in before] == ["a.txt", "b.txt"]
+    assert data_module.describe_change(before, data_module.input_stats(tmp_path)) is None
+
+    a.write_text(TEXT + "x", encoding="utf-8")
+    b.unlink()
+    (tmp_path / "c.md").write_text("new", encoding="utf-8")
+    change = data_module.describe_change(before, data_module.input_stats(tmp_path))
+    assert change.startswith(f"1 file(s) changed, e.g. {a.resolve()} ({len(TEXT.encode()):,} -> ")
+    assert "1 new file(s), e.g." in change and "c.md" in change and "1 file(s) gone, e.g." in change
+    assert data_module.fingerprint(tmp_path) != prepared.meta["fingerprint"]
+
+
+def test_prepare_never_writes_into_a_model_or_run_folder(tmp_path):
+    src = tmp_path / "input.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    for marker, what in (("config.json", "a model"), ("train_config.json", "a training run")):
+        folder = tmp_path / marker.replace(".", "-")
+        folder.mkdir()
+        (folder / marker).write_text("{}")
+        with pytest.raises(UserError) as e:
+            prepare(src, folder, progress=False)
+        _one_line_error(e, f"holds {what}")
+        assert [p.name for p in folder.iterdir()] == [marker]
+
+
+def test_preparing_adds_no_special_tokens(tmp_path, monkeypatch):
+    """Data preparation encodes with add_special_tokens=False whatever `Tokenizer.encode` defaults to: a tokenizer
+    whose post-processor adds a BOS prepares the same tokens as one without."""
+    from tokenizers import processors
+
+    from decoderlab.tokenizer import Tokenizer
+
+    plain = Tokenizer.train_char(texts=[TEXT])
+    backend = Tokenizer.train_char(texts=[TEXT]).backend
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    with_bos = Tokenizer(backend, special_tokens={"bos_token": "<s>"})
+    assert with_bos.encode("ab", add_special_tokens=True)[0] == bos
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, add_special_tokens=True: encode(
+        self, text, add_special_tokens=add_special_tokens))  # the transformers-like default
+    src = tmp_path / "input.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    ours = prepare(src, tmp_path / "bos", tokenizer=with_bos, progress=False)
+    reference = prepare(src, tmp_path / "plain", tokenizer=plain, progress=False)
+    assert bos not in np.asarray(ours.train.tokens) and bos not in np.asarray(ours.val.tokens)
+    assert np.array_equal(np.asarray(ours.train.tokens), np.asarray(reference.train.tokens))
+
+
 def test_progress_bar_runs(tmp_path, capsys):
     src = tmp_path / "input.txt"
     src.write_text(TEXT, encoding="utf-8")

@@ -6,6 +6,7 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -114,12 +115,22 @@ def train(
     seed: int = typer.Option(None, help="Random seed."),
     device: str = typer.Option(None, help="auto, cpu or cuda."),
     fsdp: bool = typer.Option(None, "--fsdp/--ddp", help="Under torchrun: shard with FSDP instead of DDP."),
-    resume: str = typer.Option(None, "--resume", help="Continue the run in this folder."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run in this folder (its schedule, exactly)."),
+    extend: bool = typer.Option(False, "--extend", help="With --resume of a finished run: train further by "
+                                "--steps/--tokens/--time more (a new warmup-decay segment from its final LR)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out (its checkpoints, "
+                                   "metrics and model files; nothing else there is deleted)."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change", help="With --resume: continue although "
+                                           "the input files changed since the snapshot (with the run's tokenizer)."),
     sample_tokens: int = typer.Option(None, help="Characters/tokens to sample at the end (0 = none)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Train a model (defaults: our best small-model recipe on the Python standard library, 2 minutes)."""
-    from .training import TrainConfig, resume_config
+    """Train a model (defaults: our best small-model recipe on the Python standard library, 2 minutes).
+
+    Ctrl-C (SIGINT) or SIGTERM finish the current step, save a snapshot and exit with code 130 / 143;
+    `--resume RUN` then continues exactly where it stopped.
+    """
+    from .training import Budget, TrainConfig, TrainingInterrupted, parse_duration, resume_config
     from .training import train as run_training
 
     model = {"n_layers": layers, "n_heads": heads, "d_model": width}
@@ -131,23 +142,73 @@ def train(
                  objective=objective, n_future=n_future, eval_interval=eval_interval, save_interval=save_interval,
                  log_interval=log_interval, keep_last=keep_last, seed=seed, device=device,
                  fsdp=fsdp, sample_tokens=sample_tokens)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    budget = None
+    if extend:
+        if not resume:
+            raise UserError("--extend continues a finished run: use it with --resume RUN")
+        budget = Budget(steps, tokens, parse_duration(time))
     if resume:
         if out is not None and out != resume:
             raise UserError("--out contradicts --resume; a resumed run continues in its own folder")
-        cfg = resume_config(resume, given)
+        cfg = resume_config(resume, given, extend=extend)
     else:
+        if allow_data_change:
+            raise UserError("--allow-data-change applies to --resume only")
         cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
-    result = run_training(cfg, resume=bool(resume), progress=progress)
-    if int(os.environ.get("RANK", "0")) != 0:
+    try:
+        result = run_training(cfg, resume=bool(resume), progress=progress, overwrite=overwrite, extend=budget,
+                              allow_data_change=allow_data_change)
+    except TrainingInterrupted as e:
+        if main_rank:
+            print(f"interrupted by {e.signal_name} at step {e.step}: saved {e.snapshot}; continue with: "
+                  f"decoderlab train --resume {cfg.out}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if main_rank:
+            print("interrupted; the run folder's last complete snapshot, if any, is intact", file=sys.stderr)
+        raise typer.Exit(130) from None
+    if not main_rank:
         return
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    bpb = f"{result.val_bits_per_byte:.3f}" if result.val_bits_per_byte is not None else "n/a"
     console.print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
-                  f"val loss {val} (bits/byte {result.val_bits_per_byte:.3f}); saved to {result.run_dir}")
+                  f"val loss {val} (bits/byte {bpb}); saved to {result.run_dir}")
     if cfg.sample_tokens:
-        console.print("[bold]sample:[/bold]")
         prompt = cfg.sample_prompt if cfg.sample_prompt is not None else ("def " if cfg.data is None else "\n")
-        console.print(_sample_text(str(result.run_dir), prompt, cfg.sample_tokens, 0.8, 40, cfg.seed),
-                      markup=False, highlight=False)
+        prompt = _known_prompt(str(result.run_dir), prompt)
+        if prompt is None:
+            return
+        console.print("[bold]sample:[/bold]")
+        try:
+            text = _sample_text(str(result.run_dir), prompt, cfg.sample_tokens, 0.8, 40, cfg.seed)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        console.print(text, markup=False, highlight=False)
+
+
+def _known_prompt(run: str, prompt: str) -> str | None:
+    """`prompt` if the run's tokenizer can encode it; else (a corpus without newlines, say) a token it knows, with a
+    note; None (and a note) when there is none."""
+    import decoderlab
+
+    tok = decoderlab.Tokenizer.from_folder(run)
+    try:
+        tok.encode(prompt, add_special_tokens=False)
+        return prompt
+    except UserError:
+        pass
+    for i in range(tok.vocab_size):
+        text = tok.decode([i])
+        if text.strip():
+            with contextlib.suppress(UserError):
+                tok.encode(text, add_special_tokens=False)
+                console.print(f"[dim]note: the tokenizer has no {prompt!r}; the sample starts from {text!r}[/dim]",
+                              highlight=False)
+                return text
+    console.print(f"[dim]note: the tokenizer has no {prompt!r} and no other text to start from; no sample[/dim]",
+                  highlight=False)
+    return None
 
 
 def _sample_text(run: str, prompt: str, n: int, temperature: float, top_k: int | None, seed: int) -> str:
@@ -159,7 +220,8 @@ def _sample_text(run: str, prompt: str, n: int, temperature: float, top_k: int |
     model = decoderlab.load(run)
     tok = decoderlab.Tokenizer.from_folder(run)
     ctx = model.config.context_length
-    ids = tok.encode(prompt) or [0]
+    # The model's tokenizer decides about special tokens (a BOS where it adds one); a char tokenizer adds none.
+    ids = tok.encode(prompt) or ([tok.bos_id] if tok.bos_id is not None else [0])
     new: list[int] = []
     while len(new) < n:
         window = (ids + new)[-max(1, ctx // 2):] if len(ids) + len(new) >= ctx else ids + new
@@ -169,6 +231,13 @@ def _sample_text(run: str, prompt: str, n: int, temperature: float, top_k: int |
             break
         new += result.tokens[0]
     return prompt + tok.decode(new)
+
+
+def _unescape(text: str) -> str:
+    """The shell-friendly escapes \\n, \\t and \\\\ in a prompt; anything else stays as typed (non-ASCII too)."""
+    import re
+
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 @app.command()
@@ -182,7 +251,7 @@ def sample(
     num: int = typer.Option(1, "--num", help="Number of continuations."),
 ) -> None:
     """Print continuations of a prompt from a trained model."""
-    prompt = prompt.encode().decode("unicode_escape") if "\\" in prompt else prompt
+    prompt = _unescape(prompt)
     for i in range(num):
         if num > 1:
             console.print(f"[bold]--- sample {i + 1}[/bold]")

@@ -35,7 +35,10 @@ __all__ = [
     "PreparedData",
     "TokenData",
     "default_corpus_files",
+    "describe_change",
+    "fingerprint",
     "get_batch",
+    "input_stats",
     "iter_eval_batches",
     "prepare",
 ]
@@ -456,6 +459,71 @@ def _val_share(key: str) -> float:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
 
 
+def _given(inputs: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str | os.PathLike] | None:
+    return None if inputs is None else [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+
+
+def _plan(given: list[str | os.PathLike] | None, tokenizer: str | os.PathLike | Tokenizer, vocab_size: int,
+          text_field: str, val_fraction: float) -> tuple[list[Path], str, Tokenizer | None, str]:
+    """(input files, tokenizer kind, the tokenizer to reuse or None, the fingerprint of this preparation)."""
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+    if not isinstance(text_field, str):
+        raise UserError(f"text_field must be a string, got {text_field!r}")
+    files = _resolve_inputs(given)
+    kind, tok, tok_id = _tokenizer_spec(tokenizer, vocab_size)
+    stamp = hashlib.sha256(json.dumps({
+        "version": FORMAT_VERSION,
+        "files": [[str(p), st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]],
+        "tokenizer": tok_id,
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+    }).encode()).hexdigest()
+    return files, kind, tok, stamp
+
+
+def fingerprint(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    tokenizer: str | os.PathLike | Tokenizer = "char",
+    vocab_size: int = 4096,
+    text_field: str = "text",
+    val_fraction: float = 0.1,
+) -> str:
+    """What `prepare` with these arguments records in meta.json's "fingerprint": the input files (paths, sizes,
+    modification times), the tokenizer and the settings. Reads no file contents."""
+    return _plan(_given(inputs), tokenizer, vocab_size, text_field, val_fraction)[3]
+
+
+def input_stats(inputs: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[list[Any]]:
+    """[path, size, mtime_ns] of each input file (as `prepare` finds them), to tell later whether they changed."""
+    return [[str(p), st.st_size, st.st_mtime_ns] for p in _resolve_inputs(_given(inputs)) for st in [p.stat()]]
+
+
+def describe_change(before: list[list[Any]], after: list[list[Any]]) -> str | None:
+    """What differs between two `input_stats`, in a few words, or None when nothing does."""
+    old = {str(p): (int(size), int(mtime)) for p, size, mtime in before}
+    new = {str(p): (int(size), int(mtime)) for p, size, mtime in after}
+    gone, added = sorted(old.keys() - new.keys()), sorted(new.keys() - old.keys())
+    changed = sorted(p for p in old.keys() & new.keys() if old[p] != new[p])
+    parts = []
+    if changed:
+        p = changed[0]
+        what = (f"{old[p][0]:,} -> {new[p][0]:,} bytes" if old[p][0] != new[p][0] else "modified since")
+        parts.append(f"{len(changed)} file(s) changed, e.g. {p} ({what})")
+    if added:
+        parts.append(f"{len(added)} new file(s), e.g. {added[0]}")
+    if gone:
+        parts.append(f"{len(gone)} file(s) gone, e.g. {gone[0]}")
+    return "; ".join(parts) or None
+
+
+def _refuse_model_folder(out: Path) -> None:
+    # Preparing writes tokenizer.json: into a model or a run folder it would replace that model's tokenizer.
+    for marker, what in (("train_config.json", "a training run"), ("config.json", "a model")):
+        if (out / marker).is_file():
+            raise UserError(f"output folder {out} holds {what} ({marker}); prepare data into its own folder")
+
+
 def prepare(
     inputs: str | os.PathLike | Sequence[str | os.PathLike] | None,
     out_dir: str | os.PathLike,
@@ -477,25 +545,14 @@ def prepare(
     If `out_dir` already holds this corpus (same paths, sizes, mtimes) and settings, it is reused as it is.
     """
     global _replaced_bytes
-    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
-    if not isinstance(text_field, str):
-        raise UserError(f"text_field must be a string, got {text_field!r}")
-    given = None if inputs is None else [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    files = _resolve_inputs(given)
-    kind, tok, tok_id = _tokenizer_spec(tokenizer, vocab_size)
-    fingerprint = hashlib.sha256(json.dumps({
-        "version": FORMAT_VERSION,
-        "files": [[str(p), st.st_size, st.st_mtime_ns] for p in files for st in [p.stat()]],
-        "tokenizer": tok_id,
-        "text_field": text_field,
-        "val_fraction": val_fraction,
-    }).encode()).hexdigest()
+    given = _given(inputs)
+    files, kind, tok, stamp = _plan(given, tokenizer, vocab_size, text_field, val_fraction)
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output folder {out} exists and is not a folder")
-    if _fingerprint_of(out) == fingerprint:
+    _refuse_model_folder(out)
+    if _fingerprint_of(out) == stamp:
         with contextlib.suppress(UserError, OSError, KeyError, TypeError, ValueError):
             return PreparedData.load(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -555,7 +612,7 @@ def prepare(
     meta = {
         "format": "decoderlab.data",
         "version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
+        "fingerprint": stamp,
         "inputs": None if given is None else [str(x) for x in given],
         "n_files": len(files),
         "text_field": text_field,
@@ -629,10 +686,10 @@ def _make_encoder(tok: Tokenizer) -> Callable[[list[str], list[str]], list]:
         # Something does not encode: find which text, and let Tokenizer.encode say what is wrong with it.
         for text, key in zip(texts, keys, strict=True):
             try:
-                tok.encode(text)
+                tok.encode(text, add_special_tokens=False)
             except UserError as exc:
                 raise UserError(f"{key}: {exc}") from None
-        return [tok.encode(t) for t in texts]
+        return [tok.encode(t, add_special_tokens=False) for t in texts]
 
     return encode
 

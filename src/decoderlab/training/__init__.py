@@ -1,8 +1,12 @@
-"""Training from scratch: the loop, optimisers (AdamW, Muon), objectives and torchrun scale-out."""
+"""Training from scratch: the loop, optimisers (AdamW, Muon), objectives, exact resume and torchrun scale-out."""
 
 from .config import TrainConfig, parse_duration, resolve_model_config
 from .loop import Trainer, TrainResult, resume_config, train
 from .optim import Muon, lr_factor
+from .resources import MemoryEstimate, check_memory, estimate_memory
+from .schedule import Budget, Schedule
+from .signals import TrainingInterrupted
 
-__all__ = ["Muon", "TrainConfig", "TrainResult", "Trainer", "lr_factor", "parse_duration", "resolve_model_config",
-           "resume_config", "train"]
+__all__ = ["Budget", "MemoryEstimate", "Muon", "Schedule", "TrainConfig", "TrainResult", "Trainer",
+           "TrainingInterrupted", "check_memory", "estimate_memory", "lr_factor", "parse_duration",
+           "resolve_model_config", "resume_config", "train"]

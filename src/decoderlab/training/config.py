@@ -20,7 +20,10 @@ OBJECTIVES = ("next", "mtp", "prefix")
 DTYPES = ("bf16", "fp32")
 # Changing these on --resume would make the run a different run.
 FROZEN_ON_RESUME = ("data", "tokenizer", "vocab_size", "preset", "model", "seed", "objective", "n_future",
-                    "batch_size", "context_length", "optimizer")
+                    "batch_size", "context_length", "optimizer", "lr", "muon_lr", "betas", "weight_decay",
+                    "schedule", "warmup", "decay", "lr_floor", "packed", "fsdp")
+# The run's budget: frozen in its schedule; on resume only `--extend` takes new values (for the extra training).
+BUDGET = ("steps", "tokens", "time")
 
 
 def parse_duration(text: str | float | int | None) -> float | None:
@@ -97,9 +100,16 @@ class TrainConfig:
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         need(self.lr > 0 and self.muon_lr > 0, "learning rates must be positive")
-        for name in ("steps", "tokens"):
+        for name in ("steps", "tokens", "eval_interval", "save_interval", "eval_batches", "context_length"):
             value = getattr(self, name)
-            need(value is None or value >= 1, f"--{name} must be positive, got {value}")
+            flag = "context" if name == "context_length" else name.replace("_", "-")
+            need(value is None or value >= 1, f"--{flag} must be at least 1, got {value}")
+        need(self.keep_last >= 1, f"--keep-last must be at least 1 (snapshots kept to resume from), got "
+                                  f"{self.keep_last}")
+        need(self.log_interval >= 1, f"--log-interval must be at least 1, got {self.log_interval}")
+        need(self.sample_tokens >= 0, f"--sample-tokens must be 0 or more, got {self.sample_tokens}")
+        need(0 <= self.lr_floor <= 1, f"lr_floor is a fraction of the peak LR in [0, 1], got {self.lr_floor}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be positive or None, got {self.grad_clip}")
         need(self.time is None or self.time > 0, "--time must be positive")
         need(0 <= self.warmup < 1 and 0 <= self.decay <= 1, "warmup and decay are fractions of the run in [0, 1)")
         need(not (self.fsdp and self.optimizer == "muon"),

@@ -107,6 +107,15 @@ def sum(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:  # noqa: A001 - 
     return value
 
 
+def mean_values(values: list[float], ctx: DistContext) -> list[float]:
+    """The mean of each value over the ranks, in one all-reduce (the values themselves for a single process)."""
+    if not ctx.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    tdist.all_reduce(t)
+    return (t / ctx.world_size).tolist()
+
+
 def optimizer_state(opt: torch.optim.Optimizer, model: nn.Module, ctx: DistContext) -> dict:
     """A full (unsharded) optimizer state dict, gathered to every rank under FSDP."""
     if is_fsdp(model, ctx):

@@ -1,18 +1,22 @@
 """The training loop: batches, objectives, optimiser steps, evaluation, logging and checkpoints.
 
-A run folder holds the latest model in Hugging Face layout (so `decoderlab.load(run)` works), the
-best model in `best/`, resumable snapshots in `checkpoints/step-N/` (model, optimiser, RNG, step),
-`metrics.jsonl`, `loss.png` and `train_config.json`. The batch for step s depends only on (seed, s),
-so a resumed run sees exactly the data an uninterrupted one would.
+A run folder holds the latest model in Hugging Face layout (so `decoderlab.load(run)` works), the best model in
+`best/`, resumable snapshots in `checkpoints/step-N/` (see `snapshot`), `metrics.jsonl`, `loss.png` and
+`train_config.json`. The batch for step s depends only on (seed, s) and the LR for step s only on the run's
+frozen schedule (see `schedule`), so a resumed run takes exactly the steps an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import shutil
+import signal
+import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +28,31 @@ import torch.nn.functional as F
 from .. import masks
 from ..atomic import atomic_write_text
 from ..checkpoint import save as save_model
-from ..data import Batch, PreparedData, get_batch, iter_eval_batches, prepare
+from ..data import Batch, PreparedData, describe_change, fingerprint, get_batch, input_stats, iter_eval_batches, prepare
 from ..errors import UserError
 from ..model import Transformer
+from ..tokenizer import Tokenizer
 from . import distributed as dist
-from .config import FROZEN_ON_RESUME, TrainConfig, resolve_model_config
+from . import snapshot as snap
+from .config import BUDGET, FROZEN_ON_RESUME, TrainConfig, parse_duration, resolve_model_config
 from .optim import build_optimizers, lr_factor
+from .resources import check_memory
+from .runfolder import RUN_CONFIG, check_out_folder
+from .schedule import Budget, Schedule
+from .signals import StopRequests, TrainingInterrupted
 
-STATE_FILE = "state.json"
+STATE_FILE = snap.STATE_FILE
+OPTIM_FILE = snap.OPTIM_FILE
 # Full-split evaluations per run (by steps or time, unless --eval-interval says otherwise).
 EVALS_PER_RUN = 5
 # The default corpus is 12 MB: 2 % of its documents (~240k characters, twice tinyshakespeare's
 # validation split) measure loss as well as 10 % would, at a fifth of the cost per evaluation.
 DEFAULT_CORPUS_VAL_FRACTION = 0.02
-OPTIM_FILE = "optimizer.pt"
+# A --time run fixes its length in steps once it has trained this fraction of its budget and at least
+# CALIBRATION_STEPS steps after the first (which pays one-off costs: allocation, compilation): from then on it is
+# a run of that many steps, and resumes exactly.
+CALIBRATION_FRACTION = 0.05
+CALIBRATION_STEPS = 3
 
 
 @dataclass
@@ -52,33 +67,63 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def data_cache_dir(cfg: TrainConfig) -> Path:
-    """Where prepared data for these inputs and tokenizer settings live (shared between runs)."""
-    import hashlib
-
+def data_cache_dir(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> Path:
+    """Where prepared data for these inputs and tokenizer settings live (shared between runs); with `tokenizer`,
+    the folder for these inputs encoded with exactly that tokenizer (a resumed run's own)."""
     root = Path(os.environ.get("DECODERLAB_CACHE", Path.home() / ".cache" / "decoderlab")) / "prepared"
     inputs = sorted(str(Path(p).resolve()) if Path(p).exists() else p for p in (cfg.data or ["<default>"]))
-    tok = cfg.tokenizer if cfg.tokenizer in ("char", "bpe") else str(Path(cfg.tokenizer).resolve())
+    if tokenizer is not None:
+        tok: Any = hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()
+    else:
+        tok = cfg.tokenizer if cfg.tokenizer in ("char", "bpe") else str(Path(cfg.tokenizer).resolve())
     key = json.dumps([inputs, tok, cfg.vocab_size if cfg.tokenizer == "bpe" else None,
                       None if cfg.data else DEFAULT_CORPUS_VAL_FRACTION])
     return root / hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
 class Trainer:
-    """One training run: `run()` loops until the stop criterion, evaluating and checkpointing on the way."""
+    """One training run: `run()` loops until the stop criterion, evaluating and checkpointing on the way.
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+    `resume` continues the run in `cfg.out` from its newest complete snapshot; `extend` (with `resume`) adds a
+    schedule segment of that much more training to a finished run; `overwrite` replaces an earlier run in `cfg.out`
+    (see `runfolder`); `allow_data_change` resumes although the input files changed since the snapshot.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
+                 extend: Budget | None = None, allow_data_change: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
+        if resume and overwrite:
+            raise UserError("--overwrite contradicts --resume: resume continues the run, overwrite replaces it")
+        if extend is not None and not resume:
+            raise UserError(f"--extend continues a finished run: use it with --resume {self.run_dir}")
         self.ctx = dist.setup(cfg.device)
         self.device = self.ctx.device
         self.progress = progress and self.ctx.is_main
+        # Refuse what cannot fit before touching any folder or data (the vocabulary is not known yet: a lower bound).
+        vocab_floor = 257 if cfg.tokenizer == "bpe" else 1
+        check_memory(cfg, resolve_model_config(cfg, vocab_floor), self.device, self.ctx.world_size)
+        snapshot, state = None, None
+        if resume:
+            snapshot = snap.find_snapshot(self.run_dir, note=self._warn)
+            state = snap.read_state(snapshot)
+        elif self.ctx.is_main:
+            check_out_folder(self.run_dir, overwrite, note=self._note)
         if self.ctx.is_main:
             _check_writable(self.run_dir)
-        self.data = self._prepare_data()
+        self.schedule = Schedule(cfg.schedule, cfg.warmup, cfg.decay, cfg.lr_floor)
+        if state is not None:
+            try:
+                self.schedule = Schedule.from_dict(state["schedule"])
+            except UserError as e:
+                raise UserError(f"{snapshot / STATE_FILE}: {e}; delete that snapshot to resume from an earlier one"
+                                ) from None
+            self._check_extension(state["step"], extend)
+        self.data, self.data_files = self._prepare_data(snapshot, state, allow_data_change)
         self.tokenizer = self.data.tokenizer
         self.model_config = resolve_model_config(cfg, self.tokenizer.vocab_size)
         self.data.check_context(self.model_config.context_length)
+        check_memory(cfg, self.model_config, self.device, self.ctx.world_size)
         torch.manual_seed(cfg.seed)
         self.raw_model = Transformer(self.model_config).to(self.device)
         self.model = dist.wrap(self.raw_model, self.ctx, fsdp=cfg.fsdp)
@@ -89,48 +134,156 @@ class Trainer:
         self.best_val: float | None = None
         self.last_val: float | None = None
         self.last_val_bpb: float | None = None
-        if resume:
-            self._load_state()
+        self.stop = StopRequests(announce=self.ctx.is_main)
+        self.stopping = False  # a stop signal reached some rank: every rank stops after this step
+        self._step_seconds: list[float] = []
+        self._saved_step: int | None = None
+        if snapshot is not None:
+            self._load_state(snapshot, state)
+        elif cfg.time is None:
+            self.schedule.freeze(self._step_limit())
+        if extend is not None:
+            seconds_per_step = self.train_seconds / self.step if self.step else None
+            steps = extend.steps_for(self.tokens_per_step, seconds_per_step)
+            segment = self.schedule.extend(steps or 1)
+            self._note(f"--extend: steps {segment.start}..{segment.end}, the LR re-warming from "
+                       f"{segment.start_factor:.3g} x peak")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
                          else contextlib.nullcontext())
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     # ---- setup ---------------------------------------------------------------------------------
 
-    def _prepare_data(self) -> PreparedData:
-        folder = data_cache_dir(self.cfg)
+    def _note(self, message: str) -> None:
         if self.ctx.is_main:
-            prepare(self.cfg.data, folder, tokenizer=self.cfg.tokenizer, vocab_size=self.cfg.vocab_size,
-                    progress=self.progress, val_fraction=0.1 if self.cfg.data else DEFAULT_CORPUS_VAL_FRACTION)
-        dist.barrier(self.ctx)
-        return PreparedData.load(folder)
+            print(f"note: {message}", file=sys.stderr, flush=True)
 
-    # ---- the loop ------------------------------------------------------------------------------
+    def _warn(self, message: str) -> None:
+        if self.ctx.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.model_config.context_length
+
+    def _check_extension(self, step: int, extend: Budget | None) -> None:
+        """A finished run resumes only with --extend (and a budget); an unfinished one only without."""
+        end = self.schedule.end
+        run = self.run_dir
+        if extend is None:
+            if step >= end:
+                raise UserError(f"{run} is finished (step {step} of {end}); to train it further pass --extend with "
+                                f"the extra budget, e.g. decoderlab train --resume {run} --extend --steps 500 "
+                                "(or --time 3m / --tokens N)")
+            return
+        if not extend.given():
+            raise UserError("--extend needs the extra budget: add --steps N, --tokens N or --time 3m")
+        if step < end:
+            raise UserError(f"{run} is at step {step} of {end}; resume it without --extend to finish its schedule, "
+                            "then extend it")
+
+    def _prepare_data(self, snapshot: Path | None, state: dict[str, Any] | None,
+                      allow_change: bool) -> tuple[PreparedData, list[list[Any]]]:
+        """The prepared data and the input files' [path, size, mtime_ns]. A resumed run reuses its snapshot's
+        tokenizer (never trains a new one) and refuses inputs that changed since, unless `allow_change`."""
+        cfg = self.cfg
+        val_fraction = 0.1 if cfg.data else DEFAULT_CORPUS_VAL_FRACTION
+        options = dict(vocab_size=cfg.vocab_size, progress=self.progress, val_fraction=val_fraction)
+        if snapshot is None:
+            files = input_stats(cfg.data)
+            folder = data_cache_dir(cfg)
+            if self.ctx.is_main:
+                prepare(cfg.data, folder, tokenizer=cfg.tokenizer, **options)
+            dist.barrier(self.ctx)
+            return PreparedData.load(folder), files
+        tok = Tokenizer.from_folder(snapshot)
+        try:
+            files = input_stats(cfg.data)
+        except UserError as e:
+            raise UserError(f"cannot resume {self.run_dir}: its training data is not there any more ({e})") from None
+        saved = state.get("data_files")
+        try:
+            change = describe_change(saved, files)
+        except (TypeError, ValueError):
+            change = "the snapshot does not record its input files"
+        if change is not None:
+            if not allow_change:
+                raise UserError(f"the training data changed since {snapshot.name} was saved ({change}); resuming "
+                                "would not reproduce the run — restore the files, or pass --allow-data-change to "
+                                "continue on the new data with the run's tokenizer")
+            self._warn(f"the training data changed since {snapshot.name} ({change}); continuing on it with the "
+                       "run's tokenizer (--allow-data-change)")
+        else:
+            # The run's own prepared data, when still cached for exactly these inputs and the run's tokenizer.
+            folder = data_cache_dir(cfg)
+            with contextlib.suppress(UserError, OSError, ValueError, KeyError):
+                cached = PreparedData.load(folder)
+                same = (cached.meta.get("fingerprint") == fingerprint(cfg.data, cfg.tokenizer, cfg.vocab_size,
+                                                                      val_fraction=val_fraction)
+                        and cached.tokenizer.backend.to_str() == tok.backend.to_str())
+                if same:
+                    return cached, files
+        folder = data_cache_dir(cfg, tok)
+        if self.ctx.is_main:
+            prepare(cfg.data, folder, tokenizer=tok, **options)
+        dist.barrier(self.ctx)
+        return PreparedData.load(folder), files
+
+    # ---- the schedule --------------------------------------------------------------------------
+
+    def _step_limit(self) -> int | None:
+        """The run's length in steps where --steps or --tokens fix it up front (None: only --time)."""
+        return Budget(self.cfg.steps, self.cfg.tokens).steps_for(self.tokens_per_step, None)
+
+    def _freeze(self, force: bool = False) -> None:
+        """Fix a --time run's length in steps once its speed is measured (or now, with `force`)."""
+        cfg = self.cfg
+        measured = self._step_seconds[1:] or self._step_seconds  # the first step pays one-off costs
+        limit = self._step_limit()
+        calibrated = (self.train_seconds >= CALIBRATION_FRACTION * cfg.time and len(measured) >= CALIBRATION_STEPS)
+        over = self.train_seconds >= cfg.time or (limit is not None and self.step >= limit)
+        if not (force or calibrated or over):
+            return
+        remaining = cfg.time - self.train_seconds
+        more = math.floor(remaining / statistics.median(measured)) if measured and remaining > 0 else 0
+        total = self.step + max(0, more)
+        self.schedule.freeze(max(self.step, total if limit is None else min(limit, total)))
 
     def progress_fraction(self) -> float:
+        if self.schedule.frozen:
+            return self.step / max(1, self.schedule.end)
+        limit = self._step_limit()
+        return max(self.step / limit if limit else 0.0, self.train_seconds / self.cfg.time)
+
+    def lr_factor(self) -> float:
+        """The LR multiplier for the next step: the frozen schedule's, or a --time run's by elapsed time until its
+        length is fixed."""
         cfg = self.cfg
-        fractions = [0.0]
-        if cfg.steps:
-            fractions.append(self.step / cfg.steps)
-        if cfg.tokens:
-            fractions.append(self.tokens / cfg.tokens)
-        if cfg.time:
-            fractions.append(self.train_seconds / cfg.time)
-        return max(fractions)
+        if self.schedule.frozen:
+            return self.schedule.factor(self.step)
+        return lr_factor(self.progress_fraction(), cfg.warmup, cfg.schedule, cfg.decay, cfg.lr_floor)
 
     def done(self) -> bool:
+        if self.schedule.frozen:
+            return self.step >= self.schedule.end
         return self.progress_fraction() >= 1.0
 
     def eval_interval(self) -> int:
+        """Steps between evaluations: --eval-interval, else a fifth of the current schedule segment (0 while a
+        --time run's length is not fixed yet: no evaluation before then but at the end)."""
         if self.cfg.eval_interval:
             return self.cfg.eval_interval
-        if self.cfg.steps:
-            return max(1, self.cfg.steps // EVALS_PER_RUN)
-        return 0  # by time: evaluate every tenth of the budget (see run)
+        if not self.schedule.frozen:
+            return 0
+        seg = self.schedule.segments[-1]
+        return max(1, (seg.end - seg.start) // EVALS_PER_RUN)
+
+    # ---- the loop ------------------------------------------------------------------------------
 
     def train_step(self) -> float:
         cfg, ctx = self.cfg, self.ctx
-        factor = lr_factor(self.progress_fraction(), cfg.warmup, cfg.schedule, cfg.decay, cfg.lr_floor)
+        t0 = time.perf_counter()
+        factor = self.lr_factor()
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
@@ -154,8 +307,17 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += cfg.batch_size * self.model_config.context_length
-        return float(dist.mean(loss_sum / len(rows), ctx))
+        self.tokens += self.tokens_per_step
+        local = [float(loss_sum / len(rows)), time.perf_counter() - t0, float(self.stop.signum is not None)]
+        # One all-reduce carries the loss, the step time and any stop request, so that every rank agrees on when
+        # a --time run's length is fixed and on the step after which a signalled run stops.
+        loss_value, seconds, stop = dist.mean_values(local, self.ctx)
+        self.train_seconds += seconds
+        self._step_seconds.append(seconds)
+        self.stopping = self.stopping or stop > 0
+        if not self.schedule.frozen:
+            self._freeze()
+        return loss_value
 
     def loss(self, batch: Batch, rows: slice | list[int]) -> torch.Tensor:
         """The objective's loss on some rows of a batch."""
@@ -194,11 +356,15 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         batches = iter_eval_batches(self.data.val, 64, self.model_config.context_length)
+        seen, forwards, spare = 0, 0, None
         for i, batch in enumerate(batches):
             if cfg.eval_batches is not None and i >= cfg.eval_batches:
                 break
+            seen = i + 1
             if i % self.ctx.world_size != self.ctx.rank:
+                spare = spare or batch
                 continue
+            forwards += 1
             x, y = batch.inputs.to(self.device), batch.targets.to(self.device)
             positions, mask = None, None
             if _crosses_documents(batch, slice(None)):
@@ -208,6 +374,12 @@ class Trainer:
                 logits = model(x, positions=positions, mask=mask)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
             count += (y != -100).sum()
+        if dist.is_fsdp(self.model, self.ctx):
+            # An FSDP forward gathers every block's weights from all ranks: each rank must run as many forwards as
+            # the others, or the one with more waits forever. Ranks short of a batch run one they skipped, unused.
+            for _ in range(-(-seen // self.ctx.world_size) - forwards):
+                with self.autocast:
+                    model(spare.inputs.to(self.device))
         model.train()
         if hasattr(model, "reshard"):  # FSDP2 leaves the root unsharded after a forward without backward
             model.reshard()
@@ -219,66 +391,68 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(self.run_dir / "train_config.json", cfg.to_dict())
+            try:
+                _write_json(self.run_dir / RUN_CONFIG, cfg.to_dict())
+            except OSError as e:
+                raise UserError(f"cannot write to the run folder {self.run_dir} ({e.strerror or e}); "
+                                "free space or choose another --out") from None
         self.raw_model.train()
         history: list[dict[str, Any]] = []
-        eval_every = self.eval_interval()
-        period = cfg.time / EVALS_PER_RUN if cfg.time else math.inf
-        next_eval_time = (self.train_seconds // period + 1) * period
         save_every = cfg.save_interval
         bar = _ProgressBar(self) if self.progress else None
         window_tokens, window_start = 0, time.perf_counter()
-        try:
-            while not self.done():
-                t0 = time.perf_counter()
-                loss = self.train_step()
-                self.train_seconds += time.perf_counter() - t0
-                window_tokens += cfg.batch_size * self.model_config.context_length
-                if not math.isfinite(loss):
-                    raise UserError(f"training diverged at step {self.step} (loss {loss}); lower --lr/--muon-lr")
-                record = None
-                if self.step % cfg.log_interval == 0 or self.done():
-                    now = time.perf_counter()
-                    record = self._record(loss, window_tokens / max(1e-9, now - window_start))
-                    window_tokens, window_start = 0, now
-                evaluate = self.done() or (eval_every and self.step % eval_every == 0) or (
-                    not eval_every and self.train_seconds >= next_eval_time)
-                save, best = bool(save_every and self.step % save_every == 0), False
-                if evaluate:
-                    next_eval_time = (self.train_seconds // period + 1) * period
-                    record = record or self._record(loss, None)
-                    val, bpb = self.evaluate()
-                    self.last_val, self.last_val_bpb = val, bpb
-                    record.update(val_loss=round(val, 5))
-                    if not math.isnan(bpb):  # bits/byte needs the whole split; metrics.jsonl stays strict JSON
-                        record.update(val_bpb=round(bpb, 5))
-                    best = self.best_val is None or val < self.best_val
-                    self.best_val = val if best else self.best_val
-                    save = save or save_every is None or self.done()
-                # The step's record goes to metrics.jsonl before its checkpoint: a kill in between must not
-                # leave a snapshot whose step has no record (resume keeps records up to the snapshot's step).
-                if record is not None:
-                    history.append(record)
-                    if self.ctx.is_main:
-                        with open(self.run_dir / "metrics.jsonl", "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                if save:
-                    self.save(best=best)
-                if evaluate or save:
-                    window_start = time.perf_counter()
+        # The handlers stay until the run has fully stopped (plotting included): a second Ctrl-C then is ignored.
+        with self.stop:
+            try:
+                while not self.done():
+                    loss = self.train_step()
+                    window_tokens += self.tokens_per_step
+                    if not math.isfinite(loss):
+                        raise UserError(f"training diverged at step {self.step} (loss {loss}); lower --lr/--muon-lr")
+                    record = None
+                    if self.step % cfg.log_interval == 0 or self.done():
+                        now = time.perf_counter()
+                        record = self._record(loss, window_tokens / max(1e-9, now - window_start))
+                        window_tokens, window_start = 0, now
+                    eval_every = self.eval_interval()
+                    segment_start = self.schedule.segments[-1].start if self.schedule.frozen else 0
+                    evaluate = self.done() or bool(eval_every and (self.step - segment_start) % eval_every == 0)
+                    save, best = bool(save_every and self.step % save_every == 0), False
+                    if evaluate:
+                        record = record or self._record(loss, None)
+                        val, bpb = self.evaluate()
+                        self.last_val, self.last_val_bpb = val, bpb
+                        record.update(val_loss=round(val, 5))
+                        if not math.isnan(bpb):  # bits/byte needs the whole split; metrics.jsonl stays strict JSON
+                            record.update(val_bpb=round(bpb, 5))
+                        best = self.best_val is None or val < self.best_val
+                        self.best_val = val if best else self.best_val
+                        save = save or save_every is None or self.done()
+                    # The step's record goes to metrics.jsonl before its checkpoint: a kill in between must not
+                    # leave a snapshot whose step has no record (resume keeps records up to the snapshot's step).
+                    if record is not None:
+                        history.append(record)
+                        self._append_metrics(record)
+                    if save:
+                        self.save(best=best)
+                    # One process stops at once; ranks stop together, on the flag their all-reduce shared.
+                    if (self.stopping or (not self.ctx.distributed and self.stop.signum is not None)) and (
+                            not self.done()):
+                        if self._saved_step != self.step:
+                            self.save(best=False)
+                        # Leave together: a rank that tears down while rank 0 still writes breaks its connection.
+                        dist.barrier(self.ctx)
+                        where = self.run_dir / snap.SNAPSHOT_DIR / snap.snapshot_name(self.step)
+                        raise TrainingInterrupted(self.stop.signum or signal.SIGTERM, self.step, str(where))
+                    if evaluate or save:
+                        window_start = time.perf_counter()
+                    if bar:
+                        bar.update(loss, record)
+            finally:
                 if bar:
-                    bar.update(loss, record)
-        except KeyboardInterrupt:
-            if self.ctx.is_main:
-                print(f"\ninterrupted at step {self.step}; saving a checkpoint to resume from")
-            self.save(best=False)
-            raise
-        finally:
-            if bar:
-                bar.close()
-            if self.ctx.is_main:
-                _plot_losses(self.run_dir)
+                    bar.close()
+                if self.ctx.is_main:
+                    _plot_losses(self.run_dir)
         return TrainResult(self.run_dir, self.step, self.tokens, self.train_seconds, self.last_val,
                            self.last_val_bpb, self.best_val, history)
 
@@ -290,89 +464,187 @@ class Trainer:
             record["tok_per_s"] = round(tok_per_s)
         return record
 
-    # ---- checkpoints ---------------------------------------------------------------------------
-
-    def save(self, best: bool) -> None:
-        """A resumable snapshot in checkpoints/step-N (renamed into place whole), then the latest model."""
-        state_dicts = [dist.optimizer_state(opt, self.model, self.ctx) for opt in self.optimizers]
-        model = dist.full_model(self.raw_model, self.ctx)
+    def _append_metrics(self, record: dict[str, Any]) -> None:
         if not self.ctx.is_main:
             return
-        snapshots = self.run_dir / "checkpoints"
-        final = snapshots / f"step-{self.step:07d}"
-        staging = snapshots / f".step-{self.step:07d}.tmp"
+        try:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise UserError(f"cannot write {self.run_dir / 'metrics.jsonl'} ({e.strerror or e}); the last snapshot "
+                            "is intact — free space and resume") from None
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state().tolist()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device).tolist()
+        return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
+                "best_val": self.best_val, "last_val": self.last_val, "rng": rng,
+                "schedule": self.schedule.to_dict(), "data_files": self.data_files,
+                "train_config": self.cfg.to_dict()}
+
+    def save(self, best: bool) -> None:
+        """A snapshot in checkpoints/step-N (staged, manifest last, renamed into place), then the latest model.
+
+        Called between optimizer steps only. A failure (disk full, ...) is a one-line UserError and leaves the
+        previous snapshot as it was."""
+        if not self.schedule.frozen:
+            self._freeze(force=True)  # a snapshot always holds the run's length
+        state_dicts = [dist.optimizer_state(opt, self.model, self.ctx) for opt in self.optimizers]
+        model = dist.full_model(self.raw_model, self.ctx)
+        self._saved_step = self.step
+        if not self.ctx.is_main:
+            return
+        snapshots = self.run_dir / snap.SNAPSHOT_DIR
+        final = snapshots / snap.snapshot_name(self.step)
+        staging = snapshots / f".{final.name}.tmp"
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             save_model(model, staging, tokenizer=self.tokenizer)
             torch.save(state_dicts, staging / OPTIM_FILE)
-            rng = {"torch": torch.get_rng_state().tolist()}
-            _write_json(staging / STATE_FILE, {"step": self.step, "tokens": self.tokens,
-                                               "train_seconds": self.train_seconds, "best_val": self.best_val,
-                                               "last_val": self.last_val, "rng": rng,
-                                               "train_config": self.cfg.to_dict()})
-            shutil.rmtree(final, ignore_errors=True)
+            _write_json(staging / STATE_FILE, self._state())
+            snap.write_manifest(staging, self.step)
+            if final.exists():
+                snap.remove(final)  # a snapshot of a lost future (skipped on resume) at the same step
             os.replace(staging, final)
+            snap.fsync_dir(snapshots)
             save_model(model, self.run_dir, tokenizer=self.tokenizer)
             if best:
                 save_model(model, self.run_dir / "best", tokenizer=self.tokenizer)
-        except OSError as e:
+        except (OSError, RuntimeError, UserError) + _SAVE_ERRORS as e:
             shutil.rmtree(staging, ignore_errors=True)
-            raise UserError(f"could not save a checkpoint in {self.run_dir} ({e.strerror or e}); "
-                            "the previous checkpoint is intact — free space or choose another --out") from None
-        for old in sorted(snapshots.glob("step-*"))[:-self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            raise UserError(f"could not save a checkpoint in {self.run_dir} ({_reason(e, self.run_dir)}); the previous "
+                            "checkpoint is intact — free space or choose another --out") from None
+        snap.prune(self.run_dir, self.step, self.cfg.keep_last)
 
-    def _load_state(self) -> None:
-        snapshot = latest_snapshot(self.run_dir)
-        state = json.loads((snapshot / STATE_FILE).read_text())
+    def _load_state(self, snapshot: Path, state: dict[str, Any]) -> None:
         from ..checkpoint import load as load_model
 
+        if state["step"] != snap.snapshot_step(snapshot):
+            raise UserError(f"{snapshot / STATE_FILE} says step {state['step']}, not the folder's; delete that "
+                            "snapshot to resume from an earlier one")
         loaded = load_model(snapshot, device=self.device, dtype=torch.float32)
-        dist.load_model_state(self.raw_model, loaded.state_dict(), self.ctx)
-        for opt, sd in zip(self.optimizers, torch.load(snapshot / OPTIM_FILE, weights_only=False), strict=True):
-            dist.load_optimizer_state(opt, sd, self.model, self.ctx)
+        try:
+            dist.load_model_state(self.raw_model, loaded.state_dict(), self.ctx)
+        except RuntimeError as e:
+            raise UserError(f"the weights in {snapshot} do not fit this run's model ({str(e).splitlines()[0]})"
+                            ) from None
+        states = snap.load_tensors(snapshot / OPTIM_FILE)
+        if not isinstance(states, list) or len(states) != len(self.optimizers):
+            raise UserError(f"{snapshot / OPTIM_FILE} does not hold this run's {len(self.optimizers)} optimizer "
+                            "state(s); delete that snapshot to resume from an earlier one")
+        for opt, sd in zip(self.optimizers, states, strict=True):
+            try:
+                dist.load_optimizer_state(opt, sd, self.model, self.ctx)
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+                raise UserError(f"{snapshot / OPTIM_FILE} does not fit this run's optimizers ({e}); delete that "
+                                "snapshot to resume from an earlier one") from None
         self.step, self.tokens = state["step"], state["tokens"]
-        self.train_seconds, self.best_val, self.last_val = state["train_seconds"], state["best_val"], state["last_val"]
-        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
-        # Metrics written after this snapshot belong to the lost part of the run.
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists() and self.ctx.is_main:
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        self.train_seconds = float(state["train_seconds"])
+        self.best_val, self.last_val = state.get("best_val"), state.get("last_val")
+        try:
+            torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(torch.tensor(state["rng"]["cuda"], dtype=torch.uint8), self.device)
+        except (RuntimeError, TypeError, ValueError, OverflowError):
+            raise UserError(f"{snapshot / STATE_FILE} holds an invalid random-number state; delete that snapshot "
+                            "to resume from an earlier one") from None
+        if self.ctx.is_main:
+            self._trim_metrics()
+        self._note(f"resuming {self.run_dir} from {snapshot.name} (step {self.step} of {self.schedule.end})")
+
+    def _trim_metrics(self) -> None:
+        """Records after the snapshot belong to the lost part of the run; unreadable lines (a write cut short) go."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                step = json.loads(line)["step"]
+                if not isinstance(step, int):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError):
+                dropped += line.strip() != ""
+                continue
+            if step <= self.step:
+                kept.append(line)
+        if dropped:
+            self._warn(f"{path}: dropped {dropped} unreadable line(s)")
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def latest_snapshot(run_dir: Path) -> Path:
-    snapshots = sorted(Path(run_dir).glob("checkpoints/step-*"))
-    complete = [s for s in snapshots if (s / STATE_FILE).is_file() and (s / OPTIM_FILE).is_file()]
-    if not complete:
-        raise UserError(f"{run_dir} is not a training run (no checkpoints/step-*/ with a saved state); "
-                        "pass the --out folder of an earlier `decoderlab train`")
-    return complete[-1]
+def resume_config(run_dir: str | Path, overrides: dict[str, Any], extend: bool = False) -> TrainConfig:
+    """The run's saved TrainConfig with `overrides` applied; contradictions are a one-line error.
 
-
-def resume_config(run_dir: str | Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The run's saved TrainConfig with `overrides` applied; contradictions are a one-line error."""
+    The budget (steps, tokens, time) is frozen in the run's schedule: without `extend` a different value is refused
+    (with `extend` it is the extra budget, passed to `train` separately, and the saved config keeps the original).
+    """
     run_dir = Path(run_dir)
-    saved_path = run_dir / "train_config.json"
+    saved_path = run_dir / RUN_CONFIG
     if not run_dir.is_dir() or not saved_path.is_file():
-        raise UserError(f"{run_dir} is not a training run (no train_config.json); "
+        raise UserError(f"{run_dir} is not a training run (no {RUN_CONFIG}); "
                         "pass the --out folder of an earlier `decoderlab train`")
-    latest_snapshot(run_dir)
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"{saved_path} is unreadable ({e}); the run cannot be resumed") from None
     for key, value in overrides.items():
-        if key in FROZEN_ON_RESUME and value is not None and saved.get(key) != value:
+        if value is None:
+            continue
+        if key in FROZEN_ON_RESUME and _jsonable(saved.get(key)) != _jsonable(value):
             raise UserError(f"--{key.replace('_', '-')} {value!r} contradicts the run being resumed "
                             f"({saved.get(key)!r}); drop it or start a new run with another --out")
-    merged = {**saved, **{k: v for k, v in overrides.items() if v is not None}, "out": str(run_dir)}
-    return TrainConfig.from_dict(merged)
+        if key in BUDGET and not extend:
+            given = parse_duration(value) if key == "time" else value
+            if given != saved.get(key):
+                raise UserError(f"--{key} {value} differs from the run's ({saved.get(key)}): a resumed run "
+                                "continues its frozen schedule; once it has finished, --extend trains it further "
+                                f"by that much more: --resume {run_dir} --extend --{key} N")
+    merged = {**saved, **{k: v for k, v in overrides.items() if v is not None and k not in BUDGET},
+              "out": str(run_dir)}
+    try:
+        return TrainConfig.from_dict(merged)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{saved_path} does not describe a valid run ({e})") from None
 
 
-def train(cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True, **overrides) -> TrainResult:
-    """Train a model; `decoderlab.train(data=[...], time="90s", out="runs/x")` or with a TrainConfig."""
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def train(cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True, overwrite: bool = False,
+          extend: bool | Budget | dict[str, Any] | None = None, allow_data_change: bool = False,
+          **overrides: Any) -> TrainResult:
+    """Train a model: `decoderlab.train(data=[...], time="90s", out="runs/x")` or with a TrainConfig.
+
+    `resume=True` continues the run in `out` (keyword overrides as at the command line); `extend=True` with
+    `steps=`/`tokens=`/`time=` (or a `Budget`) trains a finished run further; `overwrite=True` replaces an earlier
+    run in `out`. SIGINT/SIGTERM end the run after the current step with a snapshot (`TrainingInterrupted`).
+    """
+    budget = None
+    if extend is not None and extend is not False:
+        if isinstance(extend, Budget):
+            budget = extend
+        else:
+            given = extend if isinstance(extend, dict) else {k: overrides.get(k) for k in BUDGET}
+            budget = Budget(given.get("steps"), given.get("tokens"), parse_duration(given.get("time")))
     if cfg is None:
-        cfg = TrainConfig(**overrides)
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+        if resume:
+            if overrides.get("out") is None:
+                raise UserError("resume=True needs out= (the run folder to continue)")
+            cfg = resume_config(overrides["out"], overrides, extend=budget is not None)
+        else:
+            cfg = TrainConfig(**overrides)
+    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, extend=budget,
+                      allow_data_change=allow_data_change)
     try:
         result = trainer.run()
         # Leave together: a rank that tears down while rank 0 still writes its checkpoint closes the gloo
@@ -425,11 +697,44 @@ def _check_writable(folder: Path) -> None:
         raise UserError(f"cannot write to the run folder {folder} ({e.strerror or e}); choose another --out") from None
 
 
+def _save_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        return ()
+    return (SafetensorError,)
+
+
+# What writing a checkpoint raises when the disk is full or the folder goes away: OSError from Python, RuntimeError
+# from torch.save ("PytorchStreamWriter failed writing file"), SafetensorError, CheckpointError from checkpoint.save.
+_SAVE_ERRORS = _save_errors()
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    """Why a write failed, in words: torch.save reports a full disk only as "[enforce fail ...] unexpected pos"."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    message = (lines[0] if lines else type(error).__name__)[:200]
+    if isinstance(error, RuntimeError):
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(folder).free < 64 << 20:
+                return f"No space left on device ({message})"
+        with contextlib.suppress(ImportError, OSError, ValueError):
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft != resource.RLIM_INFINITY:
+                return f"File too large: the file-size limit (ulimit -f) is {soft:,} bytes ({message})"
+    return message
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _plot_losses(run_dir: Path) -> None:
+    """loss.png from metrics.jsonl; a plot that cannot be drawn (unreadable lines, a full disk) is skipped."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return
@@ -438,10 +743,16 @@ def _plot_losses(run_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = []
+    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("elapsed_s"), int | float) and isinstance(
+                    record.get("train_loss"), int | float):
+                records.append(record)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["elapsed_s"] for r in records], [r["train_loss"] for r in records], label="train", alpha=0.7)
-    evals = [r for r in records if "val_loss" in r]
+    evals = [r for r in records if isinstance(r.get("val_loss"), int | float)]
     ax.plot([r["elapsed_s"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (full split)")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("loss (nats/token)")
@@ -450,9 +761,14 @@ def _plot_losses(run_dir: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = run_dir / ".loss.png.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, run_dir / "loss.png")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, run_dir / "loss.png")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write {run_dir / 'loss.png'} ({e.strerror or e})", file=sys.stderr)
+    finally:
+        plt.close(fig)
 
 
 class _ProgressBar:

@@ -118,15 +118,17 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
     return opts
 
 
-def lr_factor(progress: float, warmup: float, schedule: str, decay: float = 0.4, floor: float = 0.0) -> float:
-    """Learning-rate multiplier at `progress` in [0, 1] of the run.
+def lr_factor(progress: float, warmup: float, schedule: str, decay: float = 0.4, floor: float = 0.0,
+              start: float = 0.0) -> float:
+    """Learning-rate multiplier at `progress` in [0, 1] of the run (or of one segment of it).
 
-    `warmup` is a fraction of the run. "cosine" decays to `floor` over the rest; "wsd" (warmup-stable-
-    decay) holds the peak and decays linearly to `floor` over the last `decay` fraction.
+    `warmup` is a fraction of the run, ramping linearly from `start` (0 for a fresh run) to 1. "cosine" decays
+    to `floor` over the rest; "wsd" (warmup-stable-decay) holds the peak and decays linearly to `floor` over the
+    last `decay` fraction.
     """
     progress = min(max(progress, 0.0), 1.0)
     if warmup > 0 and progress < warmup:
-        return progress / warmup
+        return start + (1 - start) * progress / warmup
     if schedule == "constant":
         return 1.0
     if schedule == "cosine":
