@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import hf
+from .accel import pack_loaded
 from .config import FAMILY_ARCHITECTURES, HF_ARCHITECTURES, PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
@@ -122,15 +123,17 @@ class _TensorSource:
 
 
 def load(path_or_preset: str | Path, device: torch.device | str | None = None,
-         dtype: torch.dtype | str | None = None) -> Transformer:
+         dtype: torch.dtype | str | None = None, pack: bool = True) -> Transformer:
     """A `Transformer` from a checkpoint folder, or a preset name with fresh random weights.
 
-    `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`.
+    `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`. On the CPU
+    the weights are packed for fast decoding, one copy held (`Transformer.pack`); `pack=False` keeps them plain.
     """
     dtype = _resolve_dtype(dtype)
     if not Path(path_or_preset).exists() and str(path_or_preset) in PRESETS:
         model = Transformer(ModelConfig.preset(str(path_or_preset)))
-        return model.to(device=device, dtype=dtype or torch.float32)
+        model = model.to(device=device, dtype=dtype or torch.float32)
+        return pack_loaded(model) if pack else model
     folder = Path(path_or_preset)
     config = read_config(folder)
     source = _TensorSource(folder)
@@ -179,7 +182,7 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.reset_buffers()
-    return model.eval()
+    return pack_loaded(model.eval()) if pack else model.eval()
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
