@@ -126,14 +126,14 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
          dtype: torch.dtype | str | None = None, pack: bool = True) -> Transformer:
     """A `Transformer` from a checkpoint folder, or a preset name with fresh random weights.
 
-    `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`. On the CPU
-    the weights are packed for fast decoding, one copy held (`Transformer.pack`); `pack=False` keeps them plain.
+    `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`. A checkpoint
+    loaded on the CPU comes back packed for fast decoding, one copy of each weight held (`Transformer.pack`);
+    `pack=False` keeps it plain. A preset (fresh weights, for training) stays plain, in training mode.
     """
     dtype = _resolve_dtype(dtype)
     if not Path(path_or_preset).exists() and str(path_or_preset) in PRESETS:
         model = Transformer(ModelConfig.preset(str(path_or_preset)))
-        model = model.to(device=device, dtype=dtype or torch.float32)
-        return pack_loaded(model) if pack else model
+        return model.to(device=device, dtype=dtype or torch.float32)
     folder = Path(path_or_preset)
     config = read_config(folder)
     source = _TensorSource(folder)

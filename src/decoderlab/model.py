@@ -260,16 +260,18 @@ class Transformer(nn.Module):
 
     def pack(self, batch_size: int = 1) -> Transformer:
         """Keep every linear layer's weight in oneDNN's packed layout for CPU inference: decoding runs about
-        twice as fast (benchmarks/decode_speed.py). `load` does this on the CPU; calling it again is cheap.
+        twice as fast (benchmarks/decode_speed.py). `load` does this for a checkpoint on the CPU; calling it
+        again is cheap (it packs what `train()`, an edit or `unpack` left plain).
 
         The packed copy is the only one held: each plain weight's storage is released where nothing else holds
-        it, and anything that reads a weight through the model (`parameters()`, `state_dict()`, `.to()`,
-        `train()`, a forward with gradients, hooks) gets it back first, unpacked bit for bit (gpt2: about 0.3 s).
-        A tied LM head keeps its plain weight (the embedding's). A weight changed afterwards is used unpacked
-        until `pack` is called again. Off the CPU, in a dtype this CPU's oneDNN does not pack (fp32 and bf16;
-        bf16 needs AVX-512), for fp32 models small enough to stay in the CPU's caches, or where packing would
-        take more than half the available memory, it does nothing. `batch_size` is the batch the layout is
-        tuned for.
+        the weight (a variable, an optimizer, autograd), and anything that reads a weight through the model
+        (`parameters()`, attribute access, `.to()` another dtype or device, `load_state_dict`, copies, a forward
+        with gradients) gets it back first, unpacked bit for bit (gpt2: about 0.3 s), the packed copy kept.
+        `state_dict()` and `save` read unpacked copies and leave the model packed. A tied LM head keeps its
+        plain weight (the embedding's). A weight changed afterwards is used unpacked until `pack` is called
+        again. Off the CPU, in a dtype this CPU's oneDNN does not pack (fp32 and bf16; bf16 needs AVX-512), for
+        fp32 models small enough to stay in the CPU's caches, or where packing would take more than half the
+        available memory, it does nothing. `batch_size` is the batch the layout is tuned for.
         """
         return pack_model(self, batch_size)
 
@@ -281,7 +283,7 @@ class Transformer(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> Transformer:
-        """Training mode; training unpacks packed weights (the optimizer changes them; `pack` again after)."""
+        """Training mode. It unpacks packed weights (`unpack`): training changes them; `pack` again after."""
         if mode:
             self.unpack()
         return super().train(mode)

@@ -53,6 +53,16 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
+def _references(table: dict, name: str) -> int:
+    """References to `table[name]`, counted the same way for every caller (the interpreter's own references
+    while counting included): compare with `_ONLY_IN_TABLE`."""
+    value = dict.__getitem__(table, name)
+    return sys.getrefcount(value)
+
+
+_ONLY_IN_TABLE = _references({"x": object()}, "x")  # what `_references` counts for a value held nowhere else
+
+
 class _PlainOnRead(dict):
     """The parameter table of a `Linear` whose plain weight is released: every way of reading the weight out of
     it (`module.weight`, `parameters()`, `named_parameters()`, `state_dict(keep_vars=True)`, `.to()`,
@@ -216,10 +226,12 @@ class Linear(nn.Linear):
             return True
         if self._packed is None or self.stale:
             return False
+        # Anyone else holding the parameter (or, in C++, its tensor: autograd's saved tensors) could read it
+        # directly, and would find it empty.
+        if _references(self._parameters, "weight") > _ONLY_IN_TABLE:
+            return False
         weight = self._raw_weight()
-        # References: this layer's table, `weight` here, getrefcount's argument. More means someone else can read
-        # the tensor directly, and would find it empty.
-        if sys.getrefcount(weight) > 3 or weight.grad is not None or weight._use_count() > 1:
+        if weight.grad is not None or getattr(weight, "_use_count", lambda: 1)() > 1:
             return False
         with torch.inference_mode(False), torch.no_grad():
             stub = torch.empty_like(weight)
