@@ -278,6 +278,13 @@ def main() -> None:
                     line += (f" | transformers static+compiled {tokens / c_total:7.1f} tok/s (step "
                              f"{c_step * 1e3:6.2f} ms) | ratio {c_total / total:4.2f}x, identical {c_same}/{B}")
                 print(line, flush=True)
+            if released:  # what giving every weight back costs (anything that reads them does it), and repacking
+                t0 = time.perf_counter()
+                model.unpack()
+                t1 = time.perf_counter()
+                model.pack()
+                print(f"{name}: unpack (every weight back, bit for bit) {t1 - t0:.2f} s, pack again "
+                      f"{time.perf_counter() - t1:.2f} s", flush=True)
             del model, twin
 
     fwd = forward_overhead()

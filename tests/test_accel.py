@@ -286,3 +286,30 @@ def test_no_packing_on_the_gpu(pack_small, tmp_path):
     assert generate(model, prompts, 8, stop_tokens=[]).tokens == generate(plain, prompts, 8, stop_tokens=[]).tokens
     model.pack()  # does nothing off the CPU
     assert not any(layer.packed is not None for layer in _linears(model))
+
+
+def _resident_kib_of_mapping(address: int) -> int:
+    """Resident KiB of the mapping holding `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "Rss:":
+                return int(fields[1])
+    raise AssertionError("no mapping holds that address")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_loading_leaves_the_file_pages_it_read_out_of_memory(pack_small, tmp_path):
+    # The tied embedding stays plain, a view of the checkpoint file: packing the head read all of it.
+    config = ModelConfig(vocab_size=4096, n_layers=1, n_heads=2, d_model=128, context_length=32)
+    decoderlab.save(_model(config), tmp_path)
+    model = decoderlab.load(tmp_path)
+    embedding = model.embed.weight
+    assert model.lm_head.packed is not None and model.lm_head.weight is embedding
+    assert _resident_kib_of_mapping(embedding.data_ptr()) < 256  # biases, norms: not the 2 MiB embedding
+    assert torch.equal(embedding, _model(config).embed.weight)  # still the weights, read from the file again
+    assert _resident_kib_of_mapping(embedding.data_ptr()) >= embedding.nbytes // 1024

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import hf
-from .accel import pack_loaded
+from .accel import finish_load
 from .config import FAMILY_ARCHITECTURES, HF_ARCHITECTURES, PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import Transformer
@@ -182,7 +182,7 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.reset_buffers()
-    return pack_loaded(model.eval()) if pack else model.eval()
+    return finish_load(model.eval(), pack)
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -5,7 +5,7 @@ from .packing import (
     Linear,
     available_memory,
     drop_file_pages,
-    pack_loaded,
+    finish_load,
     pack_model,
     packed_linear,
     packing_supported,
@@ -13,5 +13,5 @@ from .packing import (
     stored_tensors,
 )
 
-__all__ = ["SMALL_MODEL_BYTES", "Linear", "available_memory", "drop_file_pages", "pack_loaded", "pack_model",
+__all__ = ["SMALL_MODEL_BYTES", "Linear", "available_memory", "drop_file_pages", "finish_load", "pack_model",
            "packed_linear", "packing_supported", "stored_parameters", "stored_tensors"]

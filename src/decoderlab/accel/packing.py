@@ -356,11 +356,12 @@ def pack_model(model: nn.Module, batch_size: int = 1, release: bool = True) -> n
     return model
 
 
-def pack_loaded(model: nn.Module) -> nn.Module:
-    """`load`'s last step on the CPU: pack the model (`pack_model`), then drop the pages of the checkpoint file
-    that loading read from this process's resident memory (`drop_file_pages`)."""
+def finish_load(model: nn.Module, pack: bool = True) -> nn.Module:
+    """`load`'s last step on the CPU: pack the model (`pack_model`, unless `pack` is False), then drop the pages
+    of the checkpoint file that loading read from this process's resident memory (`drop_file_pages`)."""
     if model.device.type == "cpu":
-        pack_model(model)
+        if pack:
+            pack_model(model)
         drop_file_pages(model)
     return model
 
