@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         The packed copy is the only one held: each plain weight's storage is released where nothing else holds
         the weight (a variable, an optimizer, autograd), and anything that reads a weight through the model
         (`parameters()`, attribute access, `.to()` another dtype or device, `load_state_dict`, copies, a forward
-        with gradients) gets it back first, unpacked bit for bit (gpt2: 0.2-0.6 s), the packed copy kept.
+        with gradients) gets it back first, unpacked bit for bit (gpt2: under 0.1 s), the packed copy kept.
         `state_dict()` and `save` read unpacked copies and leave the model packed. A tied LM head keeps its
         plain weight (the embedding's). A weight changed afterwards is used unpacked until `pack` is called
         again. Off the CPU, in a dtype this CPU's oneDNN does not pack (fp32 and bf16; bf16 needs AVX-512), for
