@@ -1,29 +1,41 @@
-"""Greedy decode speed: decoderlab's `generate` vs transformers' `generate()` on the same weights, in one process.
+"""Greedy decode speed: decoderlab's plain `generate` vs transformers' `generate()` on the same weights, in one process.
 
-Run: .venv/bin/python benchmarks/decode_speed.py [--model PATH] [--prompt 32 --new 64 --batch 1 8 --repeats 5]
-     [--pack] [--compile] [--hf-compile] [--cache-dtype fp32]
-Default model: the `gpt2` preset with random weights. For each dtype and batch size it prints tokens/s of
-both (median of --repeats runs, interleaved so that machine noise hits both alike), the ratio, whether the
-greedy tokens are identical, and the decode step time against the memory-bandwidth bound (the bytes of
-weights one step reads / a bandwidth measured here by copying a large tensor). It also measures the
-per-token Python overhead of the model's forward on tiny 2- and 8-layer models. A `--model` outside the
-Hugging Face families is timed alone. Target (issue): >= 2x transformers at batch 1 with identical tokens.
-`--pack` (oneDNN-packed weights, `Transformer.pack`), `--compile` (`generate(..., compile=True)`) and
-`--cache-dtype` choose how decoderlab runs; `--hf-compile` adds transformers with its static cache and
-torch.compile as a second peer. The README's figures: `--pack --compile --hf-compile`.
+Run: .venv/bin/python benchmarks/decode_speed.py [--model PATH] [--prompt 32 --new 96 --batch 1 --dtype fp32
+     --repeats 5] [--pack | --no-pack] [--compile] [--hf-compile] [--cache-dtype fp32]
+With no flags it measures the issue's target as a user meets it: the `gpt2` preset (124M, tied embeddings, random
+weights) saved to a folder, loaded with `decoderlab.load` (which packs the weights on the CPU) and decoded with
+plain `decoderlab.generate(model, ids, max_new_tokens=96)` at batch 1, against transformers' `generate()` on the
+model `from_pretrained` reads from the same folder. Target: >= 2x with identical greedy tokens, and resident
+memory after loading at most 1.15x the weight bytes: a fresh process reports VmRSS (/proc/self/status) before and
+after `load`, once torch's one-time lazy imports are paid (a tiny model's load: sympy and friends, ~70 MB
+whatever the model).
+For each dtype and batch size it prints tokens/s of both (median of --repeats runs, interleaved so that machine
+noise hits both alike, and every run's ratio), whether the greedy tokens are identical, and the decode step time
+against the memory-bandwidth bound (the bytes of weights one step reads / a bandwidth measured here by copying a
+large tensor). It also measures the per-token Python overhead of the model's forward on tiny 2- and 8-layer
+models. A `--model` outside the Hugging Face families is timed alone.
+`--pack` re-tunes the packed layout for each batch size (`Transformer.pack(batch)`), `--no-pack` loads plain
+weights (`load(..., pack=False)`), `--compile` runs `generate(..., compile=True)`, `--cache-dtype` sets the KV
+cache's dtype; `--hf-compile` adds transformers with its static cache and torch.compile as a second peer. The
+README's figures: no flags; and `--batch 1 8 --dtype fp32 bf16 --compile --hf-compile`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 import decoderlab
-from decoderlab import ModelConfig, Transformer, hf
-from decoderlab.generation import stream
+from decoderlab import ModelConfig, Transformer
+from decoderlab.accel import Linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,50 +53,68 @@ def bandwidth_gbs(mib: int = 512, repeats: int = 9) -> float:
     return 2 * src.nbytes / statistics.median(times[1:]) / 1e9
 
 
+def parameters_as_stored(model: Transformer) -> dict[int, torch.Tensor]:
+    """Every parameter once (a tied head is the embedding), read from the modules' tables: `model.parameters()`
+    would give packed layers their plain weights back."""
+    return {id(p): p for m in model.modules() for p in dict.values(m._parameters) if p is not None}
+
+
+def weight_bytes(model: Transformer) -> int:
+    return sum(p.numel() * p.element_size() for p in parameters_as_stored(model).values())
+
+
 def step_bytes(model: Transformer) -> int:
     """Weight bytes one decode step reads: every matrix once, but only a row of the embedding tables
     (unless the input embedding is also the LM head)."""
-    skip = {id(model.embed.weight)} if model.lm_head.weight is not model.embed.weight else set()
+    skip = {id(model.embed.weight)} if model.lm_head.packed is not None or not model.config.tie_embeddings else set()
     if model.pos_embed is not None:
         skip.add(id(model.pos_embed.weight))
-    unique = {id(p): p for p in model.parameters() if id(p) not in skip}
-    return sum(p.numel() * p.element_size() for p in unique.values())
+    return sum(p.numel() * p.element_size() for i, p in parameters_as_stored(model).items() if i not in skip)
 
 
-def hf_twin(model: Transformer):
-    """transformers' model of the same family with the same weights, or None if the family does not map."""
+def hf_twin(folder: Path, dtype: torch.dtype):
+    """transformers' model read by `from_pretrained` from the same folder, or None if not a Hugging Face family."""
     import transformers
 
-    if model.config.hf_family is None:
+    if decoderlab.read_config(folder).hf_family is None:
         return None
-    cfg = model.config.to_hf_config()
-    arch = cfg.pop("architectures")[0]
-    cfg.pop("torch_dtype", None)
-    hf_config = transformers.AutoConfig.for_model(**cfg)
-    twin = getattr(transformers, arch)(hf_config).eval()
-    missing, unexpected = twin.load_state_dict(hf.to_hf_state_dict(model.config, model.state_dict()), strict=False)
-    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
-    twin.tie_weights()
-    return twin
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def resident_after_load(folder: Path, dtype: str) -> dict[str, int]:
+    """VmRSS of a fresh process (bytes) before and after `decoderlab.load(folder)`, and the weight bytes."""
+    code = f"""
+import json, re, sys, tempfile
+import torch, decoderlab
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from decode_speed import weight_bytes
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+imported = rss()
+with tempfile.TemporaryDirectory() as tiny:  # pays torch's one-time lazy imports (the meta device's sympy)
+    decoderlab.save(decoderlab.Transformer(decoderlab.ModelConfig(vocab_size=64, n_layers=1, n_heads=2,
+                                                                  d_model=32, context_length=32)), tiny)
+    decoderlab.load(tiny)
+before = rss()
+model = decoderlab.load(sys.argv[1], dtype=sys.argv[2])
+print(json.dumps(dict(imported=imported, before=before, after=rss(), weights=weight_bytes(model))))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(folder), dtype], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_ours(model: Transformer, prompts: list[list[int]], n: int, cache_dtype: torch.dtype | None = None,
-             compile: bool = False) -> tuple[float, float, list[list[int]]]:
-    """(total seconds, seconds per decode step after the first token, tokens)."""
-    tokens = [[] for _ in prompts]
+             compile: bool = False) -> tuple[float, list[list[int]]]:
+    """The plain call, `decoderlab.generate(model, prompts, max_new_tokens=n)`: (seconds, tokens)."""
     t0 = time.perf_counter()
-    for i, step in enumerate(stream(model, prompts, n, stop_tokens=[], cache_dtype=cache_dtype, compile=compile)):
-        if i == 0:
-            t_first = time.perf_counter()
-        for row, new in zip(tokens, step.tokens, strict=True):
-            row += new
-    total = time.perf_counter() - t0
-    return total, (t0 + total - t_first) / (n - 1), tokens
+    result = decoderlab.generate(model, prompts, n, cache_dtype=cache_dtype, compile=compile)
+    return time.perf_counter() - t0, result.tokens
 
 
 def run_theirs(twin, ids: torch.Tensor, n: int, compiled: bool = False) -> tuple[float, list[list[int]]]:
-    """transformers' greedy `generate()`; `compiled`: its static cache with its auto-compiled forward (the way its
-    docs make decoding fast; on the CPU the compile has to be asked for explicitly)."""
+    """transformers' greedy `generate()` with the folder's generation config (the same end token as ours);
+    `compiled`: its static cache with its auto-compiled forward (the way its docs make decoding fast; on the CPU
+    the compile has to be asked for explicitly)."""
     kwargs = {}
     if compiled:
         import transformers
@@ -95,8 +125,11 @@ def run_theirs(twin, ids: torch.Tensor, n: int, compiled: bool = False) -> tuple
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                            eos_token_id=None, pad_token_id=0, **kwargs)
-    return time.perf_counter() - t0, out[:, ids.shape[1]:].tolist()
+                            pad_token_id=twin.generation_config.eos_token_id, **kwargs)
+    end = twin.generation_config.eos_token_id
+    # Rows that ended early are padded with the end token; ours stop without it.
+    rows = [row[:row.index(end)] if end in row else row for row in out[:, ids.shape[1]:].tolist()]
+    return time.perf_counter() - t0, rows
 
 
 def first_difference(model: Transformer, prompts: list[list[int]], ours: list[list[int]],
@@ -106,7 +139,9 @@ def first_difference(model: Transformer, prompts: list[list[int]], ours: list[li
     row = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
     if row is None:
         return ""
-    step = next(i for i, (a, b) in enumerate(zip(ours[row], theirs[row], strict=True)) if a != b)
+    step = next((i for i, (a, b) in enumerate(zip(ours[row], theirs[row], strict=False)) if a != b), None)
+    if step is None:  # one stopped at the end token, the other went on
+        return f" (row {row}: {len(ours[row])} tokens here, {len(theirs[row])} in transformers)"
     with torch.inference_mode():
         logits = model(torch.tensor([prompts[row] + ours[row][:step]]), logits_to_keep=1)[0, -1].float()
     top = logits.topk(2).values
@@ -138,19 +173,23 @@ def engine_overhead(n: int = 200) -> float:
     """Seconds per decode step of the whole `stream` loop on the 2-layer tiny model (forward included)."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=256, n_layers=2, n_heads=2, d_model=64, context_length=1024)).eval()
-    return run_ours(model, [[1, 2, 3]], n)[1]
+    run_ours(model, [[1, 2, 3]], 10)
+    return run_ours(model, [[1, 2, 3]], n)[0] / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gpt2", help="checkpoint folder or preset (default: gpt2, random weights)")
+    ap.add_argument("--model", default="gpt2", help="checkpoint folder, or a preset saved to a temporary folder "
+                    "first (default: gpt2, random weights)")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    ap.add_argument("--new", type=int, default=64, help="new tokens (greedy, no stop token)")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--new", type=int, default=96, help="max_new_tokens (greedy; both stop at the end token)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--pack", action="store_true",
-                    help="call model.pack(batch) first: oneDNN-packed weights (Transformer.pack)")
+    packing = ap.add_mutually_exclusive_group()
+    packing.add_argument("--pack", action="store_true",
+                         help="call model.pack(batch) for each batch size: the packed layout tuned for it")
+    packing.add_argument("--no-pack", action="store_true", help="load plain weights: load(..., pack=False)")
     ap.add_argument("--cache-dtype", choices=list(DTYPES), help="KV cache dtype (default: the engine's: fp32 on CPU)")
     ap.add_argument("--compile", action="store_true",
                     help="generate(..., compile=True): decode steps through one torch.compile graph (compiled in "
@@ -161,72 +200,95 @@ def main() -> None:
 
     import transformers
 
-    torch.manual_seed(0)
-    model = decoderlab.load(args.model).eval()
-    twin = hf_twin(model)
     bw = bandwidth_gbs()
     cache_dtype = DTYPES[args.cache_dtype] if args.cache_dtype else None
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}; "
-          f"{args.model}: {model.num_params() / 1e6:.0f}M params, prompt {args.prompt}, {args.new} new tokens, "
-          f"greedy, median of {args.repeats}; memory bandwidth (copy) {bw:.1f} GB/s"
-          + (" (packed weights)" if args.pack else "") + (f" ({args.cache_dtype} KV cache)" if cache_dtype else "")
-          + (" (compiled decode step)" if args.compile else ""))
-    if twin is None:
-        print("(no Hugging Face family: decoderlab alone)")
+          f"{args.model}, prompt {args.prompt}, max_new_tokens {args.new}, greedy, median of {args.repeats}; "
+          f"memory bandwidth (copy) {bw:.1f} GB/s" + (" (plain weights)" if args.no_pack else "")
+          + (" (packed for each batch size)" if args.pack else "")
+          + (f" ({args.cache_dtype} KV cache)" if cache_dtype else "")
+          + (" (compiled decode step)" if args.compile else ""), flush=True)
 
-    for name in args.dtype:
-        model.to(DTYPES[name])
-        if twin is not None:
-            twin.to(DTYPES[name])
-        bound = step_bytes(model) / (bw * 1e9)
-        for B in args.batch:
-            # The same prompts whichever dtypes and batch sizes run.
-            rows = torch.Generator().manual_seed(B)
-            ids = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=rows)
-            prompts = ids.tolist()
-            if args.pack:
-                if not hasattr(model, "pack"):
-                    raise SystemExit("--pack: this decoderlab's Transformer has no pack() method")
-                model.pack(B)
-            # Warm-up: allocator, oneDNN kernel choice; with --compile, the graph for this batch and cache size.
-            run_ours(model, prompts, args.new if args.compile else 4, cache_dtype, args.compile)
-            ours, theirs, theirs_prefill, compiled, compiled_prefill = [], [], [], [], []
-            hf_compile = twin is not None and args.hf_compile
-            if twin is not None:
-                run_theirs(twin, ids, 4)
-            if hf_compile:
-                run_theirs(twin, ids, args.new, compiled=True)
-            for _ in range(args.repeats):  # interleaved, so noise on the shared machine hits both alike
-                ours.append(run_ours(model, prompts, args.new, cache_dtype, args.compile))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.dtype:
+            folder = Path(args.model)
+            if not folder.exists() and args.model in decoderlab.PRESETS:
+                torch.manual_seed(0)
+                folder = Path(tmp) / f"{args.model}-{name}"
+                decoderlab.save(decoderlab.load(args.model, dtype=name, pack=False), folder)
+            memory = resident_after_load(folder, name) if sys.platform.startswith("linux") else None
+            model = decoderlab.load(folder, dtype=name, pack=not args.no_pack)
+            twin = hf_twin(folder, DTYPES[name])
+            packed = sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+            released = sum(m.released for m in model.modules() if isinstance(m, Linear))
+            line = (f"{name}: {model.num_params() / 1e6:.0f}M params, {weight_bytes(model) / 2**20:.0f} MiB of "
+                    f"weights; {packed} linear layers packed, {released} of them without a plain copy")
+            if memory is not None:
+                added = memory["after"] - memory["before"]
+                mib = {k: f"{v / 2**20:.0f}" for k, v in memory.items()}
+                line += (f"; RSS after load {mib['after']} MiB: +{added / 2**20:.0f} MiB = "
+                         f"{added / memory['weights']:.2f}x the weights (fresh process: {mib['imported']} MiB after "
+                         f"imports, {mib['before']} after torch's lazy imports)")
+            print(line + ("" if twin is not None else "; no Hugging Face family: decoderlab alone"), flush=True)
+            bound = step_bytes(model) / (bw * 1e9)
+            depth = model.config.n_layers
+            for B in args.batch:
+                # The same prompts whichever dtypes and batch sizes run.
+                rows = torch.Generator().manual_seed(B)
+                ids = torch.randint(0, model.config.vocab_size, (B, args.prompt), generator=rows)
+                prompts = ids.tolist()
+                if args.pack:
+                    model.pack(B)
+                # Warm-up: allocator, oneDNN kernel choice; with --compile, the graph for this batch and cache size.
+                run_ours(model, prompts, args.new if args.compile else 4, cache_dtype, args.compile)
+                ours, ours_prefill, theirs, theirs_prefill, compiled, compiled_prefill = [], [], [], [], [], []
+                hf_compile = twin is not None and args.hf_compile
                 if twin is not None:
-                    theirs.append(run_theirs(twin, ids, args.new))
-                    theirs_prefill.append(run_theirs(twin, ids, 1)[0])
+                    run_theirs(twin, ids, 4)
                 if hf_compile:
-                    compiled.append(run_theirs(twin, ids, args.new, compiled=True))
-                    compiled_prefill.append(run_theirs(twin, ids, 1, compiled=True)[0])
-            total = statistics.median(r[0] for r in ours)
-            step = statistics.median(r[1] for r in ours)
-            line = (f"{name} batch {B}: decoderlab {B * args.new / total:7.1f} tok/s "
-                    f"(step {step * 1e3:6.2f} ms, {bound / step:4.0%} of bandwidth bound {bound * 1e3:.2f} ms)")
-            if twin is not None:
-                their_total = statistics.median(r[0] for r in theirs)
-                their_step = (their_total - statistics.median(theirs_prefill)) / (args.new - 1)
-                same = sum(row == their_row for row, their_row in zip(ours[0][2], theirs[0][1], strict=True))
-                parting = first_difference(model, prompts, ours[0][2], theirs[0][1])
-                line += (f" | transformers {B * args.new / their_total:7.1f} tok/s (step {their_step * 1e3:6.2f} ms, "
-                         f"{bound / their_step:4.0%}) | ratio {their_total / total:4.2f}x | "
-                         f"identical tokens: {same}/{B} rows{parting}")
-            if hf_compile:
-                c_total = statistics.median(r[0] for r in compiled)
-                c_step = (c_total - statistics.median(compiled_prefill)) / (args.new - 1)
-                c_same = sum(a == b for a, b in zip(ours[0][2], compiled[0][1], strict=True))
-                line += (f" | transformers static+compiled {B * args.new / c_total:7.1f} tok/s (step "
-                         f"{c_step * 1e3:6.2f} ms) | ratio {c_total / total:4.2f}x, identical {c_same}/{B}")
-            print(line, flush=True)
+                    run_theirs(twin, ids, args.new, compiled=True)
+                for _ in range(args.repeats):  # interleaved, so noise on the shared machine hits both alike
+                    ours.append(run_ours(model, prompts, args.new, cache_dtype, args.compile))
+                    ours_prefill.append(run_ours(model, prompts, 1, cache_dtype, args.compile)[0])
+                    if twin is not None:
+                        theirs.append(run_theirs(twin, ids, args.new))
+                        theirs_prefill.append(run_theirs(twin, ids, 1)[0])
+                    if hf_compile:
+                        compiled.append(run_theirs(twin, ids, args.new, compiled=True))
+                        compiled_prefill.append(run_theirs(twin, ids, 1, compiled=True)[0])
+                tokens = sum(len(row) for row in ours[0][1])
+                steps = max(len(row) for row in ours[0][1]) - 1
+                total = statistics.median(r[0] for r in ours)
+                step = (total - statistics.median(ours_prefill)) / max(steps, 1)
+                line = (f"{name} batch {B}: decoderlab {tokens / total:7.1f} tok/s "
+                        f"(step {step * 1e3:6.2f} ms, {bound / step:4.0%} of bandwidth bound {bound * 1e3:.2f} ms)")
+                if twin is not None:
+                    their_total = statistics.median(r[0] for r in theirs)
+                    their_step = (their_total - statistics.median(theirs_prefill)) / max(steps, 1)
+                    same = sum(row == their_row for row, their_row in zip(ours[0][1], theirs[0][1], strict=True))
+                    parting = first_difference(model, prompts, ours[0][1], theirs[0][1])
+                    runs = ", ".join(f"{t[0] / o[0]:.2f}" for o, t in zip(ours, theirs, strict=True))
+                    line += (f" | transformers {tokens / their_total:7.1f} tok/s (step {their_step * 1e3:6.2f} ms, "
+                             f"{bound / their_step:4.0%}) | ratio {their_total / total:4.2f}x (runs: {runs}) | "
+                             f"identical tokens: {same}/{B} rows ({tokens} tokens){parting}")
+                if hf_compile:
+                    c_total = statistics.median(r[0] for r in compiled)
+                    c_step = (c_total - statistics.median(compiled_prefill)) / max(steps, 1)
+                    c_same = sum(a == b for a, b in zip(ours[0][1], compiled[0][1], strict=True))
+                    line += (f" | transformers static+compiled {tokens / c_total:7.1f} tok/s (step "
+                             f"{c_step * 1e3:6.2f} ms) | ratio {c_total / total:4.2f}x, identical {c_same}/{B}")
+                print(line, flush=True)
+            if released:  # what giving every weight back costs (anything that reads them does it), and repacking
+                t0 = time.perf_counter()
+                model.unpack()
+                t1 = time.perf_counter()
+                model.pack()
+                print(f"{name}: unpack (every weight back, bit for bit) {t1 - t0:.2f} s, pack again "
+                      f"{time.perf_counter() - t1:.2f} s", flush=True)
+            del model, twin
 
     fwd = forward_overhead()
     per_layer = (fwd[8] - fwd[2]) / 6
-    depth = model.config.n_layers
     estimate = fwd[2] + (depth - 2) * per_layer
     print(f"python overhead, batch 1 single-token forward: {fwd[2] * 1e6:.0f} us with 2 layers, {fwd[8] * 1e6:.0f} us "
           f"with 8 ({per_layer * 1e6:.0f} us/layer) -> ~{estimate * 1e6:.0f} us for {depth} layers; "

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import hf
+from .accel import finish_load
 from .config import PRESETS, ModelConfig
 from .errors import CheckpointError, ConfigError
 from .generation_config import GenerationConfig
@@ -236,10 +237,12 @@ class _WeightPlan:
 
 
 def load(path_or_preset: str | Path, device: torch.device | str | None = None,
-         dtype: torch.dtype | str | None = None, *, check_finite: bool = True) -> Transformer:
+         dtype: torch.dtype | str | None = None, pack: bool = True, *, check_finite: bool = True) -> Transformer:
     """A `Transformer` from a checkpoint folder, or a preset name with fresh random weights.
 
-    `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`.
+    `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`. A checkpoint
+    loaded on the CPU comes back packed for fast decoding, one copy of each weight held (`Transformer.pack`);
+    `pack=False` keeps it plain. A preset (fresh weights, for training) stays plain, in training mode.
     `check_finite` refuses weights holding NaN or infinity (also after a cast to `dtype`), naming the first;
     it is one reduction over the weights (about 20 ms for GPT-2 124M on a laptop CPU).
     """
@@ -274,7 +277,7 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     model.tie_weights()
     model.reset_buffers()
     model.generation_config = GenerationConfig.read(folder) or GenerationConfig.from_model_config(config)
-    return model.eval()
+    return finish_load(model.eval(), pack)
 
 
 def _refuse_non_finite(plan: _WeightPlan, index: int, dtype: torch.dtype) -> None:

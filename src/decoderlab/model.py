@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks
-from .accel import Linear, pack_model
+from .accel import Linear, pack_model, stored_parameters
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
 from .errors import UserError
@@ -263,21 +263,52 @@ class Transformer(nn.Module):
         self.rope_inv_freq = rope_inv_freq(self.config).to(device)
 
     def pack(self, batch_size: int = 1) -> Transformer:
-        """Give every linear layer a oneDNN-packed copy of its weight for CPU inference: decoding runs about
-        twice as fast (benchmarks/decode_speed.py). Costs a second copy of the weights; a weight changed
-        afterwards is used unpacked until `pack` is called again. Off the CPU, in a dtype other than fp32
-        or bf16, for fp32 models small enough to stay in the CPU's caches, or where the copy would take more
-        than half the available memory, it does nothing. `batch_size` is the batch the layout is tuned for.
+        """Keep every linear layer's weight in oneDNN's packed layout for CPU inference: decoding runs 1.3-2x
+        as fast, by CPU (benchmarks/decode_speed.py). `load` does this for a checkpoint on the CPU; calling it
+        again is cheap (it packs what `train()`, an edit or `unpack` left plain).
+
+        The packed copy is the only one held: each plain weight's storage is released where nothing else holds
+        the weight (a variable, an optimizer, autograd), and anything that reads a weight through the model
+        (`parameters()`, attribute access, `.to()` another dtype or device, `load_state_dict`, copies, a forward
+        with gradients) gets it back first, unpacked bit for bit (gpt2: under 0.1 s), the packed copy kept.
+        `state_dict()` and `save` read unpacked copies and leave the model packed. A tied LM head keeps its
+        plain weight (the embedding's). A weight changed afterwards is used unpacked until `pack` is called
+        again. Off the CPU, in a dtype this CPU's oneDNN does not pack (fp32 and bf16; bf16 needs AVX-512), for
+        fp32 models small enough to stay in the CPU's caches, or where packing would take more than half the
+        available memory, it does nothing. `batch_size` is the batch the layout is tuned for.
         """
         return pack_model(self, batch_size)
 
+    def unpack(self) -> Transformer:
+        """Plain weights everywhere, packed copies dropped (`pack` undone)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.unpack()
+        return self
+
+    def train(self, mode: bool = True) -> Transformer:
+        """Training mode. It unpacks packed weights (`unpack`): training changes them; `pack` again after."""
+        if mode:
+            self.unpack()
+        return super().train(mode)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Transformer:
+        # A flag, not a read of the weights: packed layers stay packed (parameters() would unpack them).
+        for p in stored_parameters(self):
+            p.requires_grad_(requires_grad)
+        return self
+
     def num_params(self, include_embeddings: bool = True) -> int:
         seen, total = set(), 0
-        for name, p in self.named_parameters():
-            if id(p) in seen or (not include_embeddings and name.startswith(("embed.", "pos_embed.", "lm_head."))):
-                continue
-            seen.add(id(p))
-            total += p.numel()
+        for module_name, module in self.named_modules():
+            # The stored table, not named_parameters(): counting must not unpack packed weights.
+            for name, p in dict.items(module._parameters):
+                full = f"{module_name}.{name}" if module_name else name
+                if p is None or id(p) in seen or (
+                        not include_embeddings and full.startswith(("embed.", "pos_embed.", "lm_head."))):
+                    continue
+                seen.add(id(p))
+                total += p.numel()
         return total
 
     @property

@@ -526,7 +526,7 @@ class Trainer:
         if state["step"] != snap.snapshot_step(snapshot):
             raise UserError(f"{snapshot / STATE_FILE} says step {state['step']}, not the folder's; delete that "
                             "snapshot to resume from an earlier one")
-        loaded = load_model(snapshot, device=self.device, dtype=torch.float32)
+        loaded = load_model(snapshot, device=self.device, dtype=torch.float32, pack=False)
         try:
             dist.load_model_state(self.raw_model, loaded.state_dict(), self.ctx)
         except RuntimeError as e:
