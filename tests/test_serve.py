@@ -508,9 +508,8 @@ def _answers(base: str) -> bool:
 def test_tokenizing_a_big_body_does_not_block_other_requests():
     tok = bpe_tokenizer()
     with running(create_app(bpe_model(tok), tok, "bpe")) as base:
-        text = prose(400_000)
+        text = prose(900_000)  # under the 1 MiB body limit, ~450k tokens
         out: list = []
-        start = time.monotonic()
         big = _post_in_thread(f"{base}/completions", {"model": "bpe", "prompt": text, "max_tokens": 1}, out)
         latencies = []
         with httpx.Client(timeout=10) as http:
@@ -519,9 +518,8 @@ def test_tokenizing_a_big_body_does_not_block_other_requests():
                 assert http.get(f"{base}/models").status_code == 200
                 latencies.append(time.monotonic() - t)
                 time.sleep(0.02)
-        took = time.monotonic() - start
-        assert error_of(out[0], 400)["param"] == "prompt"  # ~200k tokens: longer than the context
-        assert took > 0.5 and len(latencies) >= 5, (took, len(latencies))  # tokenizing took a while...
+        assert error_of(out[0], 400)["param"] == "prompt"  # longer than the context
+        assert len(latencies) >= 3, len(latencies)  # the big request spanned several polls...
         assert max(latencies) < 0.3, max(latencies)  # ...and /v1/models was answered all along
         still_serves(base, "bpe")
 
