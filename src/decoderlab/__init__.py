@@ -5,7 +5,7 @@ function over the one `Transformer`. The short functions (`generate`, `stream`, 
 at the top level; their subpackages are `generation`, `training` and `embeddings`, never hidden by them.
 """
 
-from . import accel, data, embeddings, evaluate, generation, masks, pine, training
+from . import accel, data, embeddings, evaluate, generation, interp, masks, pine, training
 from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "generate",
     "generation",
+    "interp",
     "stream",
     "train",
     "training",

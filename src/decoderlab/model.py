@@ -23,6 +23,43 @@ from .config import ModelConfig, rope_inv_freq
 from .errors import UserError
 from .generation_config import GenerationConfig
 
+# Hook points, named as TransformerLens names them so its tutorials read across (decoderlab.interp sets them).
+# Per block, in the order a forward pass reaches them; each is "blocks.{layer}." + the site. Around the blocks:
+# hook_embed, hook_pos_embed (learned positions) and ln_final.hook_normalized.
+BLOCK_HOOKS = (
+    "hook_resid_pre", "ln1.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "attn.hook_result",
+    "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post", "hook_mlp_out", "hook_resid_post",
+)
+# Sites whose values only the written-out attention produces: a layer with one of them hooked runs eagerly.
+EAGER_HOOKS = ("attn.hook_attn_scores", "attn.hook_pattern")
+
+
+class Hooks:
+    """What a forward pass calls at each hook point while hooks are set (`Transformer.hooks`).
+
+    `wants(name)` says whether anything listens at a point (sites nobody asked for cost nothing), and
+    `hooks(name, x)` returns the value to carry on with: `x` itself, or a replacement of the same shape.
+    `decoderlab.interp` implements it; the model only calls it.
+    """
+
+    def wants(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _fire(hooks: Hooks | None, name: str, x: torch.Tensor) -> torch.Tensor:
+    return x if hooks is None or not hooks.wants(name) else hooks(name, x)
+
+
+def _fire_heads(hooks: Hooks | None, name: str, x: torch.Tensor) -> torch.Tensor:
+    """A per-head tensor kept [B, H, T, D] here, shown to hooks as TransformerLens shows it: [B, T, H, D]."""
+    return x if hooks is None or not hooks.wants(name) else hooks(name, x.transpose(1, 2)).transpose(1, 2)
+
 
 @dataclass
 class ModelOutput:
@@ -80,14 +117,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        self.hook_prefix = f"blocks.{layer}.attn."
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, attn: _AttnPlan,
-                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None, hooks: Hooks | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         # Heads of queries, keys and values side by side: one view and one transpose for all three.
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)
-        if self.q_norm is None and rope is not None and attn.custom is None:
+        if self.q_norm is None and rope is not None and attn.custom is None and hooks is None:
             # Queries and keys share their positions: rotate both in one go (fewer dispatches per layer).
             q, k = apply_rope(qkv[:, :H + Hkv], *rope).split((H, Hkv), dim=1)
             v = qkv[:, H + Hkv:]
@@ -95,11 +133,15 @@ class Attention(nn.Module):
             q, k, v = qkv.split((H, Hkv, Hkv), dim=1)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
+            p = self.hook_prefix
+            q, k, v = _fire_heads(hooks, p + "hook_q", q), _fire_heads(hooks, p + "hook_k", k), _fire_heads(
+                hooks, p + "hook_v", v)
             if attn.custom is not None:
                 y = attn.custom(self.layer, q, k, v)
                 return self.out(y.transpose(1, 2).reshape(B, T, H * D).to(q.dtype)), None
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+                q, k = _fire_heads(hooks, p + "hook_rot_q", q), _fire_heads(hooks, p + "hook_rot_k", k)
         dtype = q.dtype
         if cache is not None:
             if k.dtype != cache.keys.dtype:
@@ -111,27 +153,44 @@ class Attention(nn.Module):
                 q = q.to(k.dtype)
         weights = None
         if attn.eager:
-            y, weights = _eager_attention(q, k, v, attn.mask)
+            y, weights = _eager_attention(q, k, v, attn.mask, hooks, self.hook_prefix)
         elif T == 1 and Hkv == H and attn.mask is not None and torch.compiler.is_compiling():
             y = _one_query_attention(q, k, v, attn.mask)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn.mask, is_causal=attn.is_causal,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != H)
+        if hooks is not None:
+            return self._hooked_output(y if y.dtype == dtype else y.to(dtype), hooks), weights
         y = y.transpose(1, 2).reshape(B, T, H * D)
         return self.out(y if y.dtype == dtype else y.to(dtype)), weights
 
+    def _hooked_output(self, y: torch.Tensor, hooks: Hooks) -> torch.Tensor:
+        """The output projection with `hook_z` (mixed values per head) and, when asked, `hook_result`: each
+        head's share of the output [B, T, H, d_model], summed (plus the bias) into the layer's output."""
+        B, H, T, D = y.shape
+        z = _fire_heads(hooks, self.hook_prefix + "hook_z", y).transpose(1, 2)  # [B, T, H, D]
+        name = self.hook_prefix + "hook_result"
+        if not hooks.wants(name):
+            return self.out(z.reshape(B, T, H * D))
+        w_out = self.out.weight.view(-1, H, D)  # [d_model, H, D]
+        result = hooks(name, torch.einsum("bthd,mhd->bthm", z, w_out.to(z.dtype)))
+        out = result.sum(2)
+        return out if self.out.bias is None else out + self.out.bias.to(out.dtype)
 
-def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention written out, so the probabilities can be returned (for interpretability)."""
+
+def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     hooks: Hooks | None = None, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, so the probabilities can be returned (for interpretability): scores [B, H, Tq, Tk]
+    (scaled, masked slots at -inf) and probabilities, each a hook point."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = scores.softmax(dim=-1).to(q.dtype)
+    scores = _fire(hooks, prefix + "hook_attn_scores", scores)
+    probs = _fire(hooks, prefix + "hook_pattern", scores.softmax(dim=-1).to(q.dtype))
     return probs @ v, probs
 
 
@@ -155,19 +214,25 @@ class MLP(nn.Module):
         self.up = Linear(config.d_model, (2 if self.gated else 1) * width, bias=config.bias_mlp)
         self.down = Linear(width, config.d_model, bias=config.bias_mlp)
         self.activation = config.activation
+        self.hook_prefix = ""  # "blocks.{layer}.mlp." in a block (a future head's MLP has no hook points)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
         h = self.up(x)
+        p = self.hook_prefix
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
+            if hooks is not None:  # TransformerLens: hook_pre is the gate's input, hook_pre_linear the up branch
+                gate, up = _fire(hooks, p + "hook_pre", gate), _fire(hooks, p + "hook_pre_linear", up)
             h = F.silu(gate) * up
-        elif self.activation == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:  # relu2
-            h = F.relu(h).square()
-        return self.down(h)
+        else:
+            h = _fire(hooks, p + "hook_pre", h)
+            if self.activation == "gelu_tanh":
+                h = F.gelu(h, approximate="tanh")
+            elif self.activation == "gelu":
+                h = F.gelu(h)
+            else:  # relu2
+                h = F.relu(h).square()
+        return self.down(_fire(hooks, p + "hook_post", h))
 
 
 class FutureHead(nn.Module):
@@ -192,14 +257,29 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp_norm = _norm(config, config.d_model)
         self.mlp = MLP(config)
+        self.mlp.hook_prefix = f"blocks.{layer}.mlp."
         self.dropout = config.dropout
+        self.hook_prefix = f"blocks.{layer}."
 
-    def forward(self, x: torch.Tensor, rope, attn: _AttnPlan, cache: KVCache | None):
+    def forward(self, x: torch.Tensor, rope, attn: _AttnPlan, cache: KVCache | None, hooks: Hooks | None = None):
+        if hooks is not None:
+            return self._hooked_forward(x, rope, attn, cache, hooks)
         a, weights = self.attn(self.attn_norm(x), rope, attn, cache)
         drop = self.dropout and self.training  # no dropout call when off: decoding pays for every call
         x = x + (F.dropout(a, self.dropout) if drop else a)
         m = self.mlp(self.mlp_norm(x))
         return x + (F.dropout(m, self.dropout) if drop else m), weights
+
+    def _hooked_forward(self, x: torch.Tensor, rope, attn: _AttnPlan, cache: KVCache | None, hooks: Hooks):
+        """`forward` with the block's hook points (TransformerLens names) on the residual stream and its parts."""
+        p = self.hook_prefix
+        x = _fire(hooks, p + "hook_resid_pre", x)
+        a, weights = self.attn(_fire(hooks, p + "ln1.hook_normalized", self.attn_norm(x)), rope, attn, cache, hooks)
+        a = _fire(hooks, p + "hook_attn_out", F.dropout(a, self.dropout) if self.dropout and self.training else a)
+        x = _fire(hooks, p + "hook_resid_mid", x + a)
+        m = self.mlp(_fire(hooks, p + "ln2.hook_normalized", self.mlp_norm(x)), hooks)
+        m = _fire(hooks, p + "hook_mlp_out", F.dropout(m, self.dropout) if self.dropout and self.training else m)
+        return _fire(hooks, p + "hook_resid_post", x + m), weights
 
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -228,6 +308,8 @@ class Transformer(nn.Module):
         self.config = config
         # End ids and sampling defaults for `generate` (`load` reads a checkpoint's generation_config.json).
         self.generation_config = GenerationConfig.from_model_config(config)
+        # Set while `decoderlab.interp` hooks are active; None (the fast path) otherwise.
+        self.hooks: Hooks | None = None
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = (nn.Embedding(config.context_length, config.d_model)
                           if config.positions == "learned" else None)
@@ -365,9 +447,11 @@ class Transformer(nn.Module):
         elif (self.pos_embed is not None and not torch.compiler.is_compiling()
               and not bool(((positions >= 0) & (positions < ctx)).all())):
             raise UserError(f"positions must lie in [0, {ctx}) for learned position embeddings")
-        x = self.embed(input_ids)
+        hooks = self.hooks
+        x = _fire(hooks, "hook_embed", self.embed(input_ids))
         if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
+            pos = self.pos_embed(positions)
+            x = x + (pos if hooks is None else _fire(hooks, "hook_pos_embed", pos.expand_as(x)))
         if self.config.dropout and self.training:
             x = F.dropout(x, self.config.dropout)
         if attention is not None:
@@ -378,7 +462,7 @@ class Transformer(nn.Module):
         else:
             rope = self._rope(positions, x.dtype) if self.config.positions == "rope" else None
             plans = self._attention_plans(mask, B, T, past, input_ids.device, eager=attentions,
-                                          static=cache if static else None)
+                                          static=cache if static else None, hooks=hooks)
 
         all_hidden = [] if hidden_states else None
         all_attn = [] if attentions else None
@@ -387,7 +471,7 @@ class Transformer(nn.Module):
                 x = edit_residual(i, x)
             if all_hidden is not None:
                 all_hidden.append(x)
-            x, weights = block(x, rope, plans[i], cache)
+            x, weights = block(x, rope, plans[i], cache, hooks)
             if all_attn is not None:
                 all_attn.append(weights)
         if cache is not None and not static:
@@ -397,7 +481,7 @@ class Transformer(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         trunk = x
-        x = self.final_norm(x)
+        x = _fire(hooks, "ln_final.hook_normalized", self.final_norm(x))
         logits = self.unembed(x)
         future_logits = None
         if future:
@@ -420,19 +504,23 @@ class Transformer(nn.Module):
         return cos.unsqueeze(1), signed_sin.unsqueeze(1)  # [B, 1, T, D]
 
     def _attention_plans(self, mask: masks.Mask | torch.Tensor | None, B: int, T: int, past: int,
-                         device: torch.device, eager: bool, static: KVCache | None = None) -> list[_AttnPlan]:
+                         device: torch.device, eager: bool, static: KVCache | None = None,
+                         hooks: Hooks | None = None) -> list[_AttnPlan]:
         """Each layer's plan: the one mask, and `& window(w)` in the layers with a sliding window w.
 
         Layers that share a window share a plan, so a model without windows builds one (Qwen2's mixed models
-        build two). `static` is a cache in static mode: its `write_slots` are the query slots.
+        build two). `static` is a cache in static mode: its `write_slots` are the query slots. Layers whose
+        attention scores or pattern a hook wants run the written-out attention; the others keep SDPA.
         """
         # Measured on CPU: for bf16 training at short contexts the written-out attention's backward is
         # 2-4x faster than SDPA's flash kernel (benchmarks/README.md); longer contexts favour the kernel.
         eager = eager or (torch.is_grad_enabled() and device.type == "cpu" and past + T <= 256
                           and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         windows = self.config.layer_windows
-        plans = {w: self._attention_plan(mask, w, B, T, past, device, eager, static) for w in set(windows)}
-        return [plans[w] for w in windows]
+        kinds = [(w, eager or (hooks is not None and any(hooks.wants(f"blocks.{i}.{site}") for site in EAGER_HOOKS)))
+                 for i, w in enumerate(windows)]
+        plans = {kind: self._attention_plan(mask, kind[0], B, T, past, device, kind[1], static) for kind in set(kinds)}
+        return [plans[kind] for kind in kinds]
 
     def _attention_plan(self, mask: masks.Mask | torch.Tensor | None, window: int | None, B: int, T: int,
                         past: int, device: torch.device, eager: bool, static: KVCache | None) -> _AttnPlan:
