@@ -499,6 +499,46 @@ def position_bias_cmd(
     console.print(table)
 
 
+@app.command("trace")
+def trace_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    prompt: str = typer.Option(..., "--prompt", help="The prompt whose next token states the fact."),
+    subject: str = typer.Option(..., "--subject", help="The subject, as it is written in the prompt."),
+    target: str = typer.Option(None, "--target", help="The expected continuation (its first token is scored; "
+                               "give the leading space the tokenizer wants); default: the model's top token."),
+    samples: int = typer.Option(10, "--samples", help="Noised copies of the prompt."),
+    noise: float = typer.Option(3.0, "--noise", help="Noise std in multiples of the subject embeddings' std."),
+    window: int = typer.Option(10, "--window", help="MLP/attention layers restored together around a layer."),
+    seed: int = typer.Option(1, "--seed", help="Seed of the noise (ROME's is 1)."),
+    out: str = typer.Option("trace", "--out", help="Folder for trace.png and trace.json."),
+) -> None:
+    """ROME's causal trace of a fact: which hidden states, MLPs and attention layers restore the answer."""
+    from pathlib import Path
+
+    import decoderlab
+
+    from .atomic import atomic_write_text
+    from .interp import plot_trace, trace_text
+
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    result = trace_text(model, tok, _unescape(prompt), _unescape(subject),
+                        target=None if target is None else _unescape(target), samples=samples, noise=noise,
+                        window=window, seed=seed)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "trace.json", result.to_json())
+    plot_trace(result, folder / "trace.png")
+    start, end = result.subject
+    console.print(f"subject tokens {start}..{end - 1} {result.tokens[start:end]!r}; p({result.target_token!r}): "
+                  f"clean {result.clean_prob:.4f}, corrupted {result.corrupted_prob:.4f}", highlight=False)
+    for kind, grid in result.grids.items():
+        token, layer = divmod(int(grid.argmax()), grid.shape[1])
+        console.print(f"{kind}: highest {float(grid.max()):.4f} at token {token} {result.tokens[token]!r}, "
+                      f"layer {layer}", highlight=False)
+    console.print(f"wrote {folder / 'trace.png'} and {folder / 'trace.json'}", highlight=False)
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:
