@@ -1,6 +1,6 @@
 """Causal tracing (ROME) on a model decoderlab trains here on synthetic facts: "<subject> lives in <city>".
 
-    PYTHONPATH=src python benchmarks/facts_tracing.py --out runs/facts-trace --time 3m
+    PYTHONPATH=src python benchmarks/facts_tracing.py --out runs/facts-trace
 
 1. writes a corpus of facts (each made-up subject, a name of several BPE tokens, lives in one of 12 cities),
    every fact said in many paraphrases, shuffled;
@@ -85,27 +85,33 @@ def recall(model, tok, facts, template: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/facts-trace")
-    ap.add_argument("--subjects", type=int, default=120)
-    ap.add_argument("--repeats", type=int, default=4, help="times each (fact, template) line is in the corpus")
+    ap.add_argument("--subjects", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=2, help="times each (fact, template) line is in the corpus")
     ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--time", default="3m", help="training time")
-    ap.add_argument("--vocab-size", type=int, default=320)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=200, help="training steps (batch 32 x 32 tokens)")
+    ap.add_argument("--vocab-size", type=int, default=540, help="BPE vocabulary (small: names of several tokens)")
     ap.add_argument("--facts", type=int, default=30, help="facts to trace")
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--window", type=int, default=3, help="MLP/attention window (ROME: 10 of 48 layers)")
+    ap.add_argument("--window", type=int, default=1, help="MLP/attention window (ROME: 10 of 48 layers; 1 of 6 here)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (one is fastest for this tiny model on "
+                    "a shared CPU)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     facts = make_facts(args.subjects)
     run = out / "model"
-    if not (run / "config.json").exists():
+    trained = out / "trained.json"  # written once training has finished: a rerun only traces
+    if not trained.exists():
         data = out / "facts.txt"
         data.write_text(corpus(facts, args.repeats), encoding="utf-8")
         decoderlab.train(data=[str(data)], out=str(run), tokenizer="bpe", vocab_size=args.vocab_size,
                          model={"n_layers": args.layers, "d_model": args.width, "n_heads": 4},
-                         context_length=64, time=args.time, sample_tokens=0, progress=False, overwrite=True)
+                         context_length=32, steps=args.steps, dtype="fp32", sample_tokens=0, progress=False,
+                         overwrite=True)
+        trained.write_text(json.dumps(vars(args)))
     model = decoderlab.load(run).eval()
     tok = decoderlab.Tokenizer.from_folder(run)
     lengths = [len(tok.encode(s, add_special_tokens=False)) for s, _ in facts]

@@ -426,6 +426,12 @@ def _save(fig, path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
 
 
+def _xlabel(kind: str, window: int) -> str:
+    if kind == "hidden" or window == 1:
+        return "single restored layer" if kind == "hidden" else f"single restored {_WHAT[kind]} layer"
+    return f"center of interval of {window} restored {_WHAT[kind]} layers"
+
+
 def _panels(rows: Sequence[str], grids: dict[str, np.ndarray], vmin: dict[str, float], xlabel, titles,
             colorbar: str, path) -> None:
     import matplotlib
@@ -450,6 +456,7 @@ def _panels(rows: Sequence[str], grids: dict[str, np.ndarray], vmin: dict[str, f
             ax.set_title(titles[kind], fontsize=9)
             ax.set_xlabel(xlabel[kind], fontsize=8)
             cb = fig.colorbar(h, ax=ax)
+            cb.ax.tick_params(labelsize=7)
             cb.ax.set_title(colorbar, y=-0.12, fontsize=8)
         fig.tight_layout()
         _save(fig, path)
@@ -463,8 +470,7 @@ def plot_trace(result: CausalTrace, path) -> None:
     start, end = result.subject
     rows = [tok + ("*" if start <= i < end else "") for i, tok in enumerate(result.tokens)]
     kinds = list(result.grids)
-    xlabel = {k: "single restored layer" if k == "hidden" else
-              f"center of interval of {result.window} restored {_WHAT[k]} layers" for k in kinds}
+    xlabel = {k: _xlabel(k, result.window) for k in kinds}
     titles = {k: f"Impact of restoring {_WHAT[k]} after corrupted input" for k in kinds}
     _panels(rows, {k: result.grids[k].numpy() for k in kinds}, {k: result.corrupted_prob for k in kinds}, xlabel,
             titles, f"p({result.target_token.strip() or result.target_token!r})", path)
@@ -474,9 +480,7 @@ def plot_average_effect(effect: AverageEffect, path) -> None:
     """ROME's average-indirect-effect figure: per kind, the six token groups down, layers across, colour the
     AIE (clipped at 0, as ROME draws it)."""
     kinds = list(effect.effects)
-    what = {"hidden": "state", "mlp": "MLP", "attn": "Attn"}
-    titles = {k: f"Avg indirect effect of {what[k]} over {effect.n} prompts" for k in kinds}
-    xlabel = {k: "single restored layer" if k == "hidden" else
-              f"center of interval of {effect.window} restored {_WHAT[k]} layers" for k in kinds}
+    titles = {k: f"Avg indirect effect of {_WHAT[k]} over {effect.n} prompts" for k in kinds}
+    xlabel = {k: _xlabel(k, effect.window) for k in kinds}
     grids = {k: np.nan_to_num(np.clip(effect.effects[k].numpy(), 0, None)) for k in kinds}
     _panels(list(effect.groups), grids, {k: 0.0 for k in kinds}, xlabel, titles, "AIE", path)
