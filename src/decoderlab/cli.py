@@ -499,6 +499,53 @@ def position_bias_cmd(
     console.print(table)
 
 
+@app.command("steer")
+def steer_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    a: str = typer.Option(..., "--a", help="Prompts of the style to steer towards, one per line."),
+    b: str = typer.Option(..., "--b", help="Prompts of the style to steer away from, one per line."),
+    layer: int = typer.Option(..., "--layer", help="Block whose residual stream is steered."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiple of the vector added at every position."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue, with and without steering."),
+    site: str = typer.Option("resid_pre", help="resid_pre, resid_mid or resid_post of the block."),
+    reduce: str = typer.Option("mean", help="mean (over each prompt's tokens) or last (its last token)."),
+    tokens: int = typer.Option(100, "--tokens", "-n", help="New tokens at most."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, help="Random seed (both runs sample with the same noise)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (unsteered, steered, vector norm)."),
+) -> None:
+    """Steer generation with a vector: the mean difference of the --a and --b prompts' activations at a layer,
+    added with --scale at every position; prints the continuation without and with it."""
+    import json
+    from pathlib import Path
+
+    import decoderlab
+    from decoderlab import interp
+
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    sets = {}
+    for flag, file in (("--a", a), ("--b", b)):
+        lines = [line for line in _read_text(Path(file), flag).splitlines() if line.strip()]
+        if not lines:
+            raise UserError(f"{flag} {file!r} holds no prompts; write one prompt per line")
+        sets[flag] = lines
+    vector = interp.steering_vector(model, tok, sets["--a"], sets["--b"], layer, site=site, reduce=reduce)
+    ids = [tok.encode(_unescape(prompt))]
+    if not ids[0]:
+        raise UserError("the prompt is empty; give some text")
+    texts = {}
+    for name, s in (("unsteered", 0.0), ("steered", scale)):
+        with interp.steer(model, vector, layer, s, site=site):
+            texts[name] = decoderlab.generate(model, ids, tokens, temperature=temperature, seed=seed,
+                                              tokenizer=tok).texts[0]
+    if as_json:
+        print(json.dumps({**texts, "vector_norm": float(vector.norm()), "layer": layer, "scale": scale}))
+        return
+    print(f"unsteered: {texts['unsteered']}")
+    print(f"steered x{scale:g} (|v| = {float(vector.norm()):.3g}): {texts['steered']}")
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:
