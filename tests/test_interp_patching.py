@@ -87,7 +87,8 @@ def test_a_sweep_equals_patching_one_cell_at_a_time(model, act, by):
     if by:
         assert grid.std() > 0  # the sweep measured something
     else:  # all of resid_mid at any layer carries everything the output depends on
-        assert (grid - float(metric(model(corrupt)))).abs().max() <= 1e-5
+        with torch.no_grad():
+            assert (grid - float(metric(model(corrupt)))).abs().max() <= 1e-5
 
 
 def test_sweeps_on_a_left_padded_batch_equal_one_at_a_time(model):
@@ -124,6 +125,13 @@ def test_path_patching(model):
     # It differs from the total effect (patching the head itself), which also goes through later layers.
     total = interp.patch(model, clean, corrupt_cache, ("z", 0), index=(slice(None), 1))
     assert (total - out).abs().max() > 1e-4
+    # The same through the final norm's output; and a head's effect through block 1's attention is the same
+    # whether received at that attention's input or at its output.
+    via_norm = interp.path_patch(model, clean, corrupt, sender, ("ln_final.hook_normalized", None))
+    assert (via_norm - out).abs().max() <= 1e-5
+    at_input = interp.path_patch(model, clean, corrupt, sender, ("blocks.1.ln1.hook_normalized", None))
+    at_output = interp.path_patch(model, clean, corrupt, sender, ("blocks.1.hook_attn_out", None))
+    assert (at_input - at_output).abs().max() <= 1e-5 and (at_input - clean_logits).abs().max() > 1e-4
     # A later head cannot reach an earlier receiver.
     late = interp.path_patch(model, clean, corrupt, ("blocks.2.attn.hook_z", (slice(None), 0)),
                              ("blocks.1.hook_resid_pre", None))
@@ -145,7 +153,7 @@ def test_ablations(model):
         seen[hook.name] = x.clone()
 
     def run(**kwargs):
-        with interp.ablated(model, name, **kwargs), interp.hooks(model, {name: look}):
+        with torch.no_grad(), interp.ablated(model, name, **kwargs), interp.hooks(model, {name: look}):
             logits = model(ids)
         return logits, seen[name]
 
@@ -229,6 +237,11 @@ def test_bad_input_is_one_line_user_error(model):
         interp.sweep(model, clean, corrupt, "resid_pre", _metric(), by="head")
     with pytest.raises(UserError, match="source must be"):
         interp.patch(model, clean, torch.randn(1, 7, 32), "hook_embed")
-    logits = model(clean)
+    with pytest.raises(UserError, match="target's shape"):
+        interp.patch(model, clean, corrupt[:, :5], ("resid_pre", 1))
+    with pytest.raises(UserError, match="target's shape"):
+        interp.resid_pre_by_pos(model, clean, torch.cat([corrupt, corrupt, corrupt]), _metric())
+    with torch.no_grad():
+        logits = model(clean)
     with pytest.raises(UserError, match="cannot be normalised"):
         interp.normalized(_metric(), logits, logits)

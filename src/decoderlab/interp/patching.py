@@ -96,6 +96,12 @@ def source_values(model: Transformer, source: Source, names: list[str], forward_
                     f"got {type(source).__name__}")
 
 
+def _check_like(src: torch.Tensor, x: torch.Tensor, batch: int, name: str) -> None:
+    if src.shape[1:] != x.shape[1:] or src.shape[0] not in (1, batch):
+        raise UserError(f"the source run's {name} is {tuple(src.shape)} but the target run's is "
+                        f"{(batch, *x.shape[1:])}; give source inputs of the target's shape (pad them alike)")
+
+
 def _repeated(forward_kwargs: dict[str, Any], copies: int, batch: int, T: int, device: torch.device) -> dict:
     """The forward arguments for `copies` copies of a batch side by side (rows copy-major)."""
     if forward_kwargs.get("cache") is not None:
@@ -107,7 +113,7 @@ def _repeated(forward_kwargs: dict[str, Any], copies: int, batch: int, T: int, d
     if isinstance(positions, torch.Tensor) and positions.dim() == 2 and positions.shape[0] == batch > 1:
         out["positions"] = positions.repeat(copies, 1)
     mask = out.get("mask")
-    if mask is not None:
+    if mask is not None and (isinstance(mask, torch.Tensor) or mask.batch_size not in (None, 1)):
         if not isinstance(mask, torch.Tensor):
             mask = mask.materialize_for(T, 0, batch_size=batch, device=device)
         if mask.shape[0] == batch > 1:
@@ -143,6 +149,7 @@ def patch_cells(model: Transformer, target_ids: torch.Tensor, source: Source,
             def fn(x: torch.Tensor, hook: HookPoint, todo=todo) -> torch.Tensor:
                 x = x.clone()
                 src = values[hook.name].to(x.device, x.dtype)
+                _check_like(src, x, B, hook.name)
                 for j, key in todo[hook.name]:
                     x[j * B:(j + 1) * B][key] = src[key]
                 return x
@@ -161,30 +168,20 @@ def patch(model: Transformer, target_ids: torch.Tensor, source: Source, site: Si
     """One patched run: the target input with `site` (a site, or a list of sites, each at `index`) taken from
     the source run. Returns `metric(logits)`, or the logits when no metric is given."""
     sites = [site] if isinstance(site, str | tuple) else list(site)
-    if metric is None:
-        keep: dict[str, torch.Tensor] = {}
-
-        def metric(logits: torch.Tensor) -> torch.Tensor:
-            keep["logits"] = logits
-            return logits.new_zeros(())
-
-        _patch_all(model, target_ids, source, sites, index, metric, forward_kwargs)
-        return keep["logits"]
-    return _patch_all(model, target_ids, source, sites, index, metric, forward_kwargs)
-
-
-def _patch_all(model, target_ids, source, sites, index, metric, forward_kwargs) -> torch.Tensor:
     names = select(model, [site_name(s) for s in sites])
     values = source_values(model, source, names, forward_kwargs)
     key = index_key(index)
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        src = values[hook.name].to(x.device, x.dtype)
+        _check_like(src, x, x.shape[0], hook.name)
         x = x.clone()
-        x[key] = values[hook.name].to(x.device, x.dtype)[key]
+        x[key] = src[key]
         return x
 
     with torch.no_grad(), hooks(model, [(name, fn) for name in names]):
-        return torch.as_tensor(metric(model(target_ids, **_repeated(forward_kwargs, 1, 0, 0, target_ids.device))))
+        logits = model(target_ids, **_repeated(forward_kwargs, 1, 0, 0, target_ids.device))
+        return logits if metric is None else torch.as_tensor(metric(logits))
 
 
 # ---------------------------------------------------------------------------------------------------- sweeps
@@ -276,6 +273,8 @@ def head_out_by_pos(model: Transformer, target_ids: torch.Tensor, source: Source
 # The sites through which components write to the residual stream: frozen at the target run's values while
 # the sender's effect on the receiver is measured.
 _FROZEN = ("attn.hook_z", "hook_mlp_out")
+# Receivers computed from their own block's head outputs: that block's hook_z stays free.
+_FROM_Z = ("attn.hook_result", "hook_attn_out")
 
 
 def path_patch(model: Transformer, target_ids: torch.Tensor, source: Source,
@@ -284,49 +283,57 @@ def path_patch(model: Transformer, target_ids: torch.Tensor, source: Source,
                **forward_kwargs) -> torch.Tensor:
     """The sender's effect on the output through the receiver only (path patching, Wang et al. 2022).
 
-    1. Run the target input with the sender cell(s) (site, index) taken from the source run and every other
-       component's output (each head's `hook_z`, each `hook_mlp_out`) frozen at the target run's values; keep
-       the receiver cell(s) (site, index) as they come out: they now carry the sender's direct effect only.
+    1. Run the target input with the sender cell(s) (site, index) taken from the source run and every
+       component's output (each head's `hook_z`, each `hook_mlp_out`) frozen at the target run's values
+       (except the sender's cells); keep the receiver cell(s) (site, index) as they are computed there: they
+       carry the sender's effect along the residual stream only, not through other components.
     2. Run the target input again with the receiver cells set to those values, everything else computed
        freely, and return `metric(logits)` (the logits when no metric is given).
-    A sender of None (or []) changes nothing: the result is the target run's.
+    Receivers are usually a head's input (`hook_q`/`hook_k`/`hook_v` with `(slice(None), head)`), a residual
+    stream point or `ln_final.hook_normalized` (the sender's direct effect on the logits); an `hook_attn_out`
+    or `hook_result` receiver leaves its own block's `hook_z` free. A sender of None (or []) changes nothing:
+    the result is the target run's.
     """
     senders = _cells(sender)
     receivers = _cells(receiver)
     if not receivers:
         raise UserError("path_patch needs a receiver: (site, index), e.g. (('v', 1), (slice(None), 0))")
-    frozen = [n for n in select(model, lambda n: n.split(".", 2)[-1] in _FROZEN)]
     receiver_names = sorted({name for name, _ in receivers})
     sender_names = sorted({name for name, _ in senders})
-    _, clean = run_with_cache(model, target_ids, sorted(set(frozen) | set(receiver_names)), **forward_kwargs)
+    free = {name.rsplit(".", 2)[0] + ".attn.hook_z" if name.endswith("attn.hook_result") else
+            name.rsplit(".", 1)[0] + ".attn.hook_z" for name in receiver_names if name.endswith(_FROM_Z)}
+    frozen = set(select(model, lambda n: n.split(".", 2)[-1] in _FROZEN)) - free
+    _, clean = run_with_cache(model, target_ids, sorted(frozen), **forward_kwargs)
     src = source_values(model, source, select(model, sender_names), forward_kwargs) if senders else {}
+    kept: dict[str, torch.Tensor] = {}
 
-    def freeze_and_send(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        x = clean[hook.name].to(x.device, x.dtype).clone() if hook.name in frozen else x.clone()
-        for name, index in senders:
-            if name == hook.name:
+    def send(x: torch.Tensor, name: str) -> torch.Tensor:
+        for sender_name, index in senders:
+            if sender_name == name:
                 key = index_key(index)
                 x[key] = src[name].to(x.device, x.dtype)[key]
         return x
 
-    kept: dict[str, torch.Tensor] = {}
+    def step_one(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        x = send(x.clone(), hook.name)
+        if hook.name in receiver_names:
+            kept[hook.name] = x.detach().clone()  # as computed (what flows on is frozen below)
+        if hook.name in frozen:
+            x = send(clean[hook.name].to(x.device, x.dtype).clone(), hook.name)
+        return x
 
-    def keep(x: torch.Tensor, hook: HookPoint) -> None:
-        kept[hook.name] = x.detach().clone()
+    def receive(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        x = x.clone()
+        for name, index in receivers:
+            if name == hook.name:
+                key = index_key(index)
+                x[key] = kept[name].to(x.device, x.dtype)[key]
+        return x
 
     with torch.no_grad():
-        with hooks(model, [(n, freeze_and_send) for n in sorted(set(frozen) | set(sender_names))]
-                    + [(n, keep) for n in receiver_names]):
+        with hooks(model, [(n, step_one) for n in select(model, sorted(frozen | set(sender_names)
+                                                                       | set(receiver_names)))]):
             model(target_ids, **forward_kwargs)
-
-        def receive(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-            x = x.clone()
-            for name, index in receivers:
-                if name == hook.name:
-                    key = index_key(index)
-                    x[key] = kept[name].to(x.device, x.dtype)[key]
-            return x
-
         with hooks(model, [(n, receive) for n in receiver_names]):
             logits = model(target_ids, **forward_kwargs)
     return logits if metric is None else torch.as_tensor(metric(logits))
