@@ -8,7 +8,8 @@ moves generations between two styles by a measured amount").
    prompts in lower case (`interp.steering_vector`).
 4. Generations from lower-case prompts (and upper-case ones, steered the other way) with the vector added at
    every position (`interp.steer`) at several scales, several sampled continuations each; the style statistic
-   is the share of upper-case letters among the generated letters.
+   is the share of upper-case letters among the generated letters; the share of spaces and newlines tells what
+   is left of the word structure.
 
     python benchmarks/steering_styles.py --out runs/styles                    # train (200 steps), then measure
     python benchmarks/steering_styles.py --out runs/styles --skip-train       # measure an existing run
@@ -55,6 +56,12 @@ def upper_share(text: str) -> float:
     return sum(c.isupper() for c in letters) / max(len(letters), 1)
 
 
+def space_share(text: str) -> float:
+    """Share of characters that are spaces or newlines (about 0.2 in the corpus, either case): what is left of
+    the word structure, the price of a large scale."""
+    return sum(c in " \n" for c in text) / max(len(text), 1)
+
+
 def passages(source: Path, n: int, length: int, seed: int) -> list[str]:
     """`n` prompt passages of `length` characters from the text's last tenth (the validation split)."""
     text = source.read_text()
@@ -84,14 +91,16 @@ def measure(run: Path, source_text: Path, layer: int, scales: list[float], sampl
     for direction, case, sign in (("from_lower", str.lower, 1.0), ("from_upper", str.upper, -1.0)):
         ids = [tok.encode(case(p)) for p in prompts]
         for scale in scales:
-            shares = []
+            texts = []
             with interp.steer(model, vector, layer, sign * scale):
                 for s in range(samples):
                     result = decoderlab.generate(model, ids, tokens, temperature=temperature, top_k=0, top_p=1.0,
                                                  seed=s, stop_tokens=[])
-                    shares += [upper_share(tok.decode(row)) for row in result.tokens]
-            table[direction][str(sign * scale)] = {"upper_share": statistics.mean(shares),
-                                                   "stdev": statistics.stdev(shares) if len(shares) > 1 else 0.0}
+                    texts += [tok.decode(row) for row in result.tokens]
+            shares = [upper_share(t) for t in texts]
+            table[direction][str(sign * scale)] = {
+                "upper_share": statistics.mean(shares), "stdev": statistics.stdev(shares) if len(shares) > 1 else 0.0,
+                "space_share": statistics.mean(space_share(t) for t in texts), "example": case(prompts[0]) + texts[0]}
     return table
 
 
@@ -103,7 +112,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128, help="Model width (2 layers, the default recipe).")
     parser.add_argument("--skip-train", action="store_true", help="Measure the run already in --out.")
     parser.add_argument("--layer", type=int, default=1, help="Block whose resid_pre is steered.")
-    parser.add_argument("--scales", default="0,0.5,1,2,4", help="Comma-separated steering scales.")
+    parser.add_argument("--scales", default="0,0.25,0.5,0.75,1,2,4", help="Comma-separated steering scales.")
     parser.add_argument("--samples", type=int, default=4, help="Sampled continuations per prompt and scale.")
     parser.add_argument("--prompts", type=int, default=8, help="Prompts (each in both cases).")
     parser.add_argument("--tokens", type=int, default=80, help="Characters generated per continuation.")
@@ -129,11 +138,16 @@ def main() -> None:
                     args.temperature)
     print(f"measured in {time.perf_counter() - t0:.0f} s; layer {args.layer} resid_pre, "
           f"|v| = {table['vector_norm']:.2f}")
-    print("scale   upper-case share of generated letters (mean +- stdev over prompts x samples)")
+    print("scale   upper-case share of generated letters (mean +- stdev over prompts x samples)   spaces")
     for direction in ("from_lower", "from_upper"):
         print(f"  prompts {direction.split('_')[1]}-case:")
         for scale, row in table[direction].items():
-            print(f"  {float(scale):+5.1f}   {row['upper_share']:.3f} +- {row['stdev']:.3f}")
+            print(f"  {float(scale):+5.2f}   {row['upper_share']:.3f} +- {row['stdev']:.3f}"
+                  f"{'':58}{row['space_share']:.3f}")
+    for direction in ("from_lower", "from_upper"):
+        print(f"  examples, prompts {direction.split('_')[1]}-case (prompt + continuation):")
+        for scale, row in table[direction].items():
+            print(f"  {float(scale):+5.2f}  {row['example']!r}")
     (run / "steering_styles.json").write_text(json.dumps(table, indent=1))
 
 
