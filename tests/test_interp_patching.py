@@ -245,3 +245,30 @@ def test_bad_input_is_one_line_user_error(model):
         logits = model(clean)
     with pytest.raises(UserError, match="cannot be normalised"):
         interp.normalized(_metric(), logits, logits)
+
+
+def test_cli_patch_writes_the_api_grid(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    tok = decoderlab.Tokenizer.train_char(texts=["abcdefgh ABCDEFGH\n"])
+    torch.manual_seed(0)
+    model = decoderlab.Transformer(decoderlab.ModelConfig.preset("char-baby", vocab_size=tok.vocab_size)).eval()
+    decoderlab.save(model, tmp_path / "m", tokenizer=tok)
+    base = [sys.executable, "-m", "decoderlab", "patch", str(tmp_path / "m"), "--clean", "abcd", "--corrupt", "abCd",
+            "--answer", "e", "--wrong", "E"]
+    run = subprocess.run(base + ["--json", str(tmp_path / "g.json")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    saved = json.loads((tmp_path / "g.json").read_text())
+    clean, corrupt = torch.tensor([tok.encode("abcd")]), torch.tensor([tok.encode("abCd")])
+    with torch.no_grad():
+        metric = interp.normalized(interp.logit_diff(tok.encode("e")[0], tok.encode("E")[0]), model(clean),
+                                   model(corrupt))
+    expected = interp.resid_pre_by_pos(model, corrupt, clean, metric)
+    assert saved["tokens"] == ["a", "b", "c", "d"]
+    assert (torch.tensor(saved["grid"]) - expected).abs().max() <= 1e-5
+    assert abs(saved["grid"][0][2] - 1) <= 1e-4  # the corrupted position carries it all at layer 0
+    for extra, fragment in [(["--by", "head"], "cannot sweep"), (["--answer", "ee"], "exactly one token")]:
+        bad = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and fragment in bad.stderr and bad.stderr.strip().count("\n") == 0
