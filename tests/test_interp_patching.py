@@ -175,6 +175,8 @@ def test_ablations(model):
         assert min(float((z[row] - r).abs().max()) for r in ref_cache[name]) <= 1e-6
     with pytest.raises(UserError, match="same length"):
         interp.ablate(model, ids, name, "resample", reference=reference[:, :5])
+    with pytest.raises(UserError, match="same length"):
+        interp.ablate(model, ids, name, "mean", reference=reference[:, :5])
     with pytest.raises(UserError, match="unknown ablation"):
         interp.ablate(model, ids, name, "noise")
     with pytest.raises(UserError, match="reference"):
@@ -195,6 +197,10 @@ def test_interchange_of_the_whole_space_is_a_patch_and_of_none_is_nothing(model)
     assert ((x + (s - x) @ b @ b.T) + ((s - x) @ q[:, 5:] @ q[:, 5:].T) - s).abs().max() <= 1e-5
     with pytest.raises(UserError, match="orthonormal"):
         interp.interchange(model, clean, corrupt, ("resid_pre", 1), torch.ones(d, 2))
+    with pytest.raises(UserError, match="features"):
+        interp.interchange(model, clean, corrupt, ("z", 1), torch.eye(d)[:, :2], index=-1)
+    with pytest.raises(UserError, match="target's shape"):
+        interp.interchange(model, clean, corrupt[:, :4], ("resid_pre", 1), torch.eye(d)[:, :2])
 
 
 def test_learned_interchange_recovers_a_planted_subspace():

@@ -52,6 +52,10 @@ def ablation_hooks(model: Transformer, site: Site | Sequence[Site], how: str = "
             means[name] = v
 
         def mean(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+            if means[hook.name].shape[1:] != x.shape[1:] and not over_positions:
+                raise UserError(f"mean ablation at {hook.name}: the reference's mean is "
+                                f"{tuple(means[hook.name].shape[1:])} per row but the run has {tuple(x.shape[1:])}; "
+                                "use reference inputs of the same length or over_positions=True")
             x = x.clone()
             x[key] = means[hook.name].to(x.device, x.dtype).expand_as(x)[key]
             return x

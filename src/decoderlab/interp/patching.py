@@ -96,7 +96,8 @@ def source_values(model: Transformer, source: Source, names: list[str], forward_
                     f"got {type(source).__name__}")
 
 
-def _check_like(src: torch.Tensor, x: torch.Tensor, batch: int, name: str) -> None:
+def check_source_shape(src: torch.Tensor, x: torch.Tensor, batch: int, name: str) -> None:
+    """A one-line error unless the source run's value `src` can stand in for the target's `x` (batch `batch`)."""
     if src.shape[1:] != x.shape[1:] or src.shape[0] not in (1, batch):
         raise UserError(f"the source run's {name} is {tuple(src.shape)} but the target run's is "
                         f"{(batch, *x.shape[1:])}; give source inputs of the target's shape (pad them alike)")
@@ -149,7 +150,7 @@ def patch_cells(model: Transformer, target_ids: torch.Tensor, source: Source,
             def fn(x: torch.Tensor, hook: HookPoint, todo=todo) -> torch.Tensor:
                 x = x.clone()
                 src = values[hook.name].to(x.device, x.dtype)
-                _check_like(src, x, B, hook.name)
+                check_source_shape(src, x, B, hook.name)
                 for j, key in todo[hook.name]:
                     x[j * B:(j + 1) * B][key] = src[key]
                 return x
@@ -174,7 +175,7 @@ def patch(model: Transformer, target_ids: torch.Tensor, source: Source, site: Si
 
     def fn(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         src = values[hook.name].to(x.device, x.dtype)
-        _check_like(src, x, x.shape[0], hook.name)
+        check_source_shape(src, x, x.shape[0], hook.name)
         x = x.clone()
         x[key] = src[key]
         return x

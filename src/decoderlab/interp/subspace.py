@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import UserError
 from ..model import Transformer
 from .hooks import HookPoint, hooks, select
-from .patching import Index, Site, Source, index_key, site_name, source_values
+from .patching import Index, Site, Source, check_source_shape, index_key, site_name, source_values
 
 
 def _check_basis(basis: torch.Tensor) -> None:
@@ -43,8 +43,13 @@ def interchange(model: Transformer, base_ids: torch.Tensor, source: Source, site
 
     def swap(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         b = basis.to(x.device, x.dtype)
+        src = values[hook.name].to(x.device, x.dtype)
+        check_source_shape(src, x, x.shape[0], hook.name)
+        if src.shape[-1] != b.shape[0]:
+            raise UserError(f"the basis is [{b.shape[0]}, k] but {hook.name} has {src.shape[-1]} features; give a "
+                            "basis over the site's last dimension")
         x = x.clone()
-        diff = values[hook.name].to(x.device, x.dtype)[key] - x[key]
+        diff = src[key] - x[key]
         x[key] = x[key] + (diff @ b) @ b.T
         return x
 
