@@ -139,6 +139,16 @@ def test_path_patching(model):
     # A sender straight into the next layer's values of one head: between "nothing" and the total effect.
     via_v = interp.path_patch(model, clean, corrupt, sender, ("blocks.1.attn.hook_v", (slice(None), 0)))
     assert (via_v - clean_logits).abs().max() > 1e-5
+    # Batched over every sender head: each cell equals path patching that head alone.
+    receiver_v = ("blocks.2.attn.hook_v", (slice(None), 1))
+    grid = interp.path_patch_heads(model, clean, corrupt, receiver_v, metric, batch=5)
+    assert grid.shape == (3, 4)
+    for layer in range(3):
+        for head in range(4):
+            one = interp.path_patch(model, clean, corrupt, (("z", layer), (slice(None), head)), receiver_v, metric)
+            assert abs(float(one) - float(grid[layer, head])) <= 1e-5, (layer, head)
+    assert (grid[2] - float(metric(clean_logits))).abs().max() <= 1e-5
+    assert (grid[:2] - float(metric(clean_logits))).abs().max() > 1e-4
     with pytest.raises(UserError, match="path-patching cell"):
         interp.path_patch(model, clean, corrupt, sender, ["blocks.1.hook_resid_pre"])
 

@@ -5,17 +5,19 @@ from .ablation import ablate, ablated, ablation_hooks
 from .cache import ActivationCache, Recording, act_name, record, run_with_cache
 from .hooks import HookPoint, hook_names, hooks, run_with_hooks
 from .patching import (
-           attn_out_by_pos,
-           head_out,
-           head_out_by_pos,
-           logit_diff,
-           mlp_out_by_pos,
-           normalized,
-           patch,
-           patch_cells,
-           path_patch,
-           resid_pre_by_pos,
-           sweep,
+    attn_out_by_pos,
+    head_out,
+    head_out_by_pos,
+    logit_diff,
+    mlp_out_by_pos,
+    normalized,
+    patch,
+    patch_cells,
+    path_patch,
+    path_patch_cells,
+    path_patch_heads,
+    resid_pre_by_pos,
+    sweep,
 )
 from .steering import mean_activation, steer, steering_vector
 from .subspace import LearnedSubspace, interchange, learn_subspace
@@ -24,5 +26,5 @@ __all__ = ["ActivationCache", "HookPoint", "Recording", "act_name", "hook_names"
            "run_with_cache", "run_with_hooks"]
 __all__ += ["LearnedSubspace", "ablate", "ablated", "ablation_hooks", "attn_out_by_pos", "head_out",
             "head_out_by_pos", "interchange", "learn_subspace", "logit_diff", "mean_activation", "mlp_out_by_pos",
-            "normalized", "patch", "patch_cells", "path_patch", "resid_pre_by_pos", "steer", "steering_vector",
-            "sweep"]
+            "normalized", "patch", "patch_cells", "path_patch", "path_patch_cells", "path_patch_heads",
+            "resid_pre_by_pos", "steer", "steering_vector", "sweep"]

@@ -295,49 +295,96 @@ def path_patch(model: Transformer, target_ids: torch.Tensor, source: Source,
     or `hook_result` receiver leaves its own block's `hook_z` free. A sender of None (or []) changes nothing:
     the result is the target run's.
     """
-    senders = _cells(sender)
+    keep: dict[str, torch.Tensor] = {}
+
+    def logits_of(logits: torch.Tensor) -> torch.Tensor:
+        keep["logits"] = logits
+        return logits.new_zeros(())
+
+    value = _path_patch_groups(model, target_ids, source, [_cells(sender)], receiver,
+                               logits_of if metric is None else metric, 1, forward_kwargs)[0]
+    return keep["logits"] if metric is None else value
+
+
+def path_patch_cells(model: Transformer, target_ids: torch.Tensor, source: Source,
+                     senders: Sequence[tuple[Site, Index]], receiver: tuple[Site, Index] | list[tuple[Site, Index]],
+                     metric: Metric, *, batch: int = 16, **forward_kwargs) -> torch.Tensor:
+    """`path_patch` for each sender cell (site, index) alone, into the same receiver(s): [len(senders),
+    *metric's shape], `batch` senders per forward pass."""
+    if batch < 1:
+        raise UserError(f"batch must be >= 1, got {batch}")
+    return _path_patch_groups(model, target_ids, source, [_cells(cell) for cell in senders], receiver, metric,
+                              batch, forward_kwargs)
+
+
+def path_patch_heads(model: Transformer, target_ids: torch.Tensor, source: Source,
+                     receiver: tuple[Site, Index] | list[tuple[Site, Index]], metric: Metric, *,
+                     batch: int = 16, **forward_kwargs) -> torch.Tensor:
+    """Every head as the sender (its `hook_z` at every position), into the receiver(s): [layer, head]."""
+    L, H = model.config.n_layers, model.config.n_heads
+    senders = [(act_name("z", layer), (slice(None), head)) for layer in range(L) for head in range(H)]
+    return path_patch_cells(model, target_ids, source, senders, receiver, metric, batch=batch,
+                            **forward_kwargs).view(L, H, -1).squeeze(-1)
+
+
+def _path_patch_groups(model: Transformer, target_ids: torch.Tensor, source: Source,
+                       groups: list[list[tuple[str, Index]]], receiver, metric: Metric, batch: int,
+                       forward_kwargs: dict) -> torch.Tensor:
+    """Path patching for each group of sender cells, `batch` groups side by side per forward pass."""
     receivers = _cells(receiver)
     if not receivers:
-        raise UserError("path_patch needs a receiver: (site, index), e.g. (('v', 1), (slice(None), 0))")
-    receiver_names = sorted({name for name, _ in receivers})
-    sender_names = sorted({name for name, _ in senders})
+        raise UserError("path patching needs a receiver: (site, index), e.g. (('v', 1), (slice(None), 0))")
+    receiver_names = select(model, sorted({name for name, _ in receivers}))
+    sender_names = select(model, sorted({name for group in groups for name, _ in group}))
     free = {name.rsplit(".", 2)[0] + ".attn.hook_z" if name.endswith("attn.hook_result") else
             name.rsplit(".", 1)[0] + ".attn.hook_z" for name in receiver_names if name.endswith(_FROM_Z)}
     frozen = set(select(model, lambda n: n.split(".", 2)[-1] in _FROZEN)) - free
     _, clean = run_with_cache(model, target_ids, sorted(frozen), **forward_kwargs)
-    src = source_values(model, source, select(model, sender_names), forward_kwargs) if senders else {}
-    kept: dict[str, torch.Tensor] = {}
-
-    def send(x: torch.Tensor, name: str) -> torch.Tensor:
-        for sender_name, index in senders:
-            if sender_name == name:
-                key = index_key(index)
-                x[key] = src[name].to(x.device, x.dtype)[key]
-        return x
-
-    def step_one(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        x = send(x.clone(), hook.name)
-        if hook.name in receiver_names:
-            kept[hook.name] = x.detach().clone()  # as computed (what flows on is frozen below)
-        if hook.name in frozen:
-            x = send(clean[hook.name].to(x.device, x.dtype).clone(), hook.name)
-        return x
-
-    def receive(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
-        x = x.clone()
-        for name, index in receivers:
-            if name == hook.name:
-                key = index_key(index)
-                x[key] = kept[name].to(x.device, x.dtype)[key]
-        return x
-
+    src = source_values(model, source, sender_names, forward_kwargs) if sender_names else {}
+    B, T = target_ids.shape
+    results: list[torch.Tensor] = []
     with torch.no_grad():
-        with hooks(model, [(n, step_one) for n in select(model, sorted(frozen | set(sender_names)
-                                                                       | set(receiver_names)))]):
-            model(target_ids, **forward_kwargs)
-        with hooks(model, [(n, receive) for n in receiver_names]):
-            logits = model(target_ids, **forward_kwargs)
-    return logits if metric is None else torch.as_tensor(metric(logits))
+        for chunk in _chunks(len(groups), batch):
+            copies = len(chunk)
+            kept: dict[str, torch.Tensor] = {}
+
+            def send(x: torch.Tensor, name: str, chunk=chunk) -> torch.Tensor:
+                for j, g in enumerate(chunk):
+                    for sender_name, index in groups[g]:
+                        if sender_name == name:
+                            value = src[name].to(x.device, x.dtype)
+                            check_source_shape(value, x, B, name)
+                            key = index_key(index)
+                            x[j * B:(j + 1) * B][key] = value[key]
+                return x
+
+            def step_one(x: torch.Tensor, hook: HookPoint, copies=copies, kept=kept, send=send) -> torch.Tensor:
+                x = send(x.clone(), hook.name)
+                if hook.name in receiver_names:
+                    kept[hook.name] = x.detach().clone()  # as computed; what flows on is frozen below
+                if hook.name in frozen:
+                    frozen_value = clean[hook.name].to(x.device, x.dtype)
+                    x = send(frozen_value.repeat(copies, *[1] * (x.dim() - 1)), hook.name)
+                return x
+
+            def receive(x: torch.Tensor, hook: HookPoint, kept=kept) -> torch.Tensor:
+                x = x.clone()
+                for name, index in receivers:
+                    if name == hook.name:
+                        key = index_key(index)  # the batch axis first: every copy at once
+                        x[key] = kept[name][key]
+                return x
+
+            ids = target_ids.repeat(copies, 1)
+            kwargs = _repeated(forward_kwargs, copies, B, T, target_ids.device)
+            with hooks(model, [(n, step_one) for n in select(model, sorted(frozen | set(sender_names)
+                                                                           | set(receiver_names)))]):
+                model(ids, **kwargs)
+            with hooks(model, [(n, receive) for n in receiver_names]):
+                logits = model(ids, **kwargs)
+            results += [torch.as_tensor(metric(logits[j * B:(j + 1) * B])).detach().float().cpu()
+                        for j in range(copies)]
+    return torch.stack(results)
 
 
 def _cells(cells) -> list[tuple[str, Index]]:
