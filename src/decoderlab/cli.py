@@ -539,6 +539,110 @@ def trace_cmd(
     console.print(f"wrote {folder / 'trace.png'} and {folder / 'trace.json'}", highlight=False)
 
 
+@app.command("steer")
+def steer_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    a: str = typer.Option(..., "--a", help="Prompts of the style to steer towards, one per line."),
+    b: str = typer.Option(..., "--b", help="Prompts of the style to steer away from, one per line."),
+    layer: int = typer.Option(..., "--layer", help="Block whose residual stream is steered."),
+    scale: float = typer.Option(1.0, "--scale", help="Multiple of the vector added at every position."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue, with and without steering."),
+    site: str = typer.Option("resid_pre", help="resid_pre, resid_mid or resid_post of the block."),
+    reduce: str = typer.Option("mean", help="mean (over each prompt's tokens) or last (its last token)."),
+    tokens: int = typer.Option(100, "--tokens", "-n", help="New tokens at most."),
+    temperature: float = typer.Option(0.0, help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, help="Random seed (both runs sample with the same noise)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (unsteered, steered, vector norm)."),
+) -> None:
+    """Steer generation with a vector: the mean difference of the --a and --b prompts' activations at a layer,
+    added with --scale at every position; prints the continuation without and with it."""
+    import json
+    from pathlib import Path
+
+    import decoderlab
+    from decoderlab import interp
+
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    sets = {}
+    for flag, file in (("--a", a), ("--b", b)):
+        lines = [line for line in _read_text(Path(file), flag).splitlines() if line.strip()]
+        if not lines:
+            raise UserError(f"{flag} {file!r} holds no prompts; write one prompt per line")
+        sets[flag] = lines
+    vector = interp.steering_vector(model, tok, sets["--a"], sets["--b"], layer, site=site, reduce=reduce)
+    ids = [tok.encode(_unescape(prompt))]
+    if not ids[0]:
+        raise UserError("the prompt is empty; give some text")
+    texts = {}
+    for name, s in (("unsteered", 0.0), ("steered", scale)):
+        with interp.steer(model, vector, layer, s, site=site):
+            texts[name] = decoderlab.generate(model, ids, tokens, temperature=temperature, seed=seed,
+                                              tokenizer=tok).texts[0]
+    if as_json:
+        print(json.dumps({**texts, "vector_norm": float(vector.norm()), "layer": layer, "scale": scale}))
+        return
+    print(f"unsteered: {texts['unsteered']}")
+    print(f"steered x{scale:g} (|v| = {float(vector.norm()):.3g}): {texts['steered']}")
+
+
+@app.command("patch")
+def patch_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    clean: str = typer.Option(..., "--clean", help="The clean prompt."),
+    corrupt: str = typer.Option(..., "--corrupt", help="The corrupted prompt (as many tokens as the clean one)."),
+    answer: str = typer.Option(..., "--answer", help="The clean run's answer (text of one token)."),
+    wrong: str = typer.Option(..., "--wrong", help="The corrupted run's answer (text of one token)."),
+    act: str = typer.Option("resid_pre", "--act", help="Activation to patch: resid_pre, attn_out, mlp_out, z, ..."),
+    by: str = typer.Option("pos", "--by", help="Swept dimensions after the layer: pos, head or head,pos."),
+    batch: int = typer.Option(16, "--batch", help="Patched copies per forward pass."),
+    out: str = typer.Option(None, "--json", help="Also write the grid and its labels to this JSON file."),
+) -> None:
+    """Activation patching: patch each cell of --act from the clean run into the corrupted run and print the
+    normalised logit difference (answer - wrong; 1 = the clean run's, 0 = the corrupted run's) per cell."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    import decoderlab
+    from decoderlab import interp
+
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    ids = [tok.encode(_unescape(t)) for t in (clean, corrupt)]
+    if len(ids[0]) != len(ids[1]) or not ids[0]:
+        raise UserError(f"--clean and --corrupt must have the same number of tokens (got {len(ids[0])} and "
+                        f"{len(ids[1])}); patching matches them position by position")
+    targets = []
+    for flag, text in (("--answer", answer), ("--wrong", wrong)):
+        token = tok.encode(_unescape(text), add_special_tokens=False)
+        if len(token) != 1:
+            raise UserError(f"{flag} {text!r} is {len(token)} tokens; give the text of exactly one token")
+        targets.append(token[0])
+    clean_ids, corrupt_ids = torch.tensor([ids[0]]), torch.tensor([ids[1]])
+    with torch.no_grad():
+        clean_logits, corrupt_logits = model(clean_ids), model(corrupt_ids)
+    metric = interp.normalized(interp.logit_diff(*targets), clean_logits, corrupt_logits)
+    dims = tuple(d.strip() for d in by.split(",") if d.strip())
+    grid = interp.sweep(model, corrupt_ids, clean_ids, act, metric, by=dims, batch=batch)
+    tokens = [tok.decode([i]) for i in ids[0]]
+    if dims == ("pos",):
+        columns = [repr(t) for t in tokens]
+    elif len(dims) == 1:
+        columns = [f"{dims[0]} {i}" for i in range(grid.shape[1])]
+    else:
+        columns = [f"cells ({' x '.join(dims)}, row-major)"]
+    table = Table("layer", *columns)
+    for layer in range(grid.shape[0]):
+        values = [f"{v:.2f}" for v in grid[layer].flatten().tolist()]
+        table.add_row(str(layer), *(values if len(dims) == 1 else [" ".join(values)]))
+    console.print(table)
+    if out:
+        Path(out).write_text(json.dumps({"act": act, "by": ["layer", *dims], "tokens": tokens, "grid": grid.tolist(),
+                                         "metric": "normalized logit difference"}))
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:

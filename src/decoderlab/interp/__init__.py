@@ -1,8 +1,26 @@
 """Look inside: named hook points (TransformerLens names) on the one model, activation caches, and the
 interventions and readouts built on them."""
 
+from .ablation import ablate, ablated, ablation_hooks
 from .cache import ActivationCache, Recording, act_name, record, run_with_cache
 from .hooks import HookPoint, hook_names, hooks, run_with_hooks
+from .patching import (
+    attn_out_by_pos,
+    head_out,
+    head_out_by_pos,
+    logit_diff,
+    mlp_out_by_pos,
+    normalized,
+    patch,
+    patch_cells,
+    path_patch,
+    path_patch_cells,
+    path_patch_heads,
+    resid_pre_by_pos,
+    sweep,
+)
+from .steering import mean_activation, steer, steering_vector
+from .subspace import LearnedSubspace, interchange, learn_subspace
 
 __all__ = ["ActivationCache", "HookPoint", "Recording", "act_name", "hook_names", "hooks", "record",
            "run_with_cache", "run_with_hooks"]
@@ -25,3 +43,8 @@ from .tracing import (
 __all__ += ["KINDS", "TOKEN_GROUPS", "AverageEffect", "CausalTrace", "average_indirect_effect", "embedding_std",
             "find_subject", "plot_average_effect", "plot_trace", "restored_prob", "token_groups", "trace",
             "trace_text"]
+
+__all__ += ["LearnedSubspace", "ablate", "ablated", "ablation_hooks", "attn_out_by_pos", "head_out",
+            "head_out_by_pos", "interchange", "learn_subspace", "logit_diff", "mean_activation", "mlp_out_by_pos",
+            "normalized", "patch", "patch_cells", "path_patch", "path_patch_cells", "path_patch_heads",
+            "resid_pre_by_pos", "steer", "steering_vector", "sweep"]
