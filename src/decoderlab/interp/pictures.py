@@ -195,7 +195,7 @@ def head_score_maps(scores, path: str | Path, *, title: str = "") -> Path:
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.04)
     return _save(fig, path)
 
 
