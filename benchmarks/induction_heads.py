@@ -2,7 +2,8 @@
 
 Trains two char-level models on decoderlab's default corpus (the Python standard library) with the same
 recipe and time budget, one with 2 layers and one with 1, then scores every head on repeated random tokens
-(`decoderlab.interp.head_scores`: attention from position i of the second copy to i - N + 1). An induction
+(`decoderlab.interp.head_scores`: attention from position i of the second copy to i - N + 1; the random
+tokens are ASCII letters and digits). An induction
 head needs two layers (a previous-token head composing with a later head, Olsson et al. 2022), so the 1-layer
 model should have none. Also reports the in-context effect: the loss on the second copy of the random tokens
 against the first (an induction head lets the model copy, so the second copy's loss falls).
@@ -29,13 +30,32 @@ import decoderlab
 from decoderlab import interp
 
 
+def repeats_corpus(path: Path, lines: int = 20000, seed: int = 0) -> Path:
+    """A synthetic corpus where copying is the only way to predict: each line is a random lowercase string of
+    random length (8..40, so no fixed offset works, which a 1-layer model could learn) written twice."""
+    import random
+
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(lines):
+            word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(8, 40)))
+            f.write(f"{word} {word}\n")
+    return path
+
+
 def train(out: Path, layers: int, args: argparse.Namespace) -> float:
     start = time.perf_counter()
+    data = None if args.corpus == "default" else [str(repeats_corpus(Path(args.out) / "repeats.txt"))]
     model = {"n_layers": layers, "n_heads": args.heads, "d_model": args.width, "d_mlp": args.mlp}
-    decoderlab.train(out=str(out), model=model, context_length=args.context, batch_size=args.batch_size,
-                     dtype="fp32", time=args.time, eval_batches=8, sample_tokens=0, progress=False, overwrite=True,
-                     seed=0)
+    decoderlab.train(data=data, out=str(out), model=model, context_length=args.context, batch_size=args.batch_size,
+                     schedule=args.schedule, dtype="fp32", time=args.time, eval_batches=8, sample_tokens=0,
+                     progress=False, overwrite=True, seed=0)
     return time.perf_counter() - start
+
+
+def _alnum(text: str) -> bool:
+    return len(text) == 1 and text.isascii() and text.isalnum()
 
 
 def copy_losses(model: decoderlab.Transformer, tokens: torch.Tensor, start: int, seq_len: int) -> tuple[float, float]:
@@ -59,6 +79,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=40, help="random tokens per copy")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--schedule", default="wsd", help="learning-rate schedule (wsd, cosine, constant)")
+    parser.add_argument("--corpus", choices=("default", "repeats"), default="default",
+                        help="default: the Python stdlib; repeats: random strings each written twice (synthetic)")
     parser.add_argument("--reuse", action="store_true", help="score runs already in --out instead of training")
     args = parser.parse_args()
     out = Path(args.out)
@@ -69,7 +92,9 @@ def main() -> None:
         model = decoderlab.load(run)
         tok = decoderlab.Tokenizer.from_folder(run)
         prefix = [tok.bos_id] if tok.bos_id is not None else []
-        scores = interp.head_scores(model, args.seq_len, args.batch, seed=0, prefix=prefix)
+        # Random letters and digits: in a char model the rare characters' embeddings are barely trained.
+        pool = [i for i in range(model.config.vocab_size) if _alnum(tok.decode([i]))]
+        scores = interp.head_scores(model, args.seq_len, args.batch, seed=0, prefix=prefix, token_ids=pool)
         first, second = copy_losses(model, scores.tokens, len(prefix), args.seq_len)
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last = dict(step=max(m["step"] for m in metrics),

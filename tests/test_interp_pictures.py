@@ -123,12 +123,10 @@ def test_lens_and_heads_commands_write_their_files(char_folder, tmp_path):
     assert heads["seq_len"] == 10 and heads["batch"] == 2
 
 
+# Each case is a fresh interpreter (seconds): the API's own checks are tested in-process elsewhere.
 @pytest.mark.parametrize("args, fragment", [
     (("lens", "{folder}", "--prompt", "zzz~"), "zzz"),  # characters the tokenizer does not know
-    (("lens", "{folder}", "--prompt", "def", "--top-k", "0"), "top_k"),
     (("heads", "{folder}", "--seq-len", "1000"), "context length"),
-    (("heads", "{folder}", "--batch", "0"), "--batch"),
-    (("heads", "{missing}"), "missing"),
 ])
 def test_bad_input_is_one_line_exit_2(char_folder, tmp_path, args, fragment):
     args = [a.format(folder=char_folder, missing=tmp_path / "missing") for a in args]

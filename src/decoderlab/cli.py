@@ -544,8 +544,8 @@ def lens_cmd(
     if len(ids) > model.config.context_length:
         raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context "
                         f"{model.config.context_length}; shorten it")
-    folder = _out_dir(out)
     lens = logit_lens(model, ids, top_k=top_k, target="next")
+    folder = _out_dir(out)
     lens_table(lens, folder / "lens.png", tokenizer=tok, title=f"logit lens: {path}")
     _write_json(folder / "lens.json", lens.to_json(tok, row=0))
     final = lens.top_ids[-1, 0, -1, 0]
@@ -570,6 +570,8 @@ def heads_cmd(
 
     from .interp import head_score_maps, head_scores, sink_shares
 
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
     model = decoderlab.load(path)
     try:
         tok = decoderlab.Tokenizer.from_folder(path)
@@ -579,8 +581,6 @@ def heads_cmd(
     prefix = [bos] if bos is not None else []
     if seq_len is None:
         seq_len = max(2, min(100, (model.config.context_length - len(prefix)) // 3))
-    if batch < 1:
-        raise UserError(f"--batch must be at least 1, got {batch}")
     scores = head_scores(model, seq_len, batch, seed=seed, prefix=prefix)
     if prompt is not None:
         if tok is None:
