@@ -83,7 +83,11 @@ def main() -> None:
     parser.add_argument("--corpus", choices=("default", "repeats"), default="default",
                         help="default: the Python stdlib; repeats: random strings each written twice (synthetic)")
     parser.add_argument("--reuse", action="store_true", help="score runs already in --out instead of training")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared machine more threads oversubscribe the cores; "
+                             "measured 10x more steps per minute with 1 than with 2 under load)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     rows = {}
     for layers in (2, 1):
