@@ -643,6 +643,110 @@ def patch_cmd(
                                          "metric": "normalized logit difference"}))
 
 
+
+def _out_dir(out: str):
+    """The --out folder, created if missing; a one-line error if it cannot be."""
+    from pathlib import Path
+
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out!r} ({e.strerror or e})") from None
+    return folder
+
+
+def _write_json(path, obj) -> None:
+    import json
+
+    from .atomic import atomic_write
+
+    try:
+        atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8")))
+    except OSError as e:
+        raise UserError(f"cannot write {str(path)!r} ({e.strerror or e})") from None
+
+
+@app.command("lens")
+def lens_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to read the residual stream of."),
+    top_k: int = typer.Option(5, "--top-k", help="Tokens kept per layer and position (in lens.json)."),
+    out: str = typer.Option(".", "--out", help="Folder for lens.png and lens.json (created if missing)."),
+) -> None:
+    """Logit lens: each layer's residual stream through the final norm and LM head; writes lens.png (top token
+    per layer x position, coloured by its probability) and lens.json (top-k and the next token's rank/prob)."""
+    import decoderlab
+
+    from .interp import lens_table, logit_lens
+
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    ids = tok.encode(_unescape(prompt))
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give some text")
+    if len(ids) > model.config.context_length:
+        raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context "
+                        f"{model.config.context_length}; shorten it")
+    lens = logit_lens(model, ids, top_k=top_k, target="next")
+    folder = _out_dir(out)
+    lens_table(lens, folder / "lens.png", tokenizer=tok, title=f"logit lens: {path}")
+    _write_json(folder / "lens.json", lens.to_json(tok, row=0))
+    final = lens.top_ids[-1, 0, -1, 0]
+    console.print(f"{len(lens.labels)} layers x {len(ids)} positions -> {folder / 'lens.png'}, "
+                  f"{folder / 'lens.json'}; next token: {tok.decode([int(final)])!r}", highlight=False, soft_wrap=True)
+
+
+@app.command("heads")
+def heads_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder."),
+    seq_len: int = typer.Option(None, "--seq-len", help="Random tokens per half (default: a third of the context, "
+                                "at most 100)."),
+    batch: int = typer.Option(8, "--batch", help="Rows of repeated random tokens."),
+    seed: int = typer.Option(0, help="Random seed for the tokens."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to measure attention sinks on (default: the "
+                               "repeated random tokens)."),
+    out: str = typer.Option(".", "--out", help="Folder for heads.png and heads.json (created if missing)."),
+) -> None:
+    """Head detectors: induction, previous-token and duplicate-token scores per layer x head on repeated random
+    tokens, and the share of attention each head puts on the first token; writes heads.png and heads.json."""
+    import decoderlab
+
+    from .interp import head_score_maps, head_scores, sink_shares
+
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    model = decoderlab.load(path)
+    try:
+        tok = decoderlab.Tokenizer.from_folder(path)
+    except UserError:
+        tok = None
+    bos = tok.bos_id if tok is not None else None
+    prefix = [bos] if bos is not None else []
+    if seq_len is None:
+        seq_len = max(2, min(100, (model.config.context_length - len(prefix)) // 3))
+    scores = head_scores(model, seq_len, batch, seed=seed, prefix=prefix)
+    if prompt is not None:
+        if tok is None:
+            raise UserError(f"--prompt needs a tokenizer in {path!r}")
+        ids = tok.encode(_unescape(prompt))
+        if len(ids) < 2:
+            raise UserError("--prompt must encode to at least 2 tokens to measure attention sinks")
+        sinks = sink_shares(model, ids[:model.config.context_length])
+    else:
+        sinks = sink_shares(model, scores.tokens)
+    folder = _out_dir(out)
+    grids = {k: scores[k] for k in ("induction", "previous", "duplicate")} | {"first-token share": sinks}
+    head_score_maps(grids, folder / "heads.png", title=f"heads: {path}")
+    report = scores.to_json() | {"sink": [[round(float(v), 6) for v in row] for row in sinks.tolist()],
+                                 "sink_inputs": "prompt" if prompt is not None else "repeated random tokens"}
+    _write_json(folder / "heads.json", report)
+    layer, head, value = scores.best("induction")
+    console.print(f"best induction head L{layer}H{head}: {value:.3f}; previous-token best "
+                  f"{scores.best('previous')[2]:.3f}; -> {folder / 'heads.png'}, {folder / 'heads.json'}",
+                  highlight=False, soft_wrap=True)
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:
