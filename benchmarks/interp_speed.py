@@ -1,0 +1,205 @@
+"""Activation caching speed and memory: decoderlab's `interp.run_with_cache` vs TransformerLens 4.3's
+`TransformerBridge.run_with_cache`, on the same weights, in one run.
+
+Run: .venv/bin/python benchmarks/interp_speed.py [--tl-python /work/tlvenv/bin/python] [--batch 4 --tokens 256
+     --repeats 5 --rounds 2]
+The `gpt2` preset (124M, random weights, fp32) is saved as a Hugging Face folder with `decoderlab.save`; each side
+loads that folder in its own fresh subprocess (so each process's peak RSS is its own) and caches every block's
+`hook_resid_pre`, `hook_resid_mid`, `hook_resid_post` and `attn.hook_pattern` (48 tensors) for a 4 x 256 batch of
+random tokens, without gradients (TransformerLens' tutorials switch them off too). Workers:
+- decoderlab: `decoderlab.load(folder)` (as a user loads it: packed CPU weights); the plain forward before any hook
+  was ever set, `run_with_cache`, then the plain forward again with no hooks set (the zero-cost check: within 2 %);
+- TransformerLens: `TransformerBridge.boot_transformers(folder, device="cpu", dtype=float32)` and
+  `bridge.run_with_cache(ids, names_filter=...)`, in TransformerLens' own environment (`--tl-python`: a venv with
+  `transformer-lens==4.3.*`, which pins its own transformers), plus transformers' plain forward of the model
+  under the bridge (`AutoModelForCausalLM.from_pretrained(folder)`, sdpa) for reference.
+Times are medians of --repeats calls after a warm-up, in each of --rounds rounds of the two workers (alternating,
+so machine noise hits both sides alike); every round's medians are printed. Peak memory: the process's peak RSS
+(VmHWM, load included), and the call's own peak (VmHWM reset through /proc/self/clear_refs before the call,
+minus the RSS then).
+Target (issue #11): run_with_cache >= 1.2x faster than TransformerLens, at most half its peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+WANTED = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "attn.hook_pattern")
+
+COMMON = r'''
+import json, re, statistics, sys, time
+import torch
+
+def rss(field="VmRSS"):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+def timed(fn, repeats):
+    fn()  # warm-up (allocator, oneDNN kernel choice)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+def call_peak(fn):
+    """Peak RSS above the RSS before one call of fn (bytes), or None where VmHWM cannot be reset."""
+    before = rss()
+    if not reset_peak():
+        return None
+    fn()
+    return rss("VmHWM") - before
+
+def wanted(name):
+    return name.startswith("blocks.") and name.split(".", 2)[2] in WANTED
+
+folder, batch, tokens, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+WANTED = set(sys.argv[5].split(","))
+torch.set_grad_enabled(False)
+ids = torch.randint(0, 50257, (batch, tokens), generator=torch.Generator().manual_seed(0))
+out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+'''
+
+OURS = COMMON + r'''
+import decoderlab
+from decoderlab import interp
+
+model = decoderlab.load(folder, dtype="float32")
+out["rss_loaded"] = rss()
+plain = lambda: model(ids)
+out["plain_before"] = timed(plain, repeats)  # no hook was ever set on this model
+names = [n for n in interp.hook_names(model) if wanted(n)]
+cached = lambda: interp.run_with_cache(model, ids, names)
+out["cache_peak"] = call_peak(cached)
+out["cache"] = timed(cached, repeats)
+out["cached_points"] = len(cached()[1])
+out["plain_after"] = timed(plain, repeats)  # hooks were set and removed: model.hooks is None again
+out["rss_peak"] = rss("VmHWM")
+print(json.dumps(out))
+'''
+
+THEIRS = COMMON + r'''
+import logging, warnings
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+import tokenizers, transformers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+import transformer_lens
+from transformer_lens.model_bridge import TransformerBridge
+from importlib.metadata import version
+
+out["transformer_lens"] = version("transformer-lens")
+out["transformers"] = transformers.__version__
+if sys.argv[6] == "hf":  # transformers' plain forward, for reference (its own process: memory not mixed in)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out["hf_plain"] = timed(lambda: hf(ids), repeats)
+    out["rss_peak"] = rss("VmHWM")
+    print(json.dumps(out))
+    sys.exit()
+# The folder holds weights only (random ones): a one-token stand-in tokenizer, never used (the ids are given).
+vocab = {"<|endoftext|>": 0}
+tok = PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(
+    vocab, unk_token="<|endoftext|>")), eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+import tempfile
+tok_dir = tempfile.mkdtemp()
+tok.save_pretrained(tok_dir)  # TransformerLens re-reads a tokenizer from where it was loaded
+tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+bridge = TransformerBridge.boot_transformers(folder, device="cpu", dtype=torch.float32, tokenizer=tok)
+out["rss_loaded"] = rss()
+cached = lambda: bridge.run_with_cache(ids, names_filter=wanted)
+out["cache_peak"] = call_peak(cached)
+out["cache"] = timed(cached, repeats)
+out["cached_points"] = len(cached()[1])
+out["rss_peak"] = rss("VmHWM")
+print(json.dumps(out))
+'''
+
+
+def worker(python: str, code: str, folder: Path, args, *extra: str) -> dict:
+    cmd = [python, "-c", code, str(folder), str(args.batch), str(args.tokens), str(args.repeats), ",".join(WANTED),
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"worker failed ({python}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tl-python", default="/work/tlvenv/bin/python",
+                    help="python of an environment with transformer-lens==4.3.* (it pins its own transformers)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+
+    import torch
+
+    import decoderlab
+
+    have_tl = Path(args.tl_python).exists()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gpt2-random"
+        torch.manual_seed(0)
+        decoderlab.save(decoderlab.load("gpt2", dtype="float32", pack=False), folder)
+        ours, theirs, hf = [], [], []
+        for _ in range(args.rounds):
+            ours.append(worker(sys.executable, OURS, folder, args))
+            if have_tl:
+                theirs.append(worker(args.tl_python, THEIRS, folder, args, "tl"))
+        if have_tl:
+            hf.append(worker(args.tl_python, THEIRS, folder, args, "hf"))
+
+    gib = 2**30
+    med = statistics.median
+    o = ours[0]
+    print(f"torch {o['torch']}, {o['threads']} threads; gpt2 preset (124M, random weights, fp32); batch {args.batch} x "
+          f"{args.tokens} tokens; caching {o['cached_points']} points (resid_pre/mid/post + pattern of every block); "
+          f"median of {args.repeats} calls per round, {args.rounds} rounds")
+    if have_tl:
+        t = theirs[0]
+        print(f"TransformerLens {t['transformer_lens']} (transformers {t['transformers']}), caching "
+              f"{t['cached_points']} points")
+    for i, r in enumerate(ours):
+        line = (f"round {i}: decoderlab run_with_cache {r['cache']:.3f} s, plain forward {r['plain_before']:.3f} s "
+                f"before any hook / {r['plain_after']:.3f} s after (no hooks set)")
+        if have_tl:
+            line += f" | TransformerLens run_with_cache {theirs[i]['cache']:.3f} s"
+        print(line)
+    cache, plain_b, plain_a = (med(r[k] for r in ours) for k in ("cache", "plain_before", "plain_after"))
+    print(f"decoderlab: run_with_cache {cache:.3f} s; plain forward {plain_b:.3f} s; no-hooks forward after hooks "
+          f"{plain_a:.3f} s ({plain_a / plain_b - 1:+.1%} vs plain; target within 2 %)")
+    peak, call = med(r["rss_peak"] for r in ours), ours[0]["cache_peak"]
+    print(f"decoderlab memory: peak RSS {peak / gib:.2f} GiB (after load {o['rss_loaded'] / gib:.2f} GiB)"
+          + (f"; run_with_cache's own peak +{call / gib:.2f} GiB" if call is not None else ""))
+    if have_tl:
+        t_cache, t_peak, t_call = med(r["cache"] for r in theirs), med(r["rss_peak"] for r in theirs), t["cache_peak"]
+        print(f"TransformerLens: run_with_cache {t_cache:.3f} s; peak RSS {t_peak / gib:.2f} GiB (after load "
+              f"{t['rss_loaded'] / gib:.2f} GiB)" + (f"; run_with_cache's own peak +{t_call / gib:.2f} GiB"
+                                                      if t_call is not None else ""))
+        print(f"transformers plain forward (sdpa): {hf[0]['hf_plain']:.3f} s")
+        speed, memory = t_cache / cache, peak / t_peak
+        print(f"ratios: decoderlab is {speed:.2f}x faster (target >= 1.2x: {'met' if speed >= 1.2 else 'MISSED'}); "
+              f"peak RSS {memory:.2f}x TransformerLens' (target <= 0.5x: {'met' if memory <= 0.5 else 'MISSED'})"
+              + (f"; the call's own peak {call / t_call:.2f}x" if call and t_call else "")
+              + f"; decoderlab plain forward is {hf[0]['hf_plain'] / plain_b:.2f}x faster than transformers'")
+    else:
+        print(f"TransformerLens not measured: {args.tl_python} does not exist (make a venv with "
+              "`pip install 'transformer-lens==4.3.*'` and pass --tl-python)")
+
+
+if __name__ == "__main__":
+    main()
