@@ -54,16 +54,17 @@ def test_click_through_prompt_attention_trace(page):
     tab.select_option("#layer", "1")
     tab.click("#show-attention")
     tab.wait_for_function("document.getElementById('attn-canvas').width > 100")
-    drawn = tab.evaluate("""() => {
+    drawn = tab.evaluate("""(n) => {
         const c = document.getElementById('attn-canvas'), ctx = c.getContext('2d');
         const px = ctx.getImageData(0, 0, c.width, c.height).data;
         let coloured = 0;  // pixels that are neither white nor transparent
         for (let i = 0; i < px.length; i += 4) if (px[i + 3] && (px[i] < 250 || px[i + 2] < 250)) coloured++;
         // The first query sees only itself (probability 1: darkest) and nothing above the diagonal (white).
-        const cell = (c.width - 90) / %d;
-        const at = (x, y) => Array.from(ctx.getImageData(90 + x * cell + cell / 2, 90 + y * cell + cell / 2, 1, 1).data);
+        const cell = (c.width - 90) / n;
+        const centre = (i) => 90 + i * cell + cell / 2;
+        const at = (x, y) => Array.from(ctx.getImageData(centre(x), centre(y), 1, 1).data);
         return {coloured, total: c.width * c.height, diag: at(0, 0), above: at(3, 0)};
-    }""" % T)
+    }""", T)
     assert drawn["coloured"] > 0.1 * drawn["total"]
     assert drawn["diag"][:3] == [30, 80, 180] and drawn["above"][:3] == [255, 255, 255]
     before = tab.evaluate("document.getElementById('attn-canvas').toDataURL()")
