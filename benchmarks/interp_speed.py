@@ -52,7 +52,7 @@ def timed(fn, repeats):
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 def call_peak(fn):
     """Peak RSS above the RSS before one call of fn (bytes), or None where VmHWM cannot be reset."""
@@ -76,7 +76,7 @@ OURS = COMMON + r'''
 import decoderlab
 from decoderlab import interp
 
-model = decoderlab.load(folder, dtype="float32")
+model = decoderlab.load(folder, dtype="float32", pack=sys.argv[6] == "packed")
 out["rss_loaded"] = rss()
 plain = lambda: model(ids)
 out["plain_before"] = timed(plain, repeats)  # no hook was ever set on this model
@@ -155,50 +155,65 @@ def main() -> None:
         folder = Path(tmp) / "gpt2-random"
         torch.manual_seed(0)
         decoderlab.save(decoderlab.load("gpt2", dtype="float32", pack=False), folder)
-        ours, theirs, hf = [], [], []
+        ours, plain, theirs, hf = [], [], [], []
         for _ in range(args.rounds):
-            ours.append(worker(sys.executable, OURS, folder, args))
+            ours.append(worker(sys.executable, OURS, folder, args, "packed"))
             if have_tl:
                 theirs.append(worker(args.tl_python, THEIRS, folder, args, "tl"))
+            plain.append(worker(sys.executable, OURS, folder, args, "plain"))
         if have_tl:
             hf.append(worker(args.tl_python, THEIRS, folder, args, "hf"))
 
     gib = 2**30
-    med = statistics.median
+
+    def med(runs: list[dict], key: str) -> float:  # median over rounds of each round's median
+        return statistics.median(r[key][0] for r in runs)
+
+    def fastest(runs: list[dict], key: str) -> float:
+        return min(r[key][1] for r in runs)
+
     o = ours[0]
     print(f"torch {o['torch']}, {o['threads']} threads; gpt2 preset (124M, random weights, fp32); batch {args.batch} x "
           f"{args.tokens} tokens; caching {o['cached_points']} points (resid_pre/mid/post + pattern of every block); "
-          f"median of {args.repeats} calls per round, {args.rounds} rounds")
+          f"median (min) of {args.repeats} calls per round, {args.rounds} round(s)")
     if have_tl:
         t = theirs[0]
         print(f"TransformerLens {t['transformer_lens']} (transformers {t['transformers']}), caching "
               f"{t['cached_points']} points")
-    for i, r in enumerate(ours):
-        line = (f"round {i}: decoderlab run_with_cache {r['cache']:.3f} s, plain forward {r['plain_before']:.3f} s "
-                f"before any hook / {r['plain_after']:.3f} s after (no hooks set)")
+    for i in range(args.rounds):
+        line = (f"round {i}: decoderlab run_with_cache {ours[i]['cache'][0]:.3f} s (plain weights "
+                f"{plain[i]['cache'][0]:.3f})")
         if have_tl:
-            line += f" | TransformerLens run_with_cache {theirs[i]['cache']:.3f} s"
+            line += f" | TransformerLens run_with_cache {theirs[i]['cache'][0]:.3f} s"
         print(line)
-    cache, plain_b, plain_a = (med(r[k] for r in ours) for k in ("cache", "plain_before", "plain_after"))
-    print(f"decoderlab: run_with_cache {cache:.3f} s; plain forward {plain_b:.3f} s; no-hooks forward after hooks "
-          f"{plain_a:.3f} s ({plain_a / plain_b - 1:+.1%} vs plain; target within 2 %)")
-    peak, call = med(r["rss_peak"] for r in ours), ours[0]["cache_peak"]
-    print(f"decoderlab memory: peak RSS {peak / gib:.2f} GiB (after load {o['rss_loaded'] / gib:.2f} GiB)"
-          + (f"; run_with_cache's own peak +{call / gib:.2f} GiB" if call is not None else ""))
-    if have_tl:
-        t_cache, t_peak, t_call = med(r["cache"] for r in theirs), med(r["rss_peak"] for r in theirs), t["cache_peak"]
-        print(f"TransformerLens: run_with_cache {t_cache:.3f} s; peak RSS {t_peak / gib:.2f} GiB (after load "
-              f"{t['rss_loaded'] / gib:.2f} GiB)" + (f"; run_with_cache's own peak +{t_call / gib:.2f} GiB"
-                                                      if t_call is not None else ""))
-        print(f"transformers plain forward (sdpa): {hf[0]['hf_plain']:.3f} s")
-        speed, memory = t_cache / cache, peak / t_peak
-        print(f"ratios: decoderlab is {speed:.2f}x faster (target >= 1.2x: {'met' if speed >= 1.2 else 'MISSED'}); "
-              f"peak RSS {memory:.2f}x TransformerLens' (target <= 0.5x: {'met' if memory <= 0.5 else 'MISSED'})"
-              + (f"; the call's own peak {call / t_call:.2f}x" if call and t_call else "")
-              + f"; decoderlab plain forward is {hf[0]['hf_plain'] / plain_b:.2f}x faster than transformers'")
-    else:
+    for label, runs in (("decoderlab (load: packed weights)", ours), ("decoderlab (load(pack=False))", plain)):
+        before, after = med(runs, "plain_before"), med(runs, "plain_after")
+        peak, call = statistics.median(r["rss_peak"] for r in runs), runs[0]["cache_peak"]
+        print(f"{label}: run_with_cache {med(runs, 'cache'):.3f} s ({fastest(runs, 'cache'):.3f}); plain forward "
+              f"before any hook {before:.3f} s ({fastest(runs, 'plain_before'):.3f}), with no hooks set after hooks "
+              f"{after:.3f} s ({fastest(runs, 'plain_after'):.3f}): {after / before - 1:+.1%} by medians, "
+              f"{fastest(runs, 'plain_after') / fastest(runs, 'plain_before') - 1:+.1%} by mins (target within 2 %); "
+              f"peak RSS {peak / gib:.2f} GiB (after load {runs[0]['rss_loaded'] / gib:.2f})"
+              + (f", run_with_cache's own peak +{call / gib:.2f} GiB" if call is not None else ""))
+    if not have_tl:
         print(f"TransformerLens not measured: {args.tl_python} does not exist (make a venv with "
               "`pip install 'transformer-lens==4.3.*'` and pass --tl-python)")
+        return
+    t_cache, t_peak, t_call = med(theirs, "cache"), statistics.median(r["rss_peak"] for r in theirs), t["cache_peak"]
+    print(f"TransformerLens: run_with_cache {t_cache:.3f} s ({fastest(theirs, 'cache'):.3f}); peak RSS "
+          f"{t_peak / gib:.2f} GiB (after load {t['rss_loaded'] / gib:.2f})"
+          + (f", run_with_cache's own peak +{t_call / gib:.2f} GiB" if t_call is not None else ""))
+    hf_plain = hf[0]["hf_plain"][0]
+    print(f"transformers plain forward (sdpa): {hf_plain:.3f} s ({hf[0]['hf_plain'][1]:.3f})")
+    for label, runs in (("packed", ours), ("plain weights", plain)):
+        speed = t_cache / med(runs, "cache")
+        memory = statistics.median(r["rss_peak"] for r in runs) / t_peak
+        call = runs[0]["cache_peak"]
+        print(f"ratios ({label}): run_with_cache {speed:.2f}x faster than TransformerLens by medians, "
+              f"{fastest(theirs, 'cache') / fastest(runs, 'cache'):.2f}x by mins (target >= 1.2x); peak RSS "
+              f"{memory:.2f}x TransformerLens' (target <= 0.5x)"
+              + (f", the call's own peak {call / t_call:.2f}x" if call and t_call else "")
+              + f"; plain forward {hf_plain / med(runs, 'plain_before'):.2f}x faster than transformers'")
 
 
 if __name__ == "__main__":
