@@ -135,3 +135,44 @@ def test_bad_input_is_one_line_400_and_serving_goes_on(lab):
     bad(client, "/api/trace", {"prompt": PROMPT, "subject": [3, 3]}, "subject must be")
     bad(client, "/api/trace", {"prompt": PROMPT, "subject": [0, 2], "samples": 0}, "samples")
     assert ok(client, "/api/prompt", {"prompt": PROMPT})["tokens"]
+
+
+def test_cli_serves_the_page_and_refuses_bad_input(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    tok = char_tokenizer()
+    decoderlab.save(char_model(tok), tmp_path / "m", tokenizer=tok)
+    with socket.socket() as s:  # a free port (the server binds it again a moment later)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "decoderlab", "lab", str(tmp_path / "m"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the lab did not start"
+            try:
+                info = httpx.get(f"http://127.0.0.1:{port}/api/info", timeout=5).json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert info["model"] == "m" and info["n_layers"] == 4
+        r = httpx.post(f"http://127.0.0.1:{port}/api/prompt", json={"prompt": PROMPT}, timeout=30)
+        assert r.status_code == 200 and "".join(r.json()["tokens"]) == PROMPT
+        busy = subprocess.run([sys.executable, "-m", "decoderlab", "lab", str(tmp_path / "m"), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and busy.stderr.startswith("error: cannot listen"), busy.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    missing = subprocess.run([sys.executable, "-m", "decoderlab", "lab", str(tmp_path / "nope")], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "tokenizer" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
