@@ -167,6 +167,12 @@ function drawGrid(svg, grid, rowLabels, colLabels, low, high) {
   });
 }
 
+// The colour scale of a sweep: from its lowest to its highest value, the clean and corrupted runs included.
+function range(grid, data) {
+  const values = [...grid.flat(), data.clean_prob, data.corrupted_prob];
+  return [Math.min(...values), Math.max(...values)];
+}
+
 async function runTrace() {
   const body = {
     prompt: $("prompt").value,
@@ -181,8 +187,7 @@ async function runTrace() {
   const labels = data.tokens.map((t, i) =>
     (i >= data.subject[0] && i < data.subject[1] ? "*" : "") + shown(t).slice(0, 10));
   const layers = data.hidden.length ? data.hidden[0].map((_, l) => String(l)) : [];
-  drawGrid($("trace-svg"), data.hidden, labels, layers, Math.min(data.corrupted_prob, data.clean_prob),
-    Math.max(data.clean_prob, ...data.hidden.flat()));
+  drawGrid($("trace-svg"), data.hidden, labels, layers, ...range(data.hidden, data));
 }
 
 async function runPatch() {
@@ -192,8 +197,7 @@ async function runPatch() {
     `corrupted p=${data.corrupted_prob.toFixed(4)}; cells: p with the clean resid_pre patched in`;
   const layers = data.grid.map((_, l) => "L" + l);
   const cols = data.tokens.map((_, i) => String(i));
-  drawGrid($("patch-svg"), data.grid, layers, cols, Math.min(data.corrupted_prob, data.clean_prob),
-    Math.max(data.clean_prob, ...data.grid.flat()));
+  drawGrid($("patch-svg"), data.grid, layers, cols, ...range(data.grid, data));
 }
 
 function guard(fn) {
