@@ -747,6 +747,21 @@ def heads_cmd(
                   highlight=False, soft_wrap=True)
 
 
+@app.command("lab")
+def lab_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
+    tokenizer: str = typer.Option(None, help="Tokenizer folder, if not the checkpoint's own."),
+    device: str = typer.Option(None, help="cpu or cuda (default: cpu)."),
+) -> None:
+    """A local web page to look inside a model: tokens, next-token top-k, attention per layer and head, the logit
+    lens, a causal trace and a patching sweep."""
+    from .lab import lab
+
+    lab(path, host=host, port=port, tokenizer=tokenizer, device=device)
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:

@@ -186,9 +186,11 @@ def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+    # Scaled and masked in place: the product is a fresh tensor, and each [B, H, Tq, Tk] copy saved is memory
+    # (and page faults) a cached run of every layer's pattern would otherwise pay twice per layer.
+    scores = (q @ k.transpose(-2, -1)).float().div_(math.sqrt(q.shape[-1]))
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores.masked_fill_(~mask, float("-inf"))
     scores = _fire(hooks, prefix + "hook_attn_scores", scores)
     probs = _fire(hooks, prefix + "hook_pattern", scores.softmax(dim=-1).to(q.dtype))
     return probs @ v, probs

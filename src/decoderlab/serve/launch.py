@@ -25,7 +25,8 @@ from .app import create_app
 from .limits import ServerLimits
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_address(host: str, port: int) -> socket.socket:
+    """A listening-ready socket bound to host:port (0: any free port), or a one-line UserError saying why not."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -71,7 +72,7 @@ def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000,
     if not tok_path.exists():
         raise UserError(f"serving needs a tokenizer: {path_or_preset} is not a checkpoint folder; "
                         "pass a folder holding tokenizer.json, or --tokenizer FOLDER")
-    sock = _bind(host, port)
+    sock = bind_address(host, port)
     try:
         tok = Tokenizer.from_folder(tok_path)
         model = load(path_or_preset, device=device, dtype=dtype).pack()
