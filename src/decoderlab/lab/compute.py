@@ -1,9 +1,7 @@
 """What the lab page shows, computed on `decoderlab.interp`'s hook points and returned as plain JSON-ready dicts.
 
-NOTE for the merge: the logit lens, the patching sweep and the causal trace here are small local versions written
-directly on `interp.run_with_cache` / `interp.hooks`, because the shared implementations
-(`interp.lens.logit_lens`, `interp.patching`, `interp.tracing.trace`) are built on other branches at the same time.
-The lead switches these three functions to the shared ones at merge; the JSON shapes below are what the page reads.
+The logit lens, the patching sweep and the causal trace are `interp.logit_lens`, `interp.resid_pre_by_pos` and
+`interp.trace` (ROME's noise and seeds); this module only shapes their results for the page.
 
 JSON shapes (every grid is a list of rows, numbers rounded to 5 decimals):
 - `prompt_view`:  {"tokens": [str], "ids": [int], "top_k": [{"token", "id", "prob"}]}  (next token after the prompt)
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..interp import hooks, run_with_cache
+from ..interp import logit_lens, resid_pre_by_pos, run_with_cache, trace
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 
@@ -81,15 +79,14 @@ def attention_view(model: Transformer, tok: Tokenizer, prompt: str, layer: int) 
 
 @torch.no_grad()
 def lens_view(model: Transformer, tok: Tokenizer, prompt: str, top_k: int = 3) -> dict[str, Any]:
-    """Logit lens: each stage of the residual stream read through the final norm and the LM head."""
+    """Logit lens (`interp.logit_lens`): each stage of the residual stream read through the final norm and the
+    LM head."""
     ids = encode(model, tok, prompt)
+    lens = logit_lens(model, ids, top_k=top_k)
+    top = [[[{"token": tok.decode([int(i)]), "id": int(i), "prob": _r(p)} for i, p in zip(ids_k, probs_k, strict=True)]
+            for ids_k, probs_k in zip(layer_ids[0].tolist(), layer_probs[0].tolist(), strict=True)]
+           for layer_ids, layer_probs in zip(lens.top_ids, lens.top_probs, strict=True)]
     n = model.config.n_layers
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n)]
-    _, cache = run_with_cache(model, ids, names)
-    top = []
-    for name in names:
-        probs = model.unembed(model.final_norm(cache[name]))[0].float().softmax(-1)  # [T, V]
-        top.append([_top(tok, row, top_k) for row in probs])
     return {"tokens": token_texts(tok, ids), "layers": ["embed"] + [f"L{i}" for i in range(n)], "top": top}
 
 
@@ -106,24 +103,11 @@ def patch_view(model: Transformer, tok: Tokenizer, prompt: str, corrupted: str) 
     if bad.shape[1] != T:
         raise UserError(f"the corrupted prompt has {bad.shape[1]} tokens and the prompt {T}; patching by position "
                         "needs the same number of tokens")
-    n = model.config.n_layers
-    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)]
-    logits, cache = run_with_cache(model, clean, names)
-    clean_probs = logits[0, -1].float().softmax(-1)
+    clean_probs = _last_probs(model, clean)[0]
     answer = int(clean_probs.argmax())
     corrupted_prob = _last_probs(model, bad)[0, answer]
-    rows = torch.arange(T)
-    grid = []
-    for name in names:
-        value = cache[name][0]  # [T, d]
-
-        def patch(x: torch.Tensor, hook, value=value) -> torch.Tensor:
-            x = x.clone()
-            x[rows, rows] = value  # row p gets the clean value at position p
-            return x
-
-        with hooks(model, {name: patch}):
-            grid.append([_r(p) for p in _last_probs(model, bad.expand(T, T))[:, answer].tolist()])
+    grid = resid_pre_by_pos(model, bad, clean, lambda logits: logits[:, -1].float().softmax(-1)[:, answer].mean())
+    grid = [[_r(p) for p in row] for row in grid.tolist()]
     return {"tokens": token_texts(tok, clean), "corrupted_tokens": token_texts(tok, bad),
             "answer": {"token": tok.decode([answer]), "id": answer}, "clean_prob": _r(clean_probs[answer]),
             "corrupted_prob": _r(corrupted_prob), "grid": grid}
@@ -131,48 +115,20 @@ def patch_view(model: Transformer, tok: Tokenizer, prompt: str, corrupted: str) 
 
 @torch.no_grad()
 def trace_view(model: Transformer, tok: Tokenizer, prompt: str, subject: tuple[int, int], samples: int = 5,
-               seed: int = 0) -> dict[str, Any]:
-    """A causal trace after ROME: noise (3 x the std of the subject tokens' embeddings, fixed seed) on the subject
-    tokens' embeddings in `samples` copies, and each (token, layer) resid_post restored from the clean run."""
+               seed: int = 1) -> dict[str, Any]:
+    """ROME's causal trace (`interp.trace`): noise (3 x the std of the subject tokens' embeddings, fixed seed) on
+    the subject tokens' embeddings in `samples` copies, and each (token, layer) resid_post restored."""
     ids = encode(model, tok, prompt)
-    T, n = ids.shape[1], model.config.n_layers
+    T = ids.shape[1]
     start, end = subject
     if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= T):
         raise UserError(f"subject must be token positions [start, end) with 0 <= start < end <= {T}, "
                         f"got {list(subject)}")
     if not isinstance(samples, int) or not 1 <= samples <= 32:
         raise UserError(f"samples must be between 1 and 32, got {samples!r}")
-    names = [f"blocks.{i}.hook_resid_post" for i in range(n)]
-    logits, cache = run_with_cache(model, ids, ["hook_embed", *names])
-    clean_probs = logits[0, -1].float().softmax(-1)
-    answer = int(clean_probs.argmax())
-    embed = cache["hook_embed"][0]
-    scale = 3 * float(embed[start:end].float().std())
-    gen = torch.Generator().manual_seed(seed)
-    noise = (torch.randn(samples, end - start, embed.shape[-1], generator=gen) * scale).to(embed)
-
-    def corrupt(x: torch.Tensor, hook) -> torch.Tensor:
-        x = x.clone()
-        x[:, start:end] += noise.repeat(x.shape[0] // samples, 1, 1)
-        return x
-
-    with hooks(model, {"hook_embed": corrupt}):
-        corrupted_prob = _last_probs(model, ids.expand(samples, T))[:, answer].mean()
-        # Rows: position p, sample s at row p * samples + s; row p's clean value is restored at position p.
-        rows = torch.arange(T).repeat_interleave(samples)
-        by_layer = []
-        for name in names:
-            value = cache[name][0]
-
-            def restore(x: torch.Tensor, hook, value=value) -> torch.Tensor:
-                x = x.clone()
-                x[torch.arange(x.shape[0]), rows] = value[rows]
-                return x
-
-            with hooks(model, {name: restore}):
-                by_layer.append(_last_probs(model, ids.expand(T * samples, T))[:, answer].view(T, samples).mean(1))
-    hidden = torch.stack(by_layer, dim=1)  # [T, layers]
+    result = trace(model, ids, (start, end), samples=samples, seed=seed, kinds=("hidden",))
     return {"tokens": token_texts(tok, ids), "subject": [start, end],
-            "answer": {"token": tok.decode([answer]), "id": answer}, "clean_prob": _r(clean_probs[answer]),
-            "corrupted_prob": _r(corrupted_prob), "noise": _r(scale),
-            "hidden": [[_r(p) for p in row] for row in hidden.tolist()]}
+            "answer": {"token": tok.decode([result.target]), "id": result.target},
+            "clean_prob": _r(result.clean_prob), "corrupted_prob": _r(result.corrupted_prob),
+            "noise": _r(result.noise * result.noise_std),
+            "hidden": [[_r(p) for p in row] for row in result.grids["hidden"].tolist()]}
