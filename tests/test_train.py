@@ -94,6 +94,9 @@ def test_train_end_to_end(corpus, tmp_path):
     assert (run / "best" / "model.safetensors").exists()
     assert len(list((run / "checkpoints").glob("step-*"))) == 2
     assert abs(result.val_loss - evals[-1]["val_loss"]) < 1e-4
+    # The default dtype ("auto") is resolved once and recorded: bf16 only where this CPU multiplies in it natively.
+    recorded = json.loads((run / "train_config.json").read_text())["dtype"]
+    assert recorded == ("bf16" if decoderlab.accel.fast_bf16("cpu") else "fp32")
 
 
 RESUMABLE = ["--steps", "80", "--batch-size", "8", "--context", "32", "--set", "n_layers=2", "--set", "d_model=32",

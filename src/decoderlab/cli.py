@@ -104,7 +104,8 @@ def train(
     schedule: str = typer.Option(None, help="wsd (default), cosine or constant."),
     warmup: float = typer.Option(None, help="Warmup as a fraction of the run."),
     weight_decay: float = typer.Option(None, help="Weight decay."),
-    dtype: str = typer.Option(None, help="bf16 (default) or fp32."),
+    dtype: str = typer.Option(None, help="auto (default: bf16 where the device runs it natively, GPUs and "
+                              "AVX-512 CPUs; else fp32), bf16 or fp32."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     objective: str = typer.Option(None, help="next (default), mtp or prefix."),
     n_future: int = typer.Option(None, help="mtp: number of extra future-token heads."),

@@ -12,6 +12,8 @@ from .packing import (
     stored_parameters,
     stored_tensors,
 )
+from .precision import fast_bf16
 
-__all__ = ["SMALL_MODEL_BYTES", "Linear", "available_memory", "drop_file_pages", "finish_load", "pack_model",
+__all__ = ["SMALL_MODEL_BYTES", "Linear", "available_memory", "drop_file_pages", "fast_bf16", "finish_load",
+           "pack_model",
            "packed_linear", "packing_supported", "stored_parameters", "stored_tensors"]

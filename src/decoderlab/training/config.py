@@ -17,7 +17,7 @@ from ..errors import UserError
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("wsd", "cosine", "constant")
 OBJECTIVES = ("next", "mtp", "prefix")
-DTYPES = ("bf16", "fp32")
+DTYPES = ("auto", "bf16", "fp32")
 # Changing these on --resume would make the run a different run.
 FROZEN_ON_RESUME = ("data", "tokenizer", "vocab_size", "preset", "model", "seed", "objective", "n_future",
                     "batch_size", "context_length", "optimizer", "lr", "muon_lr", "betas", "weight_decay",
@@ -63,7 +63,7 @@ class TrainConfig:
     warmup: float = 0.02  # fraction of the run
     decay: float = 0.5  # wsd: fraction of the run spent decaying
     lr_floor: float = 0.05
-    dtype: str = "bf16"
+    dtype: str = "auto"  # bf16 autocast where the device runs bf16 natively, else fp32 (resolved at start)
     compile: bool = False
     objective: str = "next"
     n_future: int = 0  # mtp: extra future-token heads (predicting t+2 ..)

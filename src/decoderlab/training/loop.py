@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masks
+from ..accel import fast_bf16
 from ..atomic import atomic_write_text
 from ..checkpoint import save as save_model
 from ..data import Batch, PreparedData, describe_change, fingerprint, get_batch, input_stats, iter_eval_batches, prepare
@@ -100,6 +101,11 @@ class Trainer:
         self.ctx = dist.setup(cfg.device)
         self.device = self.ctx.device
         self.progress = progress and self.ctx.is_main
+        if cfg.dtype == "auto":  # resolved once, so the run folder records (and a resume reuses) what ran
+            cfg.dtype = "bf16" if fast_bf16(self.device.type) else "fp32"
+        elif cfg.dtype == "bf16" and not fast_bf16(self.device.type) and self.ctx.is_main:
+            self._note(f"this {self.device.type} has no native bf16: bf16 training runs many times slower than "
+                       "fp32 here (--dtype fp32 or auto)")
         # Refuse what cannot fit before touching any folder or data (the vocabulary is not known yet: a lower bound).
         vocab_floor = 257 if cfg.tokenizer == "bpe" else 1
         check_memory(cfg, resolve_model_config(cfg, vocab_floor), self.device, self.ctx.world_size)

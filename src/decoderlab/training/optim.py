@@ -11,15 +11,18 @@ import math
 import torch
 from torch import nn
 
+from ..accel import fast_bf16
+
 
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """An approximately orthogonal matrix with G's singular vectors (batched over leading dims).
 
     The quintic's coefficients trade exactness for speed: singular values land in roughly [0.7, 1.2],
-    which is what Muon needs. Runs in bf16, where this CPU and GPUs are fastest.
+    which is what Muon needs. Runs in bf16 where the device multiplies in it natively (GPUs, AVX-512 CPUs),
+    else in fp32 (on an AVX2-only CPU bf16 products are ~60x slower: `decoderlab.accel.precision`).
     """
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.bfloat16() if fast_bf16(G.device.type) else G.float()
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT
