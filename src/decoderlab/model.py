@@ -134,14 +134,16 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             p = self.hook_prefix
-            q, k, v = _fire_heads(hooks, p + "hook_q", q), _fire_heads(hooks, p + "hook_k", k), _fire_heads(
-                hooks, p + "hook_v", v)
+            if hooks is not None:
+                q, k, v = (_fire_heads(hooks, p + "hook_q", q), _fire_heads(hooks, p + "hook_k", k),
+                           _fire_heads(hooks, p + "hook_v", v))
             if attn.custom is not None:
                 y = attn.custom(self.layer, q, k, v)
                 return self.out(y.transpose(1, 2).reshape(B, T, H * D).to(q.dtype)), None
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-                q, k = _fire_heads(hooks, p + "hook_rot_q", q), _fire_heads(hooks, p + "hook_rot_k", k)
+                if hooks is not None:
+                    q, k = _fire_heads(hooks, p + "hook_rot_q", q), _fire_heads(hooks, p + "hook_rot_k", k)
         dtype = q.dtype
         if cache is not None:
             if k.dtype != cache.keys.dtype:
@@ -191,6 +193,9 @@ def _eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scores = (q @ k.transpose(-2, -1)).float().div_(math.sqrt(q.shape[-1]))
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
+    if hooks is None:  # training's written-out attention runs here too: no hook names on that path
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        return probs @ v, probs
     scores = _fire(hooks, prefix + "hook_attn_scores", scores)
     probs = _fire(hooks, prefix + "hook_pattern", scores.softmax(dim=-1).to(q.dtype))
     return probs @ v, probs
@@ -227,14 +232,17 @@ class MLP(nn.Module):
                 gate, up = _fire(hooks, p + "hook_pre", gate), _fire(hooks, p + "hook_pre_linear", up)
             h = F.silu(gate) * up
         else:
-            h = _fire(hooks, p + "hook_pre", h)
+            if hooks is not None:
+                h = _fire(hooks, p + "hook_pre", h)
             if self.activation == "gelu_tanh":
                 h = F.gelu(h, approximate="tanh")
             elif self.activation == "gelu":
                 h = F.gelu(h)
             else:  # relu2
                 h = F.relu(h).square()
-        return self.down(_fire(hooks, p + "hook_post", h))
+        if hooks is not None:  # nothing named on the plain path: decoding pays for every call
+            h = _fire(hooks, p + "hook_post", h)
+        return self.down(h)
 
 
 class FutureHead(nn.Module):
