@@ -11,8 +11,7 @@ from pathlib import Path
 
 import uvicorn
 
-from ..errors import UserError
-from ..serve.launch import bind_address, is_loopback
+from ..serve.launch import bind_address, check_port, is_loopback, tokenizer_folder
 from ..tokenizer import Tokenizer
 from .app import create_lab_app
 
@@ -23,12 +22,8 @@ def lab(path: str | Path, host: str = "127.0.0.1", port: int = 8000, *, tokenize
     interrupted. The page has no access control: on an address other than loopback a warning is printed."""
     from ..checkpoint import load
 
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535, got {port!r}")
-    tok_path = Path(tokenizer if tokenizer is not None else path)
-    if not tok_path.is_dir():
-        raise UserError(f"the lab needs a tokenizer: {path} is not a checkpoint folder; pass a folder holding "
-                        "tokenizer.json, or --tokenizer FOLDER")
+    check_port(port)
+    tok_path = tokenizer_folder(path, tokenizer, "the lab")
     sock = bind_address(host, port)
     try:
         tok = Tokenizer.from_folder(tok_path)

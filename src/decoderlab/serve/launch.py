@@ -43,6 +43,22 @@ def bind_address(host: str, port: int) -> socket.socket:
     return sock
 
 
+def check_port(port: int) -> None:
+    """A one-line UserError unless `port` is a TCP port number (0: any free port)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port!r}")
+
+
+def tokenizer_folder(path: str | Path, tokenizer: str | Path | None, needs: str) -> Path:
+    """The folder to read the tokenizer from (`tokenizer`, else the checkpoint folder `path`), or a one-line
+    UserError; `needs` names who needs it ("serving", "the lab")."""
+    folder = Path(tokenizer if tokenizer is not None else path)
+    if not folder.is_dir():
+        raise UserError(f"{needs} needs a tokenizer: {folder} is not a checkpoint folder; pass a folder holding "
+                        "tokenizer.json, or --tokenizer FOLDER")
+    return folder
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -64,14 +80,10 @@ def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000,
     from ..checkpoint import load
 
     limits = limits or ServerLimits()
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535, got {port!r}")
+    check_port(port)
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key (or DECODERLAB_API_KEY) is empty; give a key, or leave it out")
-    tok_path = Path(tokenizer if tokenizer is not None else path_or_preset)
-    if not tok_path.exists():
-        raise UserError(f"serving needs a tokenizer: {path_or_preset} is not a checkpoint folder; "
-                        "pass a folder holding tokenizer.json, or --tokenizer FOLDER")
+    tok_path = tokenizer_folder(path_or_preset, tokenizer, "serving")
     sock = bind_address(host, port)
     try:
         tok = Tokenizer.from_folder(tok_path)
