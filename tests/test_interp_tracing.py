@@ -202,3 +202,13 @@ def test_cli_subject_not_in_prompt_is_one_line_exit_2(char_folder, tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("error: subject 'mat' is not in the prompt") and r.stderr.count("\n") == 1
     assert not (tmp_path / "trace.json").exists()
+
+
+def test_cli_out_that_cannot_be_created_is_one_line_exit_2(char_folder, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = _cli("trace", str(char_folder), "--prompt", "the cat sat", "--subject", "cat", "--samples", "2",
+             "--out", str(blocker / "out"))
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: cannot create --out") and r.stderr.count("\n") == 1
+    assert blocker.read_text() == "not a folder"

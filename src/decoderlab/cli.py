@@ -514,11 +514,8 @@ def trace_cmd(
     out: str = typer.Option("trace", "--out", help="Folder for trace.png and trace.json."),
 ) -> None:
     """ROME's causal trace of a fact: which hidden states, MLPs and attention layers restore the answer."""
-    from pathlib import Path
-
     import decoderlab
 
-    from .atomic import atomic_write_text
     from .interp import plot_trace, trace_text
 
     model = decoderlab.load(path)
@@ -526,9 +523,8 @@ def trace_cmd(
     result = trace_text(model, tok, _unescape(prompt), _unescape(subject),
                         target=None if target is None else _unescape(target), samples=samples, noise=noise,
                         window=window, seed=seed)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "trace.json", result.to_json())
+    folder = _out_dir(out)
+    _write_json(folder / "trace.json", result.to_dict())
     plot_trace(result, folder / "trace.png")
     start, end = result.subject
     console.print(f"subject tokens {start}..{end - 1} {result.tokens[start:end]!r}; p({result.target_token!r}): "
