@@ -759,6 +759,11 @@ def lab_cmd(
     lab(path, host=host, port=port, tokenizer=tokenizer, device=device)
 
 
+suite_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="Generate an evaluation suite: JSONL splits plus a ready lm-eval task YAML.")
+app.add_typer(suite_app, name="suite")
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:
