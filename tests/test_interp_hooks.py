@@ -8,6 +8,7 @@ import torch
 
 import decoderlab
 from decoderlab import interp, masks
+from decoderlab.errors import UserError
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -164,3 +165,35 @@ def test_bad_hooks_are_one_line_errors():
     with pytest.raises(KeyError, match="not cached"):
         interp.run_with_cache(model, ids, names="hook_embed")[1]["resid_pre", 0]
     assert interp.act_name("normalized", 2, "ln2") == "blocks.2.ln2.hook_normalized"
+
+
+def test_start_at_layer_reruns_only_the_later_blocks():
+    """`model(None, start_at_layer=k, residual=resid_pre_k)` gives the full forward's logits and fires only the
+    hooks of blocks k..; bad combinations are one-line errors."""
+    torch.manual_seed(0)
+    model = decoderlab.Transformer(decoderlab.ModelConfig(vocab_size=50, n_layers=3, n_heads=4, d_model=32,
+                                                          context_length=16)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(3)]
+    with torch.no_grad():
+        logits, cache = interp.run_with_cache(model, ids, names)
+        for k in range(4):
+            if k < 3:
+                residual = cache[names[k]]
+            else:  # past the last block: only the final norm and the unembedding run
+                _, last = interp.run_with_cache(model, ids, "blocks.2.hook_resid_post")
+                residual = last["blocks.2.hook_resid_post"]
+            fired = []
+            with interp.hooks(model, [(lambda n: n.endswith("hook_resid_pre"),
+                                       lambda x, h, fired=fired: fired.append(h.name))]):
+                out = model(None, start_at_layer=k, residual=residual)
+            torch.testing.assert_close(out, logits, atol=1e-5, rtol=1e-5)
+            assert fired == names[k:]
+        with pytest.raises(UserError, match="residual="):
+            model(ids, start_at_layer=1)
+        with pytest.raises(UserError, match="KV cache"):
+            model(None, start_at_layer=1, residual=cache[names[1]], cache=model.new_cache(2))
+        with pytest.raises(UserError, match="disagree"):
+            model(ids[:, :3], start_at_layer=1, residual=cache[names[1]])
+        with pytest.raises(UserError, match="start_at_layer must be"):
+            model(None, start_at_layer=4, residual=cache[names[1]])

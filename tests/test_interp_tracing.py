@@ -54,6 +54,33 @@ def test_noise_zero_gives_the_clean_probability_in_every_cell(models):
         torch.testing.assert_close(grid, torch.full_like(grid, result.clean_prob), atol=1e-6, rtol=0)
 
 
+def _full_run_prob(model, states, samples, target, noise_std, noise=3.0, seed=1):
+    """ROME's trace_with_patch written out: every block run from the ids, the subject's embeddings noised,
+    `states` put back to their clean values; the target's probability averaged over the noised copies."""
+    ids = torch.tensor([IDS])
+    names = sorted({name for name, _ in states})
+    _, clean = interp.run_with_cache(model, ids, names=names) if names else (None, {})
+    draw = np.random.RandomState(seed).randn(samples, SUBJECT[1] - SUBJECT[0], model.config.d_model)
+    added = torch.from_numpy(draw * noise * noise_std).float()
+
+    def corrupt(x, hook):
+        x = x.clone()
+        x[:, SUBJECT[0]:SUBJECT[1]] += added
+        return x
+
+    def restore(x, hook):
+        x = x.clone()
+        for name, token in states:
+            if name == hook.name:
+                x[:, token] = clean[name][0, token]
+        return x
+
+    fwd = [("hook_embed", corrupt)] + [(name, restore) for name in names]
+    with torch.no_grad():
+        logits = interp.run_with_hooks(model, ids.expand(samples, -1), fwd)
+    return float(logits[:, -1].softmax(-1)[:, target].mean())
+
+
 @pytest.mark.parametrize("case", ["gpt2", "llama"])
 def test_the_batched_sweep_equals_one_restoration_at_a_time(models, case):
     model = models[case]
@@ -69,6 +96,8 @@ def test_the_batched_sweep_equals_one_restoration_at_a_time(models, case):
                 states = [(f"blocks.{lay}.{site}", token) for lay in layers]
                 one = interp.restored_prob(model, IDS, SUBJECT, states, samples=3, target=7)
                 assert float(result.grids[kind][token, layer]) == pytest.approx(one, abs=1e-6), (kind, token, layer)
+                full = _full_run_prob(model, states, 3, 7, result.noise_std)
+                assert float(result.grids[kind][token, layer]) == pytest.approx(full, abs=1e-5), (kind, token, layer)
     # Tokens before the subject see no noise: their cells are the corrupted probability.
     assert torch.all(result.grids["hidden"][:SUBJECT[0]] == result.corrupted_prob)
     # The last layer's state at the last token is the output: restoring it restores the clean probability.

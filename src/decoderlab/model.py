@@ -416,12 +416,13 @@ class Transformer(nn.Module):
         """A KV cache on this model's device, in its dtype unless told."""
         return KVCache(self.config, batch_size, max_length, device=self.device, dtype=dtype or self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None = None,
                 mask: masks.Mask | torch.Tensor | None = None, cache: KVCache | None = None, *,
                 hidden_states: bool = False, attentions: bool = False, future: bool = False,
                 logits_to_keep: int = 0,
                 edit_residual: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                attention: AttentionFn | None = None) -> torch.Tensor | ModelOutput:
+                attention: AttentionFn | None = None, start_at_layer: int = 0,
+                residual: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
         """Logits [B, T, V] for `input_ids` [B, T]; a `ModelOutput` if hidden states, attentions or the
         future heads' logits (`future=True`) are asked for.
 
@@ -437,10 +438,31 @@ class Transformer(nn.Module):
         keys and values [B, H_kv, T, D] before RoPE (after QK-norm) and returns the mixed values [B, H, T, D].
         It owns RoPE, masking and any cache (`mask` and `cache` must then be None; `positions` only feed learned
         position embeddings); PINE (`decoderlab.pine`) is one.
+        `start_at_layer=k` with `residual` [B, T, d] runs blocks k.. on that residual stream (block k's
+        `hook_resid_pre`) instead of embedding `input_ids`: an intervention that leaves layers < k alone
+        reruns only the rest (TransformerLens' `start_at_layer`). `input_ids` may then be None; skipped layers
+        appear as None in `hidden_states` and `attentions`.
         """
-        if input_ids.dim() != 2:
+        if residual is not None:
+            if residual.dim() != 3 or residual.shape[-1] != self.config.d_model:
+                raise UserError(f"residual must be [batch, time, {self.config.d_model}], got shape "
+                                f"{tuple(residual.shape)}")
+            if cache is not None:
+                raise UserError("start_at_layer skips blocks, so it cannot fill a KV cache: pass cache=None")
+            if not 0 <= start_at_layer <= len(self.blocks):
+                raise UserError(f"start_at_layer must be in 0..{len(self.blocks)}, got {start_at_layer}")
+            if input_ids is not None and tuple(input_ids.shape) != tuple(residual.shape[:2]):
+                raise UserError(f"input_ids {tuple(input_ids.shape)} and residual {tuple(residual.shape[:2])} "
+                                "disagree on [batch, time]")
+            B, T = residual.shape[:2]
+            device = residual.device
+        elif start_at_layer:
+            raise UserError("start_at_layer needs the residual stream before that layer: pass residual=")
+        elif input_ids.dim() != 2:
             raise UserError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
+        else:
+            B, T = input_ids.shape
+            device = input_ids.device
         static = cache is not None and cache.write_slots is not None
         past = cache.length if cache is not None and not static else 0
         ctx = self.config.context_length
@@ -451,19 +473,22 @@ class Transformer(nn.Module):
             if self.pos_embed is not None and past + T > ctx:
                 raise UserError(f"{past + T} tokens exceed the context length {ctx} of this model's "
                                 "learned position embeddings; shorten the input")
-            positions = torch.arange(past, past + T, device=input_ids.device)
+            positions = torch.arange(past, past + T, device=device)
         elif positions.shape[-1] != T:
             raise UserError(f"positions has length {positions.shape[-1]} but input_ids has {T} tokens")
         elif (self.pos_embed is not None and not torch.compiler.is_compiling()
               and not bool(((positions >= 0) & (positions < ctx)).all())):
             raise UserError(f"positions must lie in [0, {ctx}) for learned position embeddings")
         hooks = self.hooks
-        x = _fire(hooks, "hook_embed", self.embed(input_ids))
-        if self.pos_embed is not None:
-            pos = self.pos_embed(positions)
-            x = x + (pos if hooks is None else _fire(hooks, "hook_pos_embed", pos.expand_as(x)))
-        if self.config.dropout and self.training:
-            x = F.dropout(x, self.config.dropout)
+        if residual is not None:
+            x = residual
+        else:
+            x = _fire(hooks, "hook_embed", self.embed(input_ids))
+            if self.pos_embed is not None:
+                pos = self.pos_embed(positions)
+                x = x + (pos if hooks is None else _fire(hooks, "hook_pos_embed", pos.expand_as(x)))
+            if self.config.dropout and self.training:
+                x = F.dropout(x, self.config.dropout)
         if attention is not None:
             if mask is not None or cache is not None or attentions:
                 raise UserError("a custom attention function owns masking and caching: pass no mask, cache "
@@ -471,12 +496,18 @@ class Transformer(nn.Module):
             rope, plans = None, [_AttnPlan(None, False, False, attention)] * len(self.blocks)
         else:
             rope = self._rope(positions, x.dtype) if self.config.positions == "rope" else None
-            plans = self._attention_plans(mask, B, T, past, input_ids.device, eager=attentions,
+            plans = self._attention_plans(mask, B, T, past, device, eager=attentions,
                                           static=cache if static else None, hooks=hooks)
 
         all_hidden = [] if hidden_states else None
         all_attn = [] if attentions else None
         for i, block in enumerate(self.blocks):
+            if i < start_at_layer:
+                if all_hidden is not None:
+                    all_hidden.append(None)
+                if all_attn is not None:
+                    all_attn.append(None)
+                continue
             if edit_residual is not None:
                 x = edit_residual(i, x)
             if all_hidden is not None:

@@ -34,7 +34,7 @@ import torch
 from ..errors import UserError
 from ..model import Transformer
 from .cache import run_with_cache
-from .hooks import HookPoint, run_with_hooks
+from .hooks import HookPoint, hooks, run_with_hooks
 
 #: What each kind of trace restores, by hook site inside a block.
 KIND_SITES = {"hidden": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
@@ -188,40 +188,69 @@ def _noise(model: Transformer, samples: int, span: int, scale: float, seed: int)
     return torch.from_numpy(draw * scale).to(device=model.device, dtype=model.embed.weight.dtype)
 
 
+def _first_layer(states: Sequence[State], n_layers: int) -> int:
+    """The first block a restoration touches: every block before it runs exactly as in the corrupted run."""
+    layers = [int(name.split(".")[1]) for name, _ in states if name.startswith("blocks.")]
+    return min(layers, default=n_layers) if len(layers) == len(states) else 0
+
+
 def _restored_scores(model: Transformer, setup: _Setup, restorations: Sequence[Sequence[State]],
                      batch_tokens: int) -> torch.Tensor:
-    """The target's probability, averaged over the noised copies, for each list of states to restore."""
+    """The target's probability, averaged over the noised copies, for each list of states to restore.
+
+    One corrupted run keeps every block's input; a restoration whose first restored state is in block k then
+    starts at block k from that input (`start_at_layer`), so the blocks it cannot change are not rerun."""
     samples, T = setup.noise.shape[0], setup.ids.shape[1]
     start, end = setup.subject
+    L = model.config.n_layers
+
+    def corrupt(x: torch.Tensor, hook: HookPoint) -> torch.Tensor:
+        x = x.clone()
+        x[:, start:end] += setup.noise.repeat(x.shape[0] // samples, 1, 1)
+        return x
+
+    inputs = [f"blocks.{layer}.hook_resid_pre" for layer in range(L)]
+    with hooks(model, [("hook_embed", corrupt)]):
+        logits, corrupted = run_with_cache(model, setup.ids.expand(samples, T), inputs, logits_to_keep=1)
+    corrupted_prob = logits[:, -1].float().softmax(-1)[:, setup.target].mean()
+
+    scores = torch.empty(len(restorations))
+    by_layer: dict[int, list[int]] = {}
+    for i, states in enumerate(restorations):
+        first = _first_layer(states, L)
+        if first >= L:  # nothing restored inside the blocks: the corrupted run itself
+            scores[i] = corrupted_prob
+        else:
+            by_layer.setdefault(first, []).append(i)
     per_pass = max(1, batch_tokens // (samples * T))
-    scores = []
-    for first in range(0, len(restorations), per_pass):
-        chunk = restorations[first:first + per_pass]
-        n = len(chunk)
-        where: dict[str, tuple[list[int], list[int]]] = {}
-        for i, states in enumerate(chunk):
-            for name, token in states:
-                rows, tokens = where.setdefault(name, ([], []))
-                rows.extend(range(i * samples, (i + 1) * samples))
-                tokens.extend([token] * samples)
-        index = {name: (torch.tensor(rows, device=model.device), torch.tensor(tokens, device=model.device))
-                 for name, (rows, tokens) in where.items()}
-        noise = setup.noise.repeat(n, 1, 1)
+    for first, members in sorted(by_layer.items()):
+        for at in range(0, len(members), per_pass):
+            chunk = members[at:at + per_pass]
+            n = len(chunk)
+            where: dict[str, tuple[list[int], list[int]]] = {}
+            for row, i in enumerate(chunk):
+                for name, token in restorations[i]:
+                    rows, tokens = where.setdefault(name, ([], []))
+                    rows.extend(range(row * samples, (row + 1) * samples))
+                    tokens.extend([token] * samples)
+            index = {name: (torch.tensor(rows, device=model.device), torch.tensor(tokens, device=model.device))
+                     for name, (rows, tokens) in where.items()}
 
-        def corrupt(x: torch.Tensor, hook: HookPoint, noise=noise) -> torch.Tensor:
-            x = x.clone()
-            x[:, start:end] += noise
-            return x
+            def restore(x: torch.Tensor, hook: HookPoint, index=index) -> torch.Tensor:
+                rows, tokens = index[hook.name]
+                return x.index_put((rows, tokens), setup.clean[hook.name][tokens].to(x.dtype))
 
-        def restore(x: torch.Tensor, hook: HookPoint, index=index) -> torch.Tensor:
-            rows, tokens = index[hook.name]
-            return x.index_put((rows, tokens), setup.clean[hook.name][tokens].to(x.dtype))
-
-        fwd = [("hook_embed", corrupt)] + [(name, restore) for name in index]
-        logits = run_with_hooks(model, setup.ids.expand(n * samples, T), fwd, logits_to_keep=1)
-        probs = logits[:, -1].float().softmax(-1)[:, setup.target]
-        scores.append(probs.view(n, samples).mean(1))
-    return torch.cat(scores).cpu()
+            fwd = [(name, restore) for name in index]
+            if first == 0:  # a restored embedding: the run starts from the ids, corrupted as above
+                fwd.insert(0, ("hook_embed", corrupt))
+                logits = run_with_hooks(model, setup.ids.expand(n * samples, T), fwd, logits_to_keep=1)
+            else:
+                residual = corrupted[inputs[first]].repeat(n, 1, 1)
+                logits = run_with_hooks(model, None, fwd, logits_to_keep=1, start_at_layer=first,
+                                        residual=residual)
+            probs = logits[:, -1].float().softmax(-1)[:, setup.target]
+            scores[torch.tensor(chunk)] = probs.view(n, samples).mean(1).cpu()
+    return scores
 
 
 def _setup(model: Transformer, ids, subject, target: int | None, noise: float, noise_std: float | None,
