@@ -306,8 +306,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_cli_writes_the_suite_and_prints_counts(tmp_path):
     out = _run("--out", str(tmp_path), "--nodes", "2-4", "--seed", "1", "--variant", "paraphrased")
     assert out.returncode == 0, out.stderr
-    rows = {int(line.split()[0]): line.split() for line in out.stdout.splitlines() if line[:2].strip().isdigit()}
-    assert sorted(rows) == [2, 3, 4]
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.strip()}
+    assert {"2", "3", "4", "all"} <= set(rows)
+    rows = {int(k) if k.isdigit() else k: v for k, v in rows.items()}
+    assert rows["all"][1:4] == ["27", str(sum(int(rows[n][2]) for n in (2, 3, 4))),
+                                str(sum(int(rows[n][3]) for n in (2, 3, 4)))]
     assert rows[4][1] == "20" and int(rows[4][2]) + int(rows[4][3]) == 720
     records = [json.loads(line) for split in ("train", "test")
                for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]

@@ -785,11 +785,12 @@ def suite_corr2cause_cmd(
                               test_fraction=test_fraction)
     path = write_corr2cause(out, splits, classes=classes)
     rows = label_counts(splits)
-    console.print(f"{'N':>2} {'premises':>8} {'train':>7} {'test':>6} " + " ".join(f"{r:>13}" for r in RELATIONS)
+    console.print(f"{'N':>3} {'premises':>8} {'train':>7} {'test':>6} " + " ".join(f"{r:>13}" for r in RELATIONS)
                   + f" {'valid':>6}", highlight=False)
+    rows["all"] = {key: sum(row[key] for row in rows.values()) for key in next(iter(rows.values()))}
     for n, row in rows.items():
         items = row["train"] + row["test"]
-        console.print(f"{n:>2} {row['premises']:>8} {row['train']:>7} {row['test']:>6} "
+        console.print(f"{n:>3} {row['premises']:>8} {row['train']:>7} {row['test']:>6} "
                       + " ".join(f"{row[r] / items:>13.1%}" for r in RELATIONS)
                       + f" {row['entailment'] / items:>6.1%}", highlight=False)
     console.print(f"-> {path}", highlight=False, soft_wrap=True)
