@@ -764,6 +764,52 @@ suite_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
 app.add_typer(suite_app, name="suite")
 
 
+@suite_app.command("corr2cause")
+def suite_corr2cause_cmd(
+    out: str = typer.Option(..., "--out", help="Folder for train.jsonl, test.jsonl and the task YAML."),
+    nodes: str = typer.Option("2-6", help="Numbers of variables: a range '2-6', one '4' or a list '3,5'."),
+    seed: int = typer.Option(0, help="Seed for the split, the sample and the wording."),
+    variant: str = typer.Option("plain", help="plain (the paper's letters and templates), renamed (made-up "
+                                "variable names) or paraphrased (hand-written paraphrases)."),
+    max_per_n: int = typer.Option(None, help="Keep this many items per number of variables (default: all; "
+                                  "n = 6 alone has 198,090)."),
+    test_fraction: float = typer.Option(0.2, help="Share of the premises (equivalence classes) held out as test."),
+    classes: int = typer.Option(2, help="2: valid or not (No / Yes); 3: entailment / neutral / contradiction."),
+) -> None:
+    """Corr2Cause: infer causation from correlation. Every DAG over 2-6 variables up to isomorphism, its
+    independences by d-separation, one premise per Markov equivalence class, six causal hypotheses per pair."""
+    from .suites.corr2cause import RELATIONS, corr2cause_items, corr2cause_task, label_counts, write_corr2cause
+
+    corr2cause_task(classes=classes)  # a bad --classes fails before the generation, not after
+    splits = corr2cause_items(_node_counts(nodes), seed=seed, variant=variant, max_per_n=max_per_n,
+                              test_fraction=test_fraction)
+    path = write_corr2cause(out, splits, classes=classes)
+    rows = label_counts(splits)
+    console.print(f"{'N':>3} {'premises':>8} {'train':>7} {'test':>6} " + " ".join(f"{r:>13}" for r in RELATIONS)
+                  + f" {'valid':>6}", highlight=False)
+    rows["all"] = {key: sum(row[key] for row in rows.values()) for key in next(iter(rows.values()))}
+    for n, row in rows.items():
+        items = row["train"] + row["test"]
+        console.print(f"{n:>3} {row['premises']:>8} {row['train']:>7} {row['test']:>6} "
+                      + " ".join(f"{row[r] / items:>13.1%}" for r in RELATIONS)
+                      + f" {row['entailment'] / items:>6.1%}", highlight=False)
+    console.print(f"-> {path}", highlight=False, soft_wrap=True)
+
+
+def _node_counts(text: str) -> list[int]:
+    """'2-6', '4' or '3,5' as a list of numbers of variables, or a one-line error."""
+    try:
+        out: list[int] = []
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            out += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise UserError(f"--nodes {text!r} is not a range like 2-6, a number like 4 or a list like 3,5") from None
+    if not out:
+        raise UserError(f"--nodes {text!r} names no numbers of variables; use e.g. 2-6")
+    return out
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:
