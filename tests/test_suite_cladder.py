@@ -340,3 +340,19 @@ def test_cli_bad_options_are_user_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot create --out"):
         suite_cladder_cmd(out=str(tmp_path / "file" / "sub"), per_graph=1, seed=0, test_fraction=0.2)
+
+
+def test_the_harness_reads_the_written_task(tmp_path):
+    """lm-eval itself loads the YAML and builds the multiple-choice requests from the JSONL."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    yaml_path, splits = write_cladder(tmp_path / "suite", per_graph=2, seed=0)
+    task = get_task_dict(["cladder"], TaskManager(include_path=str(yaml_path.parent)))["cladder"]
+    docs = list(task.test_docs())
+    assert len(docs) == len(splits["test"])
+    doc, record = docs[0], splits["test"][0]
+    assert task.doc_to_text(doc) == record["text"] and task.doc_to_choice(doc) == ["no", "yes"]
+    requests = task.construct_requests(doc, task.doc_to_text(doc))
+    assert [r.arguments for r in requests] == [(record["text"], " no"), (record["text"], " yes")]
+    assert task.doc_to_target(doc) == record["label"]

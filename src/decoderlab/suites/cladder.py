@@ -210,6 +210,7 @@ class ExactModel:
         self.model = model
         self.weights, self.noise = model.exogenous_atoms()
         self.obs = model.solve(self.noise)
+        self._memo: dict[tuple, float] = {}
 
     def _mean(self, values: np.ndarray, where: np.ndarray | None = None) -> float:
         w = self.weights if where is None else self.weights * where
@@ -218,13 +219,17 @@ class ExactModel:
     def prob(self, event: Mapping[str, int], given: Mapping[str, int] | None = None) -> float:
         """Observational P(event | given)."""
         given = given or {}
+        key = (tuple(sorted(event.items())), tuple(sorted(given.items())))
+        if key in self._memo:
+            return self._memo[key]
         cond = np.ones_like(self.weights)
         for var, val in given.items():
             cond = cond * (self.obs[var] == val)
         hit = np.ones_like(self.weights)
         for var, val in event.items():
             hit = hit * (self.obs[var] == val)
-        return self._mean(hit, cond)
+        self._memo[key] = self._mean(hit, cond)
+        return self._memo[key]
 
     def do(self, **fixed: Any) -> dict[str, np.ndarray]:
         return self.model.solve(self.noise, fixed)
@@ -443,6 +448,7 @@ class Story:
     name: str
     unit: str
     variables: Mapping[str, Variable]
+    who: str = "who"  # the relative pronoun for the unit ("a field that ...")
 
 
 def _v(name, yes, no, noun, had_not=""):
@@ -455,13 +461,13 @@ STORIES: dict[str, Story] = {s.name: s for s in [
                 "had not attended tutoring"),
         "V2": _v("daily practice", "practises daily", "does not practise daily", "practising daily"),
         "Y": _v("exam success", "passes the exam", "does not pass the exam", "passing the exam")}),
-    Story("harvest", "field", {
+    Story("harvest", "field", who="that", variables={
         "X": _v("irrigation", "is irrigated", "is not irrigated", "being irrigated", "had not been irrigated"),
         "V2": _v("rainfall", "gets heavy rain", "does not get heavy rain", "heavy rain"),
         "Y": _v("the harvest", "gives a good harvest", "does not give a good harvest", "a good harvest")}),
     Story("fame", "actor", {
         "X": _v("talent", "is talented", "is not talented", "being talented", "had not been talented"),
-        "Y": _v("looks", "is attractive", "is not attractive", "being attractive"),
+        "Y": _v("appearance", "is attractive", "is not attractive", "being attractive"),
         "V3": _v("fame", "is famous", "is not famous", "being famous")}),
     Story("drug", "patient", {
         "V1": _v("age", "is over 60", "is not over 60", "being over 60"),
@@ -484,18 +490,18 @@ STORIES: dict[str, Story] = {s.name: s for s in [
     Story("smoking", "person", {
         "V1": _v("the genotype", "carries the gene", "does not carry the gene", "carrying the gene"),
         "X": _v("smoking", "smokes", "does not smoke", "smoking", "had not smoked"),
-        "V3": _v("tar deposits", "has tar deposits", "has no tar deposits", "tar deposits"),
+        "V3": _v("tar in the lungs", "has tar deposits", "has no tar deposits", "tar deposits"),
         "Y": _v("lung cancer", "has lung cancer", "does not have lung cancer", "lung cancer")}),
     Story("birth_weight", "infant", {
         "X": _v("maternal smoking", "has a mother who smokes", "has a mother who does not smoke",
                 "maternal smoking", "had had a mother who does not smoke"),
-        "V2": _v("birth defects", "has a birth defect", "has no birth defect", "a birth defect"),
+        "V2": _v("the presence of a birth defect", "has a birth defect", "has no birth defect", "a birth defect"),
         "V3": _v("birth weight", "has a low birth weight", "has a normal birth weight", "a low birth weight"),
         "Y": _v("infant mortality", "dies in infancy", "survives infancy", "death in infancy")}),
     Story("training", "employee", {
         "X": _v("training", "receives training", "receives no training", "receiving training",
                 "had received no training"),
-        "V2": _v("skills", "gains new skills", "gains no new skills", "gaining new skills"),
+        "V2": _v("skill growth", "gains new skills", "gains no new skills", "gaining new skills"),
         "V3": _v("confidence", "gains confidence", "gains no confidence", "gaining confidence"),
         "Y": _v("promotion", "gets promoted", "does not get promoted", "getting promoted")}),
     Story("exercise", "person", {
@@ -553,6 +559,10 @@ def background(graph: str, story: Story) -> str:
                          f"{_join([story.variables[c].name for c in children])}.")
     for var in UNOBSERVED.get(graph, ()):
         lines.append(f"{_cap(story.variables[var].name)} is unobserved.")
+    if graph == "IV":  # the assumption under which the Wald ratio identifies the effect (see sample_model)
+        x, v1, y = (story.variables[v].name for v in ("X", "V1", "Y"))
+        lines.append(f"{_cap(x)} and {v1} add up in their effect on {y}: the effect of {x} is the same "
+                     f"whatever {v1} is.")
     return " ".join(lines)
 
 
@@ -565,7 +575,7 @@ def state_probability(story: Story, event: Mapping[str, int], given: Mapping[str
     noun = story.variables[var].noun
     if not given:
         return f"The overall probability of {noun} is {pct}."
-    return f"For {_article(story.unit)} who {_predicates(story, given)}, the probability of {noun} is {pct}."
+    return f"For {_article(story.unit)} {story.who} {_predicates(story, given)}, the probability of {noun} is {pct}."
 
 
 def question_text(query: str, graph: str, story: Story, positive: bool, adjust: Sequence[Sequence[str]] = ()) -> str:
@@ -590,7 +600,7 @@ def question_text(query: str, graph: str, story: Story, positive: bool, adjust: 
     if query == "ate":
         return f"Will {x.noun} {up} the chance of {y.noun}?"
     if query == "ett":
-        return f"For {_article(unit)} who {x.yes}, would {y.noun} have been {'less' if positive else 'more'} " \
+        return f"For {_article(unit)} {story.who} {x.yes}, would {y.noun} have been {'less' if positive else 'more'} " \
                f"likely if the {unit} {x.had_not}?"
     if query == "nde":
         return (f"If we disregard the mediation effect through {var[MEDIATOR[graph]].name}, would {x.noun} still "
