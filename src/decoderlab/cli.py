@@ -810,6 +810,38 @@ def _node_counts(text: str) -> list[int]:
     return out
 
 
+@suite_app.command("cladder")
+def suite_cladder_cmd(
+    out: str = typer.Option(..., "--out", help="Folder for train.jsonl, test.jsonl and cladder.yaml."),
+    per_graph: int = typer.Option(50, "--per-graph", help="Causal models sampled per graph shape (each gives "
+                                  "one question per query type that applies, fewer where too close to call)."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same suite."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of models (with all their "
+                                        "questions) in the test split."),
+) -> None:
+    """CLadder-style causal questions (rungs 1-3 on the paper's ten graphs), answers computed exactly; prints the
+    counts per rung, query type and label."""
+    from .suites.cladder import cladder_counts, write_cladder
+
+    if not 0.0 <= test_fraction <= 1.0:
+        raise UserError(f"--test-fraction must be in [0, 1], got {test_fraction}")
+    yaml_path, splits = write_cladder(_out_dir(out), per_graph=per_graph, seed=seed, test_fraction=test_fraction)
+    counts = cladder_counts(splits)
+    table = Table(title=f"cladder: {sum(counts['splits'].values())} questions "
+                        f"({', '.join(f'{s} {n}' for s, n in counts['splits'].items())})")
+    for column in ("rung", "query type", "questions", "yes share"):
+        table.add_column(column)
+    from .suites.cladder import QUERY_RUNG
+
+    for query, n in counts["query_types"].items():
+        table.add_row(str(QUERY_RUNG[query]), query, str(n), f"{counts['yes_share'][query]:.2f}")
+    console.print(table)
+    console.print("per rung: " + ", ".join(f"{r}: {n}" for r, n in counts["rungs"].items())
+                  + f"; yes share {counts['yes_total']:.2f}; per graph: "
+                  + ", ".join(f"{g} {n}" for g, n in counts["graphs"].items()), highlight=False, soft_wrap=True)
+    console.print(f"-> {yaml_path}", highlight=False, soft_wrap=True)
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:

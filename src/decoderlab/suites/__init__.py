@@ -1,6 +1,7 @@
 """Evaluation suites generated locally from their definitions: deterministic from a seed, written as JSONL
 plus a ready lm-eval task YAML (`write_suite`)."""
 
+from .cladder import CausalModel, ExactModel, cladder_counts, generate_cladder, write_cladder
 from .corr2cause import (
     PROPERTIES,
     CausalClass,
@@ -15,11 +16,16 @@ from .writer import TaskSpec, write_suite
 __all__ = [
     "PROPERTIES",
     "CausalClass",
+    "CausalModel",
+    "ExactModel",
     "TaskSpec",
+    "cladder_counts",
     "corr2cause_items",
     "corr2cause_task",
     "equivalence_classes",
+    "generate_cladder",
     "unlabeled_dags",
+    "write_cladder",
     "write_corr2cause",
     "write_suite",
 ]
