@@ -2,7 +2,7 @@
 `TransformerBridge.run_with_cache`, on the same weights, in one run.
 
 Run: .venv/bin/python benchmarks/interp_speed.py [--tl-python /work/tlvenv/bin/python] [--batch 4 --tokens 256
-     --repeats 5 --rounds 2]
+     --repeats 5 --rounds 2] [--compat]
 The `gpt2` preset (124M, random weights, fp32) is saved as a Hugging Face folder with `decoderlab.save`; each side
 loads that folder in its own fresh subprocess (so each process's peak RSS is its own) and caches every block's
 `hook_resid_pre`, `hook_resid_mid`, `hook_resid_post` and `attn.hook_pattern` (48 tensors) for a 4 x 256 batch of
@@ -12,7 +12,8 @@ random tokens, without gradients (TransformerLens' tutorials switch them off too
 - TransformerLens: `TransformerBridge.boot_transformers(folder, device="cpu", dtype=float32)` and
   `bridge.run_with_cache(ids, names_filter=...)`, in TransformerLens' own environment (`--tl-python`: a venv with
   `transformer-lens==4.3.*`, which pins its own transformers), plus transformers' plain forward of the model
-  under the bridge (`AutoModelForCausalLM.from_pretrained(folder)`, sdpa) for reference.
+  under the bridge (`AutoModelForCausalLM.from_pretrained(folder)`, sdpa) for reference; with --compat also
+  after `bridge.enable_compatibility_mode()` (HookedTransformer's weight processing: fold LN, centre weights).
 Times are medians of --repeats calls after a warm-up, in each of --rounds rounds of the two workers (alternating,
 so machine noise hits both sides alike); every round's medians are printed. Peak memory: the process's peak RSS
 (VmHWM, load included), and the call's own peak (VmHWM reset through /proc/self/clear_refs before the call,
@@ -122,6 +123,8 @@ tok_dir = tempfile.mkdtemp()
 tok.save_pretrained(tok_dir)  # TransformerLens re-reads a tokenizer from where it was loaded
 tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
 bridge = TransformerBridge.boot_transformers(folder, device="cpu", dtype=torch.float32, tokenizer=tok)
+if sys.argv[6] == "tl-compat":  # HookedTransformer's weight processing, which TL's docs ask for before a logit
+    bridge.enable_compatibility_mode(disable_warnings=True)  # lens or a direct logit attribution
 out["rss_loaded"] = rss()
 cached = lambda: bridge.run_with_cache(ids, names_filter=wanted)
 out["cache_peak"] = call_peak(cached)
@@ -149,6 +152,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compat", action="store_true",
+                    help="also measure TransformerLens after bridge.enable_compatibility_mode() (its weight "
+                         "processing, which its docs ask for before logit-lens / logit-attribution work)")
     args = ap.parse_args()
 
     import torch
@@ -160,12 +166,14 @@ def main() -> None:
         folder = Path(tmp) / "gpt2-random"
         torch.manual_seed(0)
         decoderlab.save(decoderlab.load("gpt2", dtype="float32", pack=False), folder)
-        ours, plain, theirs, hf = [], [], [], []
+        ours, plain, theirs, compat, hf = [], [], [], [], []
         for _ in range(args.rounds):
             ours.append(worker(sys.executable, OURS, folder, args, "packed"))
             if have_tl:
                 theirs.append(worker(args.tl_python, THEIRS, folder, args, "tl"))
             plain.append(worker(sys.executable, OURS, folder, args, "plain"))
+            if have_tl and args.compat:
+                compat.append(worker(args.tl_python, THEIRS, folder, args, "tl-compat"))
         if have_tl:
             hf.append(worker(args.tl_python, THEIRS, folder, args, "hf"))
 
@@ -212,6 +220,13 @@ def main() -> None:
     print(f"TransformerLens: run_with_cache {t_cache:.3f} s ({fastest(theirs, 'cache'):.3f}); peak RSS "
           f"{t_peak / gib:.2f} GiB (after load {t['rss_loaded'] / gib:.2f})"
           + (f", run_with_cache's own peak +{t_call / gib:.2f} GiB" if t_call is not None else ""))
+    if compat:
+        c = compat[0]
+        own = c["cache_peak"]
+        print(f"TransformerLens after enable_compatibility_mode(): run_with_cache {med(compat, 'cache'):.3f} s "
+              f"({fastest(compat, 'cache'):.3f}); peak RSS {statistics.median(r['rss_peak'] for r in compat) / gib:.2f}"
+              f" GiB (after load and processing {c['rss_loaded'] / gib:.2f})"
+              + (f", run_with_cache's own peak +{own / gib:.2f} GiB" if own is not None else ""))
     hf_plain = hf[0]["hf_plain"][0]
     print(f"transformers plain forward (sdpa): {hf_plain:.3f} s ({hf[0]['hf_plain'][1]:.3f})")
     for label, runs in (("packed", ours), ("plain weights", plain)):
