@@ -5,7 +5,7 @@ with a byte-level BPE tokenizer trained here), the same local tasks (a 4-way mul
 loglikelihood task, what `decoderlab.suites.write_suite` writes), the same batch size; runs interleaved, median
 reported. Models are built before timing: the figure is the evaluation (`simple_evaluate` on an LM object).
 
-    PYTHONPATH=src python benchmarks/eval_speed.py --docs 200 --runs 3
+    PYTHONPATH=src python benchmarks/eval_speed.py --docs 20 --rolling-docs 4 --runs 3   (README figures)
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def build(root: Path, docs: int, rolling_docs: int) -> tuple[Path, list[str]]:
                      for _ in range(20000))
     tok = decoderlab.Tokenizer.train_bpe(texts=[corpus], vocab_size=2000)
     torch.manual_seed(0)
-    model = decoderlab.Transformer(decoderlab.ModelConfig.preset("gpt2", vocab_size=tok.vocab_size)).eval()
+    model = decoderlab.Transformer(decoderlab.ModelConfig.preset(
+        "gpt2", vocab_size=tok.vocab_size, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)).eval()
     folder = root / "gpt2"
     decoderlab.save(model, folder, tokenizer=tok)
 
