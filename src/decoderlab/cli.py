@@ -500,6 +500,59 @@ def position_bias_cmd(
     console.print(table)
 
 
+@app.command("eval")
+def eval_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval task names, task YAML files and "
+                              "folders of them (e.g. what `decoderlab suite` writes)."),
+    include: list[str] = typer.Option(None, "--include", help="A folder of task YAMLs to find --tasks names in "
+                                      "(repeatable), as lm-eval's --include_path."),
+    num_fewshot: int = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt (default: the task's)."),
+    limit: float = typer.Option(None, "--limit", help="Documents per task (a fraction if below 1)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per forward pass (a row: one context and all of "
+                                   "its continuations)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if available)."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+    out: str = typer.Option(None, "--out", help="Write the harness's results JSON here."),
+) -> None:
+    """Run lm-evaluation-harness tasks on a model through decoderlab's lm-eval model ("decoderlab"): prints the
+    harness's table and writes its results JSON."""
+    import json
+
+    try:
+        from .harness import evaluate, results_table
+    except ImportError as e:
+        raise UserError(f"decoderlab eval needs lm-eval ({e.name} missing); pip install 'decoderlab[eval]'") from None
+    from lm_eval.utils import handle_non_serializable
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be positive, got {limit}")
+    specs = [t.strip() for t in tasks.split(",") if t.strip()]
+    results = evaluate(path, specs, include=include or (), num_fewshot=num_fewshot,
+                       limit=int(limit) if limit is not None and limit >= 1 else limit, batch_size=batch_size,
+                       device=device, dtype=dtype)
+    sys.stdout.write(results_table(results) + "\n")
+    if out is not None:
+        from pathlib import Path
+
+        target = Path(out)
+        if target.parent != Path("."):
+            _out_dir(str(target.parent))
+        _write_json_text(target, json.dumps(results, indent=1, default=handle_non_serializable, ensure_ascii=False))
+        sys.stdout.write(f"results -> {target}\n")
+
+
+def _write_json_text(path, text: str) -> None:
+    from .atomic import atomic_write_text
+
+    try:
+        atomic_write_text(path, text + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {str(path)!r} ({e.strerror or e})") from None
+
+
 @app.command("trace")
 def trace_cmd(
     path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
