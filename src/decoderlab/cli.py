@@ -110,6 +110,9 @@ def train(
     objective: str = typer.Option(None, help="next (default), mtp or prefix."),
     n_future: int = typer.Option(None, help="mtp: number of extra future-token heads."),
     eval_interval: int = typer.Option(None, help="Evaluate every N steps (default: ten times per run)."),
+    eval_tasks: str = typer.Option(None, help="lm-eval tasks to run at every evaluation, logged in metrics.jsonl: "
+                                   "names, task YAML files or folders, comma-separated (needs decoderlab[eval])."),
+    eval_limit: int = typer.Option(None, help="--eval-tasks: documents per task at each evaluation (default 200)."),
     save_interval: int = typer.Option(None, help="Save a resumable checkpoint every N steps (default: at evals)."),
     log_interval: int = typer.Option(None, help="Log train loss every N steps (default 10)."),
     keep_last: int = typer.Option(None, help="Resumable checkpoints to keep (default 2; the best model is kept too)."),
@@ -141,6 +144,7 @@ def train(
                  batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
                  schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype, compile=compile,
                  objective=objective, n_future=n_future, eval_interval=eval_interval, save_interval=save_interval,
+                 eval_tasks=eval_tasks, eval_limit=eval_limit,
                  log_interval=log_interval, keep_last=keep_last, seed=seed, device=device,
                  fsdp=fsdp, sample_tokens=sample_tokens)
     main_rank = int(os.environ.get("RANK", "0")) == 0

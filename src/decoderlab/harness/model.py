@@ -89,8 +89,6 @@ class DecoderlabLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
-        if tokenizer.eos_id is None and tokenizer.bos_id is None and prefix_token_id is None:
-            raise UserError("the tokenizer has neither an eos nor a bos token; pass prefix_token_id=ID")
         # A sliding window counts cache slots, which a packed row's branches do not share with their positions:
         # such models score every request in a row of its own.
         self._pack = all(w is None for w in model.config.layer_windows)
@@ -102,13 +100,20 @@ class DecoderlabLM(TemplateLM):
         eos = self.tokenizer_dl.eos_id
         return eos if eos is not None else self.tokenizer_dl.bos_id
 
-    @property
-    def prefix_token_id(self) -> int:
+    def _prefix_or_none(self) -> int | None:
         # As HFLM: the given id, else BOS, else EOS is what an empty context is conditioned on.
         if self.custom_prefix_token_id is not None:
             return int(self.custom_prefix_token_id)
         bos = self.tokenizer_dl.bos_id
         return bos if bos is not None else self.eot_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        prefix = self._prefix_or_none()
+        if prefix is None:  # e.g. a char-level run: only requests with a context can be scored without one
+            raise UserError("this request needs a token to start a text from (a rolling or empty-context request), "
+                            "and the tokenizer has neither a BOS nor an EOS token; pass prefix_token_id=ID")
+        return prefix
 
     @property
     def max_length(self) -> int:
@@ -142,7 +147,8 @@ class DecoderlabLM(TemplateLM):
         5, `add_bos_token=True` puts a BOS in front where the tokenizer's post-processor adds none."""
         if add_special_tokens is None:
             add = True if self.add_bos_token is None else bool(self.add_bos_token)
-            if string.startswith(self.tokenizer_dl.decode([self.prefix_token_id])):
+            prefix = self._prefix_or_none()
+            if prefix is not None and string.startswith(self.tokenizer_dl.decode([prefix])):
                 add = False
         else:
             add = add_special_tokens

@@ -81,9 +81,12 @@ def _manager(folders: list[Path], defaults: bool) -> TaskManager:
 
 def evaluate(model: str | Path | DecoderlabLM, tasks: Sequence[str], *, include: Sequence[str | Path] = (),
              num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
-             device: str | None = None, log_samples: bool = False, **model_args: Any) -> dict[str, Any]:
+             device: str | None = None, log_samples: bool = False, seed: bool = True,
+             **model_args: Any) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` of `model` (a folder `decoderlab.load` reads, or a `DecoderlabLM`) on `tasks`
-    (names, task YAML files, folders; see `resolve_tasks`). Returns the harness's results dictionary."""
+    (names, task YAML files, folders; see `resolve_tasks`). Returns the harness's results dictionary.
+    `seed=False` leaves Python's, numpy's and torch's global generators alone (the harness seeds them by default;
+    few-shot sampling keeps its own seed either way)."""
     names, manager = resolve_tasks(tasks, include)
     if not isinstance(model, DecoderlabLM):
         if not Path(model).exists():
@@ -92,8 +95,9 @@ def evaluate(model: str | Path | DecoderlabLM, tasks: Sequence[str], *, include:
     # The harness logs every dataset and metric default at INFO/WARNING; the table is what a user reads.
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
+        seeds = {} if seed else dict(random_seed=None, numpy_random_seed=None, torch_random_seed=None)
         return simple_evaluate(model=model, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-                               log_samples=log_samples)
+                               log_samples=log_samples, **seeds)
     except (FileNotFoundError, KeyError) as e:
         raise UserError(f"lm-eval could not run {', '.join(names)}: {str(e).splitlines()[0]}") from None
 

@@ -77,6 +77,8 @@ class TrainConfig:
     # Bookkeeping.
     eval_interval: int | None = None  # steps; None = about 10 evaluations per run
     eval_batches: int | None = None  # None = the whole validation split
+    eval_tasks: list[str] | None = None  # lm-eval tasks (names, YAML files, folders) run at every evaluation
+    eval_limit: int | None = 200  # documents per task at each evaluation; None = all
     log_interval: int = 10
     save_interval: int | None = None  # steps; None = at every evaluation
     keep_last: int = 2
@@ -100,7 +102,8 @@ class TrainConfig:
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         need(self.lr > 0 and self.muon_lr > 0, "learning rates must be positive")
-        for name in ("steps", "tokens", "eval_interval", "save_interval", "eval_batches", "context_length"):
+        for name in ("steps", "tokens", "eval_interval", "save_interval", "eval_batches", "context_length",
+                     "eval_limit"):
             value = getattr(self, name)
             flag = "context" if name == "context_length" else name.replace("_", "-")
             need(value is None or value >= 1, f"--{flag} must be at least 1, got {value}")
@@ -115,6 +118,10 @@ class TrainConfig:
         need(not (self.fsdp and self.optimizer == "muon"),
              "Muon needs whole matrices, which FSDP shards; use --optimizer adamw with --fsdp (or DDP)")
         need(self.objective != "mtp" or self.n_future >= 1, "--objective mtp needs --n-future 1 or more")
+        if isinstance(self.eval_tasks, str):
+            self.eval_tasks = [t for t in self.eval_tasks.split(",") if t.strip()]
+        need(not (self.eval_tasks and self.fsdp), "--eval-tasks runs the model on one process, which FSDP shards; "
+                                                  "use DDP (--ddp) or evaluate the saved run with decoderlab eval")
         if self.steps is None and self.tokens is None and self.time is None:
             self.time = 120.0
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -98,6 +100,11 @@ class Trainer:
             raise UserError("--overwrite contradicts --resume: resume continues the run, overwrite replaces it")
         if extend is not None and not resume:
             raise UserError(f"--extend continues a finished run: use it with --resume {self.run_dir}")
+        if cfg.eval_tasks:  # a wrong task name fails here, not after the first stretch of training
+            from ..harness import resolve_tasks
+
+            resolve_tasks(cfg.eval_tasks)
+        self.tasks_failed = False
         self.ctx = dist.setup(cfg.device)
         self.device = self.ctx.device
         self.progress = progress and self.ctx.is_main
@@ -394,6 +401,37 @@ class Trainer:
         bpb = self.data.val.bits_per_byte(float(total)) if cfg.eval_batches is None else math.nan
         return loss, bpb
 
+    def evaluate_tasks(self) -> dict[str, dict[str, float]]:
+        """The `eval_tasks` metrics of the model as it is now, through lm-eval (`decoderlab.harness`):
+        {task: {metric: value}}, the harness's `acc`, `acc_norm`, `word_perplexity`, ... without stderr."""
+        from ..harness import DecoderlabLM, evaluate
+
+        model, cfg = self.raw_model, self.cfg
+        # The harness seeds the global generators; training (dropout, resume) must not see that.
+        states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            lm = DecoderlabLM(model=model, tokenizer=self.tokenizer, batch_size=8)
+            with torch.inference_mode(), self.autocast:
+                results = evaluate(lm, cfg.eval_tasks, limit=cfg.eval_limit, seed=False)
+        finally:
+            model.train()
+            torch.random.set_rng_state(states[0])
+            np.random.set_state(states[1])
+            random.setstate(states[2])
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+        out: dict[str, dict[str, float]] = {}
+        for task, metrics in results["results"].items():
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if ("_stderr" in metric or metric == "sample_len" or not isinstance(value, int | float)
+                        or isinstance(value, bool)):
+                    continue
+                name = metric if filt in ("", "none") else f"{metric},{filt}"
+                out.setdefault(task, {})[name] = round(float(value), 6)
+        return out
+
     def run(self) -> TrainResult:
         cfg = self.cfg
         if self.ctx.is_main:
@@ -431,6 +469,13 @@ class Trainer:
                         record.update(val_loss=round(val, 5))
                         if not math.isnan(bpb):  # bits/byte needs the whole split; metrics.jsonl stays strict JSON
                             record.update(val_bpb=round(bpb, 5))
+                        if cfg.eval_tasks and self.ctx.is_main and not self.tasks_failed:
+                            try:
+                                record.update(tasks=self.evaluate_tasks())
+                            except UserError as e:  # a bad task must not cost the training run
+                                self.tasks_failed = True
+                                print(f"warning: --eval-tasks failed at step {self.step} and are skipped for the "
+                                      f"rest of this run: {e}", file=sys.stderr)
                         best = self.best_val is None or val < self.best_val
                         self.best_val = val if best else self.best_val
                         save = save or save_every is None or self.done()
