@@ -15,6 +15,7 @@ from .generation import GenerationResult, counterfactual, generate, stream
 from .generation_config import GenerationConfig
 from .masks import Mask
 from .model import ModelOutput, Transformer
+from .perplexity import PerplexityResult, perplexity
 from .tokenizer import Tokenizer
 from .training import TrainConfig, TrainResult, train
 
@@ -30,6 +31,7 @@ __all__ = [
     "MaskError",
     "ModelConfig",
     "ModelOutput",
+    "PerplexityResult",
     "Tokenizer",
     "Transformer",
     "GenerationConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "training",
     "load",
     "masks",
+    "perplexity",
     "pine",
     "read_config",
     "save",

@@ -759,6 +759,54 @@ def lab_cmd(
     lab(path, host=host, port=port, tokenizer=tokenizer, device=device)
 
 
+@app.command("perplexity")
+def perplexity_cmd(
+    path: str = typer.Argument(..., help="A model folder (Hugging Face or a decoderlab run, with its tokenizer)."),
+    files: list[str] = typer.Argument(None, help="Text files, .jsonl files (their text field) or folders (searched "
+                                      "for .txt .md .py .jsonl)."),
+    context: int = typer.Option(None, help="Window length in tokens (the transformers guide's max_length; default: "
+                                "the model's context length)."),
+    stride: int = typer.Option(None, help="How far each window moves (default: the context)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    text_field: str = typer.Option("text", help="The field of each .jsonl line holding its text."),
+    lm_eval: bool = typer.Option(False, "--lm-eval", help="lm-eval's rolling loglikelihood windows instead of the "
+                                 "guide's: each document starts with BOS (else EOS) and every token is predicted "
+                                 "(--context is lm-eval's max_length, --stride its prediction length)."),
+    out: str = typer.Option(None, help="Write the result as JSON here."),
+) -> None:
+    """Perplexity, word and byte perplexity and bits per byte on files, with a sliding window as in the
+    transformers perplexity guide; one row per file and the total."""
+    from pathlib import Path
+
+    from .perplexity import perplexity
+
+    if not files:
+        raise UserError("no files given: pass text files, .jsonl files or folders after the model")
+    if not Path(path).is_dir():
+        raise UserError(f"model {path!r} is not a folder; pass a Hugging Face model folder or a decoderlab run "
+                        "first, then the files")
+    result = perplexity(path, files, context=context, stride=stride, batch_size=batch_size, text_field=text_field,
+                        mode="lm-eval" if lm_eval else "guide")
+    import os
+
+    table = Table("source", "docs", "tokens", "bytes", "perplexity", "word ppl", "byte ppl", "bits/byte")
+    table.columns[0].overflow = "fold"
+    rows = result.sources + [result.total] if len(result.sources) > 1 else result.sources
+    # Sources named from the folder they share, so long absolute paths do not crowd the table.
+    root = os.path.commonpath([os.path.dirname(s.name) for s in result.sources])
+    for s in rows:
+        name = os.path.relpath(s.name, root) if s is not result.total else s.name
+        table.add_row(name, f"{s.documents:,}", f"{s.tokens:,}", f"{s.bytes:,}", f"{s.perplexity:.4f}",
+                      f"{s.word_perplexity:.4f}", f"{s.byte_perplexity:.4f}", f"{s.bits_per_byte:.4f}")
+    console.print(table)
+    console.print(f"{result.mode} windows: context {result.context}, stride {result.stride}"
+                  + (f", prefix token {result.prefix_token}" if result.prefix_token is not None else ""))
+    if out:
+        if Path(out).parent != Path("."):
+            _out_dir(str(Path(out).parent))
+        _write_json(out, {"model": path, **result.to_dict()})
+
+
 suite_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                         help="Generate an evaluation suite: JSONL splits plus a ready lm-eval task YAML.")
 app.add_typer(suite_app, name="suite")
