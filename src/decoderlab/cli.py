@@ -812,6 +812,44 @@ suite_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
 app.add_typer(suite_app, name="suite")
 
 
+@suite_app.command("kv-retrieval")
+def suite_kv_retrieval_cmd(
+    pairs: int = typer.Option(..., "--pairs", help="Key-value pairs per JSON object."),
+    out: str = typer.Option(..., help="Folder for test.jsonl (and train.jsonl) and the task YAML."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same suite."),
+    examples: int = typer.Option(10, help="Objects in the test split; each is asked with its key at every position."),
+    train: int = typer.Option(0, help="Objects in a train split (0: none)."),
+    model: str = typer.Option(None, help="Also score the test split with this model folder, by position."),
+    method: str = typer.Option("both", help="With --model: plain, pine (RoPE models) or both."),
+    batch_size: int = typer.Option(8, help="With --model: prompts per batch."),
+) -> None:
+    """Key-value retrieval of "Lost in the Middle": UUID pairs as a JSON object, the queried key at each position."""
+    from .suites import kv_retrieval
+
+    methods = ["plain", "pine"] if method == "both" else [method]
+    if any(m not in kv_retrieval.METHODS for m in methods):
+        raise UserError(f"unknown --method {method!r}; choose plain, pine or both")
+    yaml_path = kv_retrieval.write_kv_retrieval(out, pairs, examples, seed, n_train=train)
+    console.print(f"wrote {yaml_path} ({examples * pairs} test items" + (f", {train * pairs} train" if train else "")
+                  + ")")
+    if model is None:
+        return
+    import decoderlab
+
+    net, tok = decoderlab.load(model), decoderlab.Tokenizer.from_folder(model)
+    items = kv_retrieval.kv_retrieval_items(pairs, examples, seed)
+    table = Table("method", "items", "accuracy", *(f"pos {p}" for p in range(pairs)))
+    results = {}
+    for m in methods:
+        r = kv_retrieval.kv_retrieval_accuracy(net, tok, items, method=m, batch_size=batch_size)
+        results[m] = {"accuracy": r.accuracy, "accuracy_by_position": r.accuracy_by_position}
+        table.add_row(m, str(r.items), f"{r.accuracy:.3f}", *(f"{a:.2f}" for a in r.accuracy_by_position))
+    console.print(table)
+    from pathlib import Path
+
+    _write_json(Path(yaml_path).parent / "scores.json", {"model": model, "pairs": pairs, "seed": seed, **results})
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:
