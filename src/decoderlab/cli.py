@@ -772,6 +772,8 @@ def perplexity_cmd(
     lm_eval: bool = typer.Option(False, "--lm-eval", help="lm-eval's rolling loglikelihood windows instead of the "
                                  "guide's: each document starts with BOS (else EOS) and every token is predicted "
                                  "(--context is lm-eval's max_length, --stride its prediction length)."),
+    prefix_token: int = typer.Option(None, help="A token id put before each document (with --lm-eval the default is "
+                                     "BOS, else EOS; needed for tokenizers with neither)."),
     out: str = typer.Option(None, help="Write the result as JSON here."),
 ) -> None:
     """Perplexity, word and byte perplexity and bits per byte on files, with a sliding window as in the
@@ -786,7 +788,7 @@ def perplexity_cmd(
         raise UserError(f"model {path!r} is not a folder; pass a Hugging Face model folder or a decoderlab run "
                         "first, then the files")
     result = perplexity(path, files, context=context, stride=stride, batch_size=batch_size, text_field=text_field,
-                        mode="lm-eval" if lm_eval else "guide")
+                        mode="lm-eval" if lm_eval else "guide", prefix_token=prefix_token)
     import os
 
     table = Table("source", "docs", "tokens", "bytes", "perplexity", "word ppl", "byte ppl", "bits/byte")

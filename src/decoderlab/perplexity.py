@@ -257,7 +257,7 @@ def perplexity(model: Transformer | str | os.PathLike, inputs: Sequence[str | os
         prefix_token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
         if prefix_token is None:
             raise UserError("the tokenizer has neither a BOS nor an EOS token to start each document with; pass "
-                            "prefix_token=")
+                            "prefix_token= (--prefix-token)")
     vocab = model.config.vocab_size
     if prefix_token is not None and not 0 <= prefix_token < vocab:
         raise UserError(f"prefix_token {prefix_token} is not a token id in [0, {vocab})")
