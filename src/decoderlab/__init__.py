@@ -13,6 +13,7 @@ from .embeddings import Encoder, embed
 from .errors import CheckpointError, ConfigError, MaskError, UserError
 from .generation import GenerationResult, counterfactual, generate, stream
 from .generation_config import GenerationConfig
+from .likelihood import PerplexityResult, perplexity
 from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
@@ -30,6 +31,7 @@ __all__ = [
     "MaskError",
     "ModelConfig",
     "ModelOutput",
+    "PerplexityResult",
     "Tokenizer",
     "Transformer",
     "GenerationConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "training",
     "load",
     "masks",
+    "perplexity",
     "pine",
     "read_config",
     "save",

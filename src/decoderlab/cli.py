@@ -816,6 +816,56 @@ def lab_cmd(
     lab(path, host=host, port=port, tokenizer=tokenizer, device=device)
 
 
+@app.command("perplexity")
+def perplexity_cmd(
+    path: str = typer.Argument(..., help="A model folder (Hugging Face or a decoderlab run, with its tokenizer)."),
+    files: list[str] = typer.Argument(None, help="Text files, .jsonl files (their text field) or folders (searched "
+                                      "for .txt .md .py .jsonl)."),
+    context: int = typer.Option(None, help="Window length in tokens (the transformers guide's max_length; default: "
+                                "the model's context length)."),
+    stride: int = typer.Option(None, help="How far each window moves (default: the context)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    text_field: str = typer.Option("text", help="The field of each .jsonl line holding its text."),
+    lm_eval: bool = typer.Option(False, "--lm-eval", help="lm-eval's rolling loglikelihood windows instead of the "
+                                 "guide's: each document starts with BOS (else EOS) and every token is predicted "
+                                 "(--context is lm-eval's max_length, --stride its prediction length)."),
+    prefix_token: int = typer.Option(None, help="A token id put before each document (with --lm-eval the default is "
+                                     "BOS, else EOS; needed for tokenizers with neither)."),
+    out: str = typer.Option(None, help="Write the result as JSON here."),
+) -> None:
+    """Perplexity, word and byte perplexity and bits per byte on files, with a sliding window as in the
+    transformers perplexity guide; one row per file and the total."""
+    from pathlib import Path
+
+    from .likelihood import perplexity
+
+    if not files:
+        raise UserError("no files given: pass text files, .jsonl files or folders after the model")
+    if not Path(path).is_dir():
+        raise UserError(f"model {path!r} is not a folder; pass a Hugging Face model folder or a decoderlab run "
+                        "first, then the files")
+    result = perplexity(path, files, context=context, stride=stride, batch_size=batch_size, text_field=text_field,
+                        mode="lm-eval" if lm_eval else "guide", prefix_token=prefix_token)
+    import os
+
+    table = Table("source", "docs", "tokens", "bytes", "perplexity", "word ppl", "byte ppl", "bits/byte")
+    table.columns[0].overflow = "fold"
+    rows = result.sources + [result.total] if len(result.sources) > 1 else result.sources
+    # Sources named from the folder they share, so long absolute paths do not crowd the table.
+    root = os.path.commonpath([os.path.dirname(s.name) for s in result.sources])
+    for s in rows:
+        name = os.path.relpath(s.name, root) if s is not result.total else s.name
+        table.add_row(name, f"{s.documents:,}", f"{s.tokens:,}", f"{s.bytes:,}", f"{s.perplexity:.4f}",
+                      f"{s.word_perplexity:.4f}", f"{s.byte_perplexity:.4f}", f"{s.bits_per_byte:.4f}")
+    console.print(table)
+    console.print(f"{result.mode} windows: context {result.context}, stride {result.stride}"
+                  + (f", prefix token {result.prefix_token}" if result.prefix_token is not None else ""))
+    if out:
+        if Path(out).parent != Path("."):
+            _out_dir(str(Path(out).parent))
+        _write_json(out, {"model": path, **result.to_dict()})
+
+
 suite_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                         help="Generate an evaluation suite: JSONL splits plus a ready lm-eval task YAML.")
 app.add_typer(suite_app, name="suite")
@@ -897,6 +947,44 @@ def suite_cladder_cmd(
                   + f"; yes share {counts['yes_total']:.2f}; per graph: "
                   + ", ".join(f"{g} {n}" for g, n in counts["graphs"].items()), highlight=False, soft_wrap=True)
     console.print(f"-> {yaml_path}", highlight=False, soft_wrap=True)
+
+
+@suite_app.command("kv-retrieval")
+def suite_kv_retrieval_cmd(
+    pairs: int = typer.Option(..., "--pairs", help="Key-value pairs per JSON object."),
+    out: str = typer.Option(..., help="Folder for test.jsonl (and train.jsonl) and the task YAML."),
+    seed: int = typer.Option(0, help="Seed: the same seed writes the same suite."),
+    examples: int = typer.Option(10, help="Objects in the test split; each is asked with its key at every position."),
+    train: int = typer.Option(0, help="Objects in a train split (0: none)."),
+    model: str = typer.Option(None, help="Also score the test split with this model folder, by position."),
+    method: str = typer.Option("both", help="With --model: plain, pine (RoPE models) or both."),
+    batch_size: int = typer.Option(8, help="With --model: prompts per batch."),
+) -> None:
+    """Key-value retrieval of "Lost in the Middle": UUID pairs as a JSON object, the queried key at each position."""
+    from .suites import kv_retrieval
+
+    methods = ["plain", "pine"] if method == "both" else [method]
+    if any(m not in kv_retrieval.METHODS for m in methods):
+        raise UserError(f"unknown --method {method!r}; choose plain, pine or both")
+    yaml_path = kv_retrieval.write_kv_retrieval(out, pairs, examples, seed, n_train=train)
+    console.print(f"wrote {yaml_path} ({examples * pairs} test items" + (f", {train * pairs} train" if train else "")
+                  + ")")
+    if model is None:
+        return
+    import decoderlab
+
+    net, tok = decoderlab.load(model), decoderlab.Tokenizer.from_folder(model)
+    items = kv_retrieval.kv_retrieval_items(pairs, examples, seed)
+    table = Table("method", "items", "accuracy", *(f"pos {p}" for p in range(pairs)))
+    results = {}
+    for m in methods:
+        r = kv_retrieval.kv_retrieval_accuracy(net, tok, items, method=m, batch_size=batch_size)
+        results[m] = {"accuracy": r.accuracy, "accuracy_by_position": r.accuracy_by_position}
+        table.add_row(m, str(r.items), f"{r.accuracy:.3f}", *(f"{a:.2f}" for a in r.accuracy_by_position))
+    console.print(table)
+    from pathlib import Path
+
+    _write_json(Path(yaml_path).parent / "scores.json", {"model": model, "pairs": pairs, "seed": seed, **results})
 
 
 def _read_text(path, flag: str) -> str:

@@ -38,9 +38,11 @@ __all__ = [
     "describe_change",
     "fingerprint",
     "get_batch",
+    "input_files",
     "input_stats",
     "iter_eval_batches",
     "prepare",
+    "read_documents",
 ]
 
 #: What `prepare(None, ...)` trains on, in words (for the README and the CLI's help).
@@ -131,6 +133,23 @@ def _resolve_inputs(inputs: Sequence[str | os.PathLike] | None) -> list[Path]:
             f"for {', '.join(_SUFFIXES)} files; globs like 'data/**/*.txt' are expanded)"
         )
     return sorted(files, key=str)
+
+
+def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files `prepare` reads for `inputs` (files; folders searched recursively, hidden ones skipped, for
+    .txt .md .py .jsonl; globs), resolved and sorted; a one-line UserError when an input matches nothing."""
+    return _resolve_inputs(list(inputs))
+
+
+def read_documents(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
+    """The documents of one input file exactly as `prepare` reads them: each line's `text_field` of a .jsonl
+    file (blank lines skipped), any other file whole; invalid UTF-8 becomes U+FFFD."""
+    path = Path(path)
+    if path.suffix.lower() == ".jsonl":
+        for _, text in _iter_jsonl(path, text_field, lambda n: None):
+            yield text
+    else:
+        yield "".join(_iter_text_pieces(path, lambda n: None))
 
 
 class _Corpus:

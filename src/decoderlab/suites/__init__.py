@@ -11,6 +11,7 @@ from .corr2cause import (
     unlabeled_dags,
     write_corr2cause,
 )
+from .kv_retrieval import KVRetrievalResult, kv_retrieval_accuracy, kv_retrieval_items, write_kv_retrieval
 from .writer import TaskSpec, write_suite
 
 __all__ = [
@@ -18,14 +19,18 @@ __all__ = [
     "CausalClass",
     "CausalModel",
     "ExactModel",
+    "KVRetrievalResult",
     "TaskSpec",
     "cladder_counts",
     "corr2cause_items",
     "corr2cause_task",
     "equivalence_classes",
     "generate_cladder",
+    "kv_retrieval_accuracy",
+    "kv_retrieval_items",
     "unlabeled_dags",
     "write_cladder",
     "write_corr2cause",
+    "write_kv_retrieval",
     "write_suite",
 ]
