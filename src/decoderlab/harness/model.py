@@ -280,7 +280,8 @@ class DecoderlabLM(TemplateLM):
         for index, req in enumerate(requests):
             context, gen_kwargs = req.args
             groups.setdefault(repr(sorted(gen_kwargs.items())), []).append((index, context, gen_kwargs))
-        eos_text = self.tokenizer_dl.decode([self.eot_token_id])
+        eot = self.eot_token_id  # None for a character-level run: no end-of-text string to stop at
+        eos_text = self.tokenizer_dl.decode([eot]) if eot is not None else None
         for members in groups.values():
             gen_kwargs = members[0][2]
             kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
