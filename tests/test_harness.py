@@ -169,3 +169,27 @@ def test_cli_eval_bad_input_is_one_line(setup, tmp_path):
         resolve_tasks(["no_such_task_here", str(tasks / "mc")])
     with pytest.raises(UserError, match="not a folder"):
         DecoderlabLM(pretrained=str(tmp_path / "nothing"))
+
+
+def test_a_char_model_without_bos_or_eos(tmp_path):
+    """A character-level run has no BOS/EOS: loglikelihood and generate_until work (no end-of-text stop string),
+    and a rolling request, which needs a token to start from, is a one-line error naming prefix_token_id."""
+    from lm_eval.api.instance import Instance
+
+    tok = decoderlab.Tokenizer.train_char(texts=["abc def\n"])
+    assert tok.bos_id is None and tok.eos_id is None
+    torch.manual_seed(0)
+    model = decoderlab.Transformer(decoderlab.ModelConfig(vocab_size=tok.vocab_size, n_layers=1, n_heads=2,
+                                                          d_model=16, context_length=32)).eval()
+    lm = DecoderlabLM(model=model, tokenizer=tok, batch_size=2, max_gen_toks=5)
+    [(logprob, _)] = lm.loglikelihood([Instance("loglikelihood", {}, ("abc", " def"), 0)])
+    ids = tok.encode("abc def", add_special_tokens=False)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).log_softmax(-1)[0]
+    assert logprob == pytest.approx(sum(float(logits[i - 1, ids[i]]) for i in range(3, len(ids))), abs=1e-5)
+    [text] = lm.generate_until([Instance("generate_until", {}, ("abc", {"until": ["\n"], "max_gen_toks": 5}), 0)])
+    expected = decoderlab.generate(model, [tok.encode("abc", add_special_tokens=False)], max_new_tokens=5,
+                                   temperature=0.0).tokens[0]
+    assert text == tok.decode(expected).split("\n")[0]
+    with pytest.raises(UserError, match="prefix_token_id"):
+        lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("abc def",), 0)])
