@@ -5,7 +5,8 @@ larger buffer, amortised), so a generation allocates what it has used, not the w
 `length` counts the filled slots, `truncate` rolls back rejected speculative tokens, and `keep` compacts
 accepted tree nodes into consecutive slots. With `write_slots` set, a forward pass writes at slots given as a
 tensor and attends over the whole buffer: every decode step then has the same shapes, which is what a compiled
-decode step needs (`decoderlab.generation.compiled`).
+decode step needs (`decoderlab.generation.compiled`), and what lets streaming generation's window wrap round a
+fixed buffer (`decoderlab.generation.streaming`).
 """
 
 from __future__ import annotations

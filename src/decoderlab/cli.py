@@ -317,6 +317,10 @@ def generate_cmd(
                                     "model's future heads), both greedy; or a draft model's folder (samples as "
                                     "plain decoding does)."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    window: int = typer.Option(None, "--window", help="Streaming with attention sinks (StreamingLLM): keep the "
+                               "last W tokens (plus --sinks) in a fixed KV cache and generate past the context."),
+    sinks: int = typer.Option(None, "--sinks", help="With --window: the first S tokens kept as attention sinks "
+                              "(default 4)."),
 ) -> None:
     """Stream a prompt's continuation to the terminal as it is generated; it stops at the checkpoint's end ids
     (generation_config.json, config.json, the tokenizer's eos) or a --stop text."""
@@ -352,8 +356,10 @@ def generate_cmd(
         if compile:
             raise UserError("--compile applies to plain decoding and --speculative recycle; leave it out here")
         decoder = draft_decoder(decoderlab.load(speculative))
+    if (window is not None or sinks is not None) and speculative:
+        raise UserError("--window/--sinks stream with plain decoding; leave out --speculative")
     steps = stream(model, [ids], tokens, **sampling, seed=seed, stop_strings=stop or None, tokenizer=tok,
-                   compile=compile, decoder=decoder)
+                   compile=compile, decoder=decoder, window=window, sinks=sinks)
     if not chat:
         sys.stdout.write(prompt)
     generated = 0

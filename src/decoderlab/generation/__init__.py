@@ -4,6 +4,7 @@ The engine (`engine`) is a host loop over a public decoder protocol: a `Decoder`
 `DecodeRequest`, runs the forward passes and returns one or more tokens per row per step (`Decoded`); the host
 applies stop ids, stop strings, the token budget, text and logprobs alike for every decoder. `CachedDecoder` is
 the default; `stream(..., decoder=factory)` takes another (PINE, the speculative decoders).
+Streaming past the context with attention sinks (StreamingLLM) lives in `streaming` (`generate(..., window=W)`).
 Lossless speculative decoding (Token Recycling, a draft model, multi-token heads) lives in `speculative`.
 The logits processors (penalties, temperature, top-k, top-p, min-p) live in `sampling` as pure functions.
 """
@@ -42,11 +43,13 @@ from .speculative import (
     speculative_generate,
     tree_template,
 )
+from .streaming import SinkWindow, StreamingDecoder
 
 __all__ = [
     "CACHE_CHUNK", "CachedDecoder", "DecodeRequest", "Decoded", "Decoder", "DecoderFactory", "DraftDecoder",
     "GenerationResult", "GenerationStep", "Grammar", "MTPDecoder", "RecyclingDecoder", "SamplingParams",
-    "SpeculativeResult", "Stream", "TokenLogprob", "TokenRecycler", "Trace", "check_prompts", "constrained",
+    "SinkWindow", "SpeculativeResult", "Stream", "StreamingDecoder", "TokenLogprob", "TokenRecycler", "Trace",
+    "check_prompts", "constrained",
     "counterfactual", "draft_decoder", "generate", "mtp_decoder", "mtp_generate", "require_finite",
     "resolve_sampling", "resolve_stop_strings", "resolve_stop_tokens", "sampling", "speculative",
     "speculative_generate", "stream", "token_logprobs", "tree_template",

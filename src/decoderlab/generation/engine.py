@@ -325,9 +325,11 @@ class CachedDecoder:
 # ---- checks and defaults, shared by every path -----------------------------------------------------------------
 
 
-def check_prompts(input_ids: Tensor | Sequence[Sequence[int]], model: Transformer) -> list[list[int]]:
+def check_prompts(input_ids: Tensor | Sequence[Sequence[int]], model: Transformer,
+                  within_context: bool = True) -> list[list[int]]:
     """The prompts as lists of ids: a LongTensor [B, T] or B token-id lists, each non-empty, in the model's
-    vocabulary and within its context; else a one-line `UserError`."""
+    vocabulary and (unless `within_context` is False: streaming) within its context; else a one-line
+    `UserError`."""
     vocab_size = model.config.vocab_size
     if isinstance(input_ids, Tensor):
         if input_ids.dim() != 2:
@@ -354,7 +356,7 @@ def check_prompts(input_ids: Tensor | Sequence[Sequence[int]], model: Transforme
             raise UserError(f"prompt {i} holds {int(bad[0])}, not a token id in [0, {vocab_size})")
     prompts = [row.tolist() for row in rows]
     longest, ctx = max(len(p) for p in prompts), model.config.context_length
-    if longest > ctx:
+    if within_context and longest > ctx:
         raise UserError(f"a prompt of {longest} tokens exceeds the model's context length of {ctx}; shorten it")
     return prompts
 
@@ -425,7 +427,7 @@ def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], ma
              stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
              tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None, grammar: Any = None,
              compile: bool = False, logprobs: int | None = None, decoder: DecoderFactory | None = None,
-             trace: bool = False) -> GenerationResult:
+             window: int | None = None, sinks: int | None = None, trace: bool = False) -> GenerationResult:
     """Continue each prompt by up to `max_new_tokens` tokens; see `stream` for the arguments.
 
     trace: also return `result.trace`, for `counterfactual` replays with the same sampling noise.
@@ -433,7 +435,8 @@ def generate(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], ma
     steps = stream(model, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    min_p=min_p, repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
                    seed=seed, stop_tokens=stop_tokens, stop_strings=stop_strings, tokenizer=tokenizer,
-                   cache_dtype=cache_dtype, grammar=grammar, compile=compile, logprobs=logprobs, decoder=decoder)
+                   cache_dtype=cache_dtype, grammar=grammar, compile=compile, logprobs=logprobs, decoder=decoder,
+                   window=window, sinks=sinks)
     return steps.result(trace=trace)
 
 
@@ -444,7 +447,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
            stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
            tokenizer: Tokenizer | None = None, cache_dtype: torch.dtype | None = None,
            grammar: Any = None, compile: bool = False, logprobs: int | None = None,
-           decoder: DecoderFactory | None = None) -> Stream:
+           decoder: DecoderFactory | None = None, window: int | None = None, sinks: int | None = None) -> Stream:
     """Generate step by step: an iterator of `GenerationStep`, one per decoder step.
 
     input_ids: a LongTensor [B, T] or a list of B token-id lists (of any lengths; left-padded internally).
@@ -474,6 +477,10 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         penalties, filters and grammar masks).
     decoder: a factory `decoder(request: DecodeRequest) -> Decoder` for another device side (the `Decoder`
         protocol): e.g. `TokenRecycler(model).decoder`, `speculative.draft_decoder(small)`. None: `CachedDecoder`.
+    window, sinks: streaming generation with attention sinks (StreamingLLM; `generation.streaming`): the KV cache
+        holds the first `sinks` tokens (default 4) and the last `window`, positions within the cache, so
+        generation runs past the context length (max_new_tokens alone bounds it) at constant memory. Needs
+        window + sinks <= the context length, and prompts of one length.
     Sampling is Gumbel-Max, argmax(logits / T + g), with step t's noise drawn from a generator seeded from
     (seed, t): the same seed gives the same noise whatever tokens came before.
 
@@ -481,7 +488,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
     forward pass refuses NaN or infinite logits (NaN weights, float16 overflow) with a `UserError`.
     """
     params = resolve_sampling(model, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty)
-    prompts = check_prompts(input_ids, model)
+    prompts = check_prompts(input_ids, model, within_context=window is None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -490,6 +497,14 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         raise UserError(f"cache_dtype must be a floating-point torch.dtype or None, got {cache_dtype!r}")
     stop_ids = resolve_stop_tokens(model, tokenizer, stop_tokens)
     stops = resolve_stop_strings(stop_strings, tokenizer)
+    if window is not None or sinks is not None:
+        from .streaming import SinkWindow
+
+        if window is None:
+            raise UserError("sinks needs a window: pass window=W (the recent tokens kept) too")
+        if decoder is not None:
+            raise UserError("window/sinks choose the streaming decoder; pass them or decoder=, not both")
+        decoder = SinkWindow(window, 4 if sinks is None else sinks)
     return Stream(model, prompts, max_new_tokens, params, seed=seed, stop_ids=stop_ids, stop_strings=stops,
                   tokenizer=tokenizer, cache_dtype=cache_dtype, grammar=grammar, compile=compile,
                   logprobs=check_logprobs(logprobs), decoder=decoder)
@@ -514,8 +529,10 @@ class Stream:
         self.max_new_tokens, self.tokenizer, self.logprobs = max_new_tokens, tokenizer, logprobs
         self.stop_ids, self.stop_strings = set(stop_ids), list(stop_strings)
         self.cache_dtype, self.force, self.compile = cache_dtype, force or {}, compile
-        # The last token is chosen but never fed, so a prompt of length ctx still gets one new token.
-        self.budget = min(max_new_tokens, model.config.context_length - max(self.prompt_lengths) + 1)
+        # The last token is chosen but never fed, so a prompt of length ctx still gets one new token. A decoder
+        # factory marked `unbounded` (streaming with attention sinks) keeps its memory fixed and goes on.
+        self.budget = max_new_tokens if getattr(decoder, "unbounded", False) else min(
+            max_new_tokens, model.config.context_length - max(self.prompt_lengths) + 1)
         self.grammars = self._grammar = None
         if grammar is not None:
             from .constrained import GrammarState, grammars_for_batch
