@@ -20,7 +20,7 @@ import torch
 
 import decoderlab
 from decoderlab.generation import Stream, resolve_sampling
-from decoderlab.generation.streaming import SinkWindow
+from decoderlab.generation.sinks import SinkWindow
 
 
 def rss_mib() -> float:

@@ -12,7 +12,7 @@ import decoderlab
 from decoderlab import ModelConfig, Transformer
 from decoderlab.errors import UserError
 from decoderlab.generation import generate, stream
-from decoderlab.generation.streaming import SinkWindow
+from decoderlab.generation.sinks import SinkWindow
 
 
 def _model(positions: str = "rope", layers: int = 2, ctx: int = 32, seed: int = 0, **kw) -> Transformer:

@@ -6,7 +6,7 @@ larger buffer, amortised), so a generation allocates what it has used, not the w
 accepted tree nodes into consecutive slots. With `write_slots` set, a forward pass writes at slots given as a
 tensor and attends over the whole buffer: every decode step then has the same shapes, which is what a compiled
 decode step needs (`decoderlab.generation.compiled`), and what lets streaming generation's window wrap round a
-fixed buffer (`decoderlab.generation.streaming`).
+fixed buffer (`decoderlab.generation.sinks`).
 """
 
 from __future__ import annotations

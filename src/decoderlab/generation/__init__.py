@@ -31,6 +31,7 @@ from .engine import (
     stream,
 )
 from .sampling import SamplingParams, TokenLogprob, token_logprobs
+from .sinks import SinkWindow, StreamingDecoder
 from .speculative import (
     DraftDecoder,
     MTPDecoder,
@@ -43,7 +44,6 @@ from .speculative import (
     speculative_generate,
     tree_template,
 )
-from .streaming import SinkWindow, StreamingDecoder
 
 __all__ = [
     "CACHE_CHUNK", "CachedDecoder", "DecodeRequest", "Decoded", "Decoder", "DecoderFactory", "DraftDecoder",

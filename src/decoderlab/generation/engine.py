@@ -477,7 +477,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         penalties, filters and grammar masks).
     decoder: a factory `decoder(request: DecodeRequest) -> Decoder` for another device side (the `Decoder`
         protocol): e.g. `TokenRecycler(model).decoder`, `speculative.draft_decoder(small)`. None: `CachedDecoder`.
-    window, sinks: streaming generation with attention sinks (StreamingLLM; `generation.streaming`): the KV cache
+    window, sinks: streaming generation with attention sinks (StreamingLLM; `generation.sinks`): the KV cache
         holds the first `sinks` tokens (default 4) and the last `window`, positions within the cache, so
         generation runs past the context length (max_new_tokens alone bounds it) at constant memory. Needs
         window + sinks <= the context length, and prompts of one length.
@@ -498,7 +498,7 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
     stop_ids = resolve_stop_tokens(model, tokenizer, stop_tokens)
     stops = resolve_stop_strings(stop_strings, tokenizer)
     if window is not None or sinks is not None:
-        from .streaming import SinkWindow
+        from .sinks import SinkWindow
 
         if window is None:
             raise UserError("sinks needs a window: pass window=W (the recent tokens kept) too")
