@@ -163,3 +163,10 @@ def test_cli_quantize_then_generate(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: quantize must be 'int8' or 'int4' (bits 8 or 4), not 3"]
+
+
+def test_compiled_decode_step_matches_eager():
+    model = _model().quantize("int4", 32)
+    prompts = [[1, 2, 3], [4, 5]]
+    eager = decoderlab.generate(model, prompts, 6, temperature=0.0).tokens
+    assert decoderlab.generate(model, prompts, 6, temperature=0.0, compile=True).tokens == eager

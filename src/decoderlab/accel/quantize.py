@@ -83,7 +83,8 @@ class QuantizedWeight:
         self.dtype = scales.dtype
         self._int4_packed: torch.Tensor | None = None
         self._int4_scale_zeros: torch.Tensor | None = None
-        if bits == 4 and kernel_available(4):
+        self._kernel = kernel_available(bits)  # read here, not in `linear`: torch.compile cannot trace the probe
+        if bits == 4 and self._kernel:
             self._prepare_int4_kernel()
 
     @classmethod
@@ -160,7 +161,7 @@ class QuantizedWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W.T + b with W this weight; x [..., in] in the scales' dtype."""
         flat = x.reshape(-1, self.in_features)
-        if self.bits == 8 and kernel_available(8):
+        if self.bits == 8 and self._kernel:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
         elif self.bits == 4 and self._int4_packed is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self._int4_packed, self.group_size,
