@@ -14,6 +14,7 @@ noise hits both alike, and every run's ratio), whether the greedy tokens are ide
 against the memory-bandwidth bound (the bytes of weights one step reads / a bandwidth measured here by copying a
 large tensor). It also measures the per-token Python overhead of the model's forward on tiny 2- and 8-layer
 models. A `--model` outside the Hugging Face families is timed alone.
+`--quantize int8 int4` also times the model loaded with `load(..., quantize=...)` (`--group-size` for int4).
 `--pack` re-tunes the packed layout for each batch size (`Transformer.pack(batch)`), `--no-pack` loads plain
 weights (`load(..., pack=False)`), `--compile` runs `generate(..., compile=True)`, `--cache-dtype` sets the KV
 cache's dtype; `--hf-compile` adds transformers with its static cache and torch.compile as a second peer. The
@@ -196,6 +197,9 @@ def main() -> None:
                          "the warm-up, not timed)")
     ap.add_argument("--hf-compile", action="store_true",
                     help="also time transformers with its static cache and torch.compile (compiled in the warm-up)")
+    ap.add_argument("--quantize", nargs="+", default=[], choices=["int8", "int4"],
+                    help="also time the model loaded with load(..., quantize=Q), interleaved with the others")
+    ap.add_argument("--group-size", type=int, default=64, help="int4 group size")
     args = ap.parse_args()
 
     import transformers
@@ -219,6 +223,8 @@ def main() -> None:
             memory = resident_after_load(folder, name) if sys.platform.startswith("linux") else None
             model = decoderlab.load(folder, dtype=name, pack=not args.no_pack)
             twin = hf_twin(folder, DTYPES[name])
+            quantized = {q: decoderlab.load(folder, dtype=name, quantize=q, group_size=args.group_size)
+                         for q in args.quantize}
             packed = sum(m.packed is not None for m in model.modules() if isinstance(m, Linear))
             released = sum(m.released for m in model.modules() if isinstance(m, Linear))
             line = (f"{name}: {model.num_params() / 1e6:.0f}M params, {weight_bytes(model) / 2**20:.0f} MiB of "
@@ -243,6 +249,9 @@ def main() -> None:
                 run_ours(model, prompts, args.new if args.compile else 4, cache_dtype, args.compile)
                 ours, ours_prefill, theirs, theirs_prefill, compiled, compiled_prefill = [], [], [], [], [], []
                 hf_compile = twin is not None and args.hf_compile
+                for qmodel in quantized.values():
+                    run_ours(qmodel, prompts, args.new if args.compile else 4, cache_dtype, args.compile)
+                timed_q = {q: [] for q in quantized}
                 if twin is not None:
                     run_theirs(twin, ids, 4)
                 if hf_compile:
@@ -250,6 +259,8 @@ def main() -> None:
                 for _ in range(args.repeats):  # interleaved, so noise on the shared machine hits both alike
                     ours.append(run_ours(model, prompts, args.new, cache_dtype, args.compile))
                     ours_prefill.append(run_ours(model, prompts, 1, cache_dtype, args.compile)[0])
+                    for q, qmodel in quantized.items():
+                        timed_q[q].append(run_ours(qmodel, prompts, args.new, cache_dtype, args.compile))
                     if twin is not None:
                         theirs.append(run_theirs(twin, ids, args.new))
                         theirs_prefill.append(run_theirs(twin, ids, 1)[0])
@@ -277,6 +288,12 @@ def main() -> None:
                     c_same = sum(a == b for a, b in zip(ours[0][1], compiled[0][1], strict=True))
                     line += (f" | transformers static+compiled {tokens / c_total:7.1f} tok/s (step "
                              f"{c_step * 1e3:6.2f} ms) | ratio {c_total / total:4.2f}x, identical {c_same}/{B}")
+                for q, runs_q in timed_q.items():
+                    q_total = statistics.median(r[0] for r in runs_q)
+                    same = sum(a == b for a, b in zip(ours[0][1], runs_q[0][1], strict=True))
+                    q_tokens = sum(len(row) for row in runs_q[0][1])
+                    line += (f" | ours {q} {q_tokens / q_total:7.1f} tok/s ({total / q_total * q_tokens / tokens:.2f}x "
+                             f"ours {name}), greedy tokens identical to {name}: {same}/{B} rows")
                 print(line, flush=True)
             if released:  # what giving every weight back costs (anything that reads them does it), and repacking
                 t0 = time.perf_counter()
@@ -285,7 +302,7 @@ def main() -> None:
                 model.pack()
                 print(f"{name}: unpack (every weight back, bit for bit) {t1 - t0:.2f} s, pack again "
                       f"{time.perf_counter() - t1:.2f} s", flush=True)
-            del model, twin
+            del model, twin, quantized
 
     fwd = forward_overhead()
     per_layer = (fwd[8] - fwd[2]) / 6

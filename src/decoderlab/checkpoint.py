@@ -21,9 +21,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import hf
-from .accel import finish_load
+from .accel import DEFAULT_GROUP_SIZE, Linear, QuantizedWeight, finish_load, quantized_layers
 from .config import PRESETS, ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, UserError
 from .generation_config import GenerationConfig
 from .model import Transformer
 
@@ -237,7 +237,8 @@ class _WeightPlan:
 
 
 def load(path_or_preset: str | Path, device: torch.device | str | None = None,
-         dtype: torch.dtype | str | None = None, pack: bool = True, *, check_finite: bool = True) -> Transformer:
+         dtype: torch.dtype | str | None = None, pack: bool = True, *, check_finite: bool = True,
+         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Transformer:
     """A `Transformer` from a checkpoint folder, or a preset name with fresh random weights.
 
     `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`. A checkpoint
@@ -245,13 +246,22 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     `pack=False` keeps it plain. A preset (fresh weights, for training) stays plain, in training mode.
     `check_finite` refuses weights holding NaN or infinity (also after a cast to `dtype`), naming the first;
     it is one `aminmax` pass over the weights (loading GPT-2 124M: 254 -> 280 ms, benchmarks/finite_check.py).
+    `quantize` ("int8" or "int4", with `group_size` for int4) quantizes every linear layer's weight for CPU
+    inference (`Transformer.quantize`); a folder written by `save` from a quantized model loads quantized as it is.
     """
     dtype = _resolve_dtype(dtype)
     if not Path(path_or_preset).exists() and str(path_or_preset) in PRESETS:
         model = Transformer(ModelConfig.preset(str(path_or_preset)))
-        return model.to(device=device, dtype=dtype or torch.float32)
+        model = model.to(device=device, dtype=dtype or torch.float32)
+        return model.eval().quantize(quantize, group_size) if quantize else model
     folder = Path(path_or_preset)
     config = read_config(folder)
+    stored_quantization = _quantization_of(folder)
+    if stored_quantization is not None:
+        if quantize is not None:
+            raise UserError(f"{folder} is already quantized ({_describe_quantization(stored_quantization)}); "
+                            "load it without quantize")
+        return finish_load(_load_quantized(folder, config, stored_quantization, device, dtype), pack)
     with torch.device("meta"):
         model = Transformer(config)
     plan = _WeightPlan(config, _TensorSource(folder), folder, model)
@@ -277,7 +287,96 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     model.tie_weights()
     model.reset_buffers()
     model.generation_config = GenerationConfig.read(folder) or GenerationConfig.from_model_config(config)
+    if quantize is not None:
+        model.eval().quantize(quantize, group_size)
     return finish_load(model.eval(), pack)
+
+
+# A quantized folder (`save` of a quantized model) is decoderlab's own layout: config.json names
+# DecoderlabForCausalLM (transformers refuses it) and has a "quantization" object {"method", "bits",
+# "group_size", "lm_head", "layers"}; model.safetensors holds each quantized layer L as L.qweight, L.scales and,
+# for int4, L.zeros (`accel.QuantizedWeight.state`), every other tensor in the model's dtype by its own name.
+QUANTIZATION_METHOD = "decoderlab-weight-only"
+
+
+def _quantization_of(folder: Path) -> dict | None:
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    found = data.get("quantization")
+    if found is None:
+        return None
+    if (not isinstance(found, dict) or found.get("method") != QUANTIZATION_METHOD or found.get("bits") not in (4, 8)
+            or not isinstance(found.get("layers"), list)):
+        raise CheckpointError(f"{folder / 'config.json'} has a 'quantization' object decoderlab does not read "
+                              f"(expected method {QUANTIZATION_METHOD!r}, bits 8 or 4 and a list of layers)")
+    return found
+
+
+def _describe_quantization(q: dict) -> str:
+    return f"int{q['bits']}" + (f", group size {q['group_size']}" if q.get("group_size") else "")
+
+
+def _load_quantized(folder: Path, config: ModelConfig, quantization: dict, device, dtype) -> Transformer:
+    if device is not None and torch.device(device).type != "cpu":
+        raise UserError(f"{folder} is quantized ({_describe_quantization(quantization)}); quantized models run on "
+                        "the CPU: load it with device='cpu'")
+    source = _TensorSource(folder)
+    with torch.device("meta"):
+        model = Transformer(config)
+    layers = set(quantization["layers"])
+    modules = dict(model.named_modules())
+    state: dict[str, torch.Tensor] = {}
+    for name, meta in model.state_dict().items():
+        layer = name.removesuffix(".weight")
+        if layer in layers or (name == "lm_head.weight" and config.tie_embeddings):
+            # Filled below (the quantized copy) or tied: a plain tensor never filled, whose pages stay untouched.
+            state[name] = torch.empty(meta.shape, dtype=dtype or _stored_dtype(source, quantization))
+            continue
+        if name not in source.names():
+            raise CheckpointError(f"tensor {name!r} is missing from {folder}; the quantized folder is incomplete")
+        state[name] = source.get(name).to(dtype=dtype) if dtype else source.get(name)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    model.reset_buffers()
+    for layer in sorted(layers):
+        module = modules.get(layer)
+        if not isinstance(module, Linear):
+            raise CheckpointError(f"{folder}: quantized layer {layer!r} is not a linear layer of this model")
+        try:
+            parts = {part: source.get(f"{layer}.{part}") for part in ("qweight", "scales", "zeros")
+                     if f"{layer}.{part}" in source.names()}
+            weight = QuantizedWeight.from_state(parts, quantization["bits"], quantization.get("group_size"),
+                                                module.in_features)
+        except KeyError as e:
+            raise CheckpointError(f"{folder}: quantized layer {layer!r} lacks its {e.args[0]} tensor") from None
+        module.quantize(weight.to_dtype(dtype) if dtype else weight)
+    model.quantization = {k: quantization[k] for k in ("bits", "group_size", "lm_head")}
+    model.generation_config = GenerationConfig.read(folder) or GenerationConfig.from_model_config(config)
+    return model.eval()
+
+
+def _stored_dtype(source: _TensorSource, quantization: dict) -> torch.dtype:
+    scales = f"{quantization['layers'][0]}.scales" if quantization["layers"] else None
+    return source.get(scales).dtype if scales in source.names() else torch.float32
+
+
+def _quantized_tensors(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and config.json "quantization" object of a quantized model's folder."""
+    layers = quantized_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        # The stored table: reading a quantized layer's weight through the module would dequantize it.
+        for name, param in dict.items(module._parameters):
+            if param is None or id(param) in seen or (module_name in layers and name == "weight"):
+                continue
+            seen.add(id(param))
+            tensors[prefix + name] = param.detach().contiguous()
+    for layer, weight in layers.items():
+        tensors.update({f"{layer}.{part}": t.contiguous() for part, t in weight.state().items()})
+    return tensors, {"method": QUANTIZATION_METHOD, **model.quantization, "layers": sorted(layers)}
 
 
 def _refuse_non_finite(plan: _WeightPlan, index: int, dtype: torch.dtype) -> None:
@@ -314,14 +413,19 @@ def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = Non
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"cannot create {folder} ({e.strerror}); choose a writable folder") from None
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if config.hf_family is None:
+    if quantized_layers(model):
+        tensors, quantization = _quantized_tensors(model)
+        cfg = {"architectures": [NATIVE_ARCHITECTURE], "model_type": "decoderlab", "decoderlab": config.to_dict(),
+               "quantization": quantization}
+    elif config.hf_family is None:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
         if config.tie_embeddings:
             state.pop("lm_head.weight", None)
         tensors = {k: v.contiguous() for k, v in state.items()}
         cfg = {"architectures": [NATIVE_ARCHITECTURE], "model_type": "decoderlab",
                "decoderlab": config.to_dict()}
     else:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
         tensors = hf.to_hf_state_dict(config, state)
         cfg = config.to_hf_config()
     cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")

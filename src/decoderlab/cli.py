@@ -267,6 +267,29 @@ COMPILE_HELP = ("Decode through one torch.compile graph: seconds to compile at f
                 "(mostly for small models and bf16).")
 
 
+QUANTIZE_HELP = "int8 or int4: weight-only quantization of every linear layer for CPU decoding."
+
+
+@app.command("quantize")
+def quantize_cmd(
+    path: str = typer.Argument(..., help="A checkpoint or run folder."),
+    out: str = typer.Argument(..., help="Folder to write the quantized model to (with the tokenizer)."),
+    bits: int = typer.Option(8, "--bits", help="8 (int8 per output channel) or 4 (int4 in groups)."),
+    group_size: int = typer.Option(64, "--group-size", help="Inputs per int4 scale (32, 64, 128 or 256)."),
+    lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="Quantize the LM head too."),
+) -> None:
+    """Quantize a model's weights (int8 or int4) and save a folder that `load` reads back quantized."""
+    import decoderlab
+
+    model = decoderlab.load(path, pack=False).quantize(bits, group_size, lm_head=lm_head)
+    try:
+        tok = decoderlab.Tokenizer.from_folder(path)
+    except UserError:
+        tok = None  # a folder without a tokenizer: the weights alone
+    decoderlab.save(model, out, tokenizer=tok)
+    console.print(f"wrote {out} (int{bits}{f', group size {group_size}' if bits == 4 else ''})")
+
+
 @app.command("serve")
 def serve_cmd(
     path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
@@ -276,6 +299,8 @@ def serve_cmd(
     tokenizer: str = typer.Option(None, help="Tokenizer folder, if not the checkpoint's own."),
     device: str = typer.Option(None, help="cpu or cuda (default: cpu)."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    quantize: str = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    group_size: int = typer.Option(64, "--group-size", help="Inputs per int4 scale (32, 64, 128 or 256)."),
     api_key: str = typer.Option(None, "--api-key", envvar="DECODERLAB_API_KEY",
                                 help="Require 'Authorization: Bearer KEY' on /v1 routes (env DECODERLAB_API_KEY)."),
     max_body_bytes: int = typer.Option(1 << 20, help="Largest request body read (413 past it)."),
@@ -297,7 +322,7 @@ def serve_cmd(
                           queue_timeout=queue_timeout, max_stop=max_stop, max_stop_length=max_stop_length,
                           max_top_logprobs=max_top_logprobs)
     run_server(path, host=host, port=port, model_name=model_name, tokenizer=tokenizer, device=device,
-               compile=compile, limits=limits, api_key=api_key)
+               compile=compile, limits=limits, api_key=api_key, quantize=quantize, group_size=group_size)
 
 
 @app.command("generate")
@@ -321,6 +346,8 @@ def generate_cmd(
                                "last W tokens (plus --sinks) in a fixed KV cache and generate past the context."),
     sinks: int = typer.Option(None, "--sinks", help="With --window: the first S tokens kept as attention sinks "
                               "(default 4)."),
+    quantize: str = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
+    group_size: int = typer.Option(64, "--group-size", help="Inputs per int4 scale (32, 64, 128 or 256)."),
 ) -> None:
     """Stream a prompt's continuation to the terminal as it is generated; it stops at the checkpoint's end ids
     (generation_config.json, config.json, the tokenizer's eos) or a --stop text."""
@@ -328,7 +355,7 @@ def generate_cmd(
 
     from .generation import TokenRecycler, draft_decoder, mtp_decoder, stream
 
-    model = decoderlab.load(path).pack()
+    model = decoderlab.load(path, quantize=quantize, group_size=group_size).pack()
     tok = decoderlab.Tokenizer.from_folder(path)
     if chat:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])

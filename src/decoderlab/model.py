@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import masks
-from .accel import Linear, pack_model, stored_parameters
+from .accel import DEFAULT_GROUP_SIZE, Linear, pack_model, quantize_model, stored_parameters
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
 from .errors import UserError
@@ -320,6 +320,8 @@ class Transformer(nn.Module):
         self.generation_config = GenerationConfig.from_model_config(config)
         # Set while `decoderlab.interp` hooks are active; None (the fast path) otherwise.
         self.hooks: Hooks | None = None
+        # {"bits", "group_size", "lm_head"} once `quantize`d; None for float weights.
+        self.quantization: dict | None = None
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = (nn.Embedding(config.context_length, config.d_model)
                           if config.positions == "learned" else None)
@@ -372,11 +374,20 @@ class Transformer(nn.Module):
         return pack_model(self, batch_size)
 
     def unpack(self) -> Transformer:
-        """Plain weights everywhere, packed copies dropped (`pack` undone)."""
+        """Plain weights everywhere, packed copies dropped (`pack` undone); quantized layers keep their weights
+        dequantized (`quantize` undone, its rounding kept)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.unpack()
+        self.quantization = None
         return self
+
+    def quantize(self, quantize: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
+                 lm_head: bool = True) -> Transformer:
+        """Weight-only quantization for CPU inference (`accel.quantize_model`): every linear layer's weight held
+        as int8 per output channel or int4 in groups of `group_size` inputs, the LM head too unless `lm_head` is
+        False; activations stay in the model's dtype. `quantization` then describes it; `unpack` undoes it."""
+        return quantize_model(self, quantize, group_size, lm_head)
 
     def train(self, mode: bool = True) -> Transformer:
         """Training mode. It unpacks packed weights (`unpack`): training changes them; `pack` again after."""

@@ -13,7 +13,17 @@ from .packing import (
     stored_tensors,
 )
 from .precision import fast_bf16
+from .quantize import (
+    DEFAULT_GROUP_SIZE,
+    INT4_GROUP_SIZES,
+    QUANTIZATIONS,
+    QuantizedWeight,
+    kernel_available,
+    quantize_model,
+    quantized_layers,
+)
 
-__all__ = ["SMALL_MODEL_BYTES", "Linear", "available_memory", "drop_file_pages", "fast_bf16", "finish_load",
-           "pack_model",
-           "packed_linear", "packing_supported", "stored_parameters", "stored_tensors"]
+__all__ = ["DEFAULT_GROUP_SIZE", "INT4_GROUP_SIZES", "QUANTIZATIONS", "SMALL_MODEL_BYTES", "Linear",
+           "QuantizedWeight", "available_memory", "drop_file_pages", "fast_bf16", "finish_load",
+           "kernel_available", "pack_model", "packed_linear", "packing_supported", "quantize_model",
+           "quantized_layers", "stored_parameters", "stored_tensors"]

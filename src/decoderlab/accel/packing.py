@@ -14,9 +14,13 @@ import ctypes
 import functools
 import sys
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .quantize import QuantizedWeight
 
 # Below this many bytes of fp32 linear weights, `Transformer.pack` leaves the weights unpacked (about a
 # server CPU's last-level cache: 32 MiB here).
@@ -153,6 +157,12 @@ class Linear(nn.Linear):
     _packed_for: tuple = ()
     _packed_batch: int = 1
     _released: bool = False
+    _quantized: QuantizedWeight | None = None
+
+    @property
+    def quantized(self) -> QuantizedWeight | None:
+        """The weight in int8/int4 (`quantize`), or None."""
+        return self._quantized
 
     @property
     def packed(self) -> torch.Tensor | None:
@@ -182,7 +192,13 @@ class Linear(nn.Linear):
     @property
     def stale(self) -> bool:
         """Packed, but the weight has changed since."""
-        return self._packed is not None and not self._released and self._packed_for != self._weight_key()
+        held = self._packed is not None or self._quantized is not None
+        return held and not self._released and self._packed_for != self._weight_key()
+
+    @property
+    def weight_device(self) -> torch.device:
+        """The weight's device (whether or not its plain storage is held)."""
+        return self._raw_weight().device
 
     @property
     def weight_bytes(self) -> int:
@@ -195,7 +211,7 @@ class Linear(nn.Linear):
         storage where nothing else holds the weight (`release`). Returns whether the layer is packed (False
         off the CPU or in a dtype this CPU's oneDNN does not pack)."""
         device, dtype = self._raw_weight().device, self._raw_weight().dtype
-        if device.type != "cpu" or not packing_supported(dtype):
+        if device.type != "cpu" or not packing_supported(dtype) or self._quantized is not None:
             return False
         current = self._packed is not None and (self._released or self._packed_for == self._weight_key())
         if not current or self._hint(self._packed_batch) != self._hint(batch_size):
@@ -208,6 +224,16 @@ class Linear(nn.Linear):
         if release:
             self.release()
         return True
+
+    def quantize(self, weight: QuantizedWeight, release: bool = True) -> None:
+        """Compute with `weight` (this layer's weight quantized, `accel.quantize`) instead of the float weight; with
+        `release`, drop the plain storage as `pack` does. Reading the weight through the module then gives the
+        dequantized weight; `unpack` goes back to a plain layer holding it."""
+        self.unpack()
+        self._quantized = weight
+        self._packed_for = self._weight_key()
+        if release:
+            self.release()
 
     def _hint(self, batch_size: int) -> int:
         # Measured here: for fp32 the layout oneDNN picks for one row streams weights at 30-42 GB/s, the one for
@@ -224,7 +250,7 @@ class Linear(nn.Linear):
         optimizer or a variable, or one with a gradient is left alone). Returns whether it is released."""
         if self._released:
             return True
-        if self._packed is None or self.stale:
+        if (self._packed is None and self._quantized is None) or self.stale:
             return False
         # Anyone else holding the parameter (or, in C++, its tensor: autograd's saved tensors) could read it
         # directly, and would find it empty.
@@ -242,10 +268,13 @@ class Linear(nn.Linear):
         return True
 
     def unpacked_weight(self) -> torch.Tensor:
-        """The plain weight, as a new tensor when released (unpacked from the packed copy, bit for bit)."""
+        """The plain weight, as a new tensor when released (unpacked from the packed copy, bit for bit; or the
+        quantized weight dequantized)."""
         if not self._released:
             return self._raw_weight().detach()
         with torch.inference_mode(False), torch.no_grad():
+            if self._quantized is not None:
+                return self._quantized.dequantize()
             return self._packed.to_dense()
 
     @torch.compiler.disable
@@ -262,11 +291,16 @@ class Linear(nn.Linear):
         self._packed_for = self._weight_key()
 
     def unpack(self) -> None:
-        """Back to a plain layer: the weight unpacked where released, the packed copy dropped."""
+        """Back to a plain layer: the weight unpacked where released, the packed copy dropped (a quantized layer
+        keeps its weight dequantized: the rounding stays)."""
         self._restore_plain()
-        self._packed, self._packed_for = None, ()
+        self._packed, self._packed_for, self._quantized = None, (), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantized = self._quantized
+        if quantized is not None and not torch.is_grad_enabled() and x.dtype == quantized.dtype:
+            if torch.compiler.is_compiling() or self._released or self._packed_for == self._weight_key():
+                return quantized.linear(x, self.bias)
         packed = self._packed
         if packed is not None and not torch.is_grad_enabled() and x.dtype == packed.dtype:
             if torch.compiler.is_compiling():
@@ -279,8 +313,9 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def _apply(self, fn, recurse: bool = True):
-        if self._packed is not None:
-            probe = torch.empty(0, dtype=self._packed.dtype)
+        held = self._packed if self._packed is not None else self._quantized
+        if held is not None:
+            probe = torch.empty(0, dtype=held.dtype)
             if fn(probe) is probe:  # .to() / .float() / .cpu() that change nothing: stay packed
                 return self
             self.unpack()  # another dtype or device: the packed copy would be stale
@@ -306,7 +341,7 @@ class Linear(nn.Linear):
         if self._released:
             weight = params["weight"]
             params["weight"] = nn.Parameter(self.unpacked_weight(), requires_grad=weight.requires_grad)
-        state.update(_parameters=params, _packed=None, _packed_for=(), _released=False)
+        state.update(_parameters=params, _packed=None, _packed_for=(), _released=False, _quantized=None)
         return state
 
 

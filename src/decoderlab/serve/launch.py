@@ -71,11 +71,13 @@ def is_loopback(host: str) -> bool:
 def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
           tokenizer: str | Path | None = None, device: str | None = None, dtype: str | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info", compile: bool = False,
-          limits: ServerLimits | None = None, api_key: str | None = None) -> None:
+          limits: ServerLimits | None = None, api_key: str | None = None, quantize: str | None = None,
+          group_size: int = 64) -> None:
     """Load a checkpoint folder (and its tokenizer, or the one at `tokenizer`) and serve it until interrupted.
 
     limits / api_key / compile as in `create_app`. Without an api_key, listening on an address other than loopback
-    prints a warning. On the CPU the weights are packed for decoding (`Transformer.pack`).
+    prints a warning. On the CPU the weights are packed for decoding (`Transformer.pack`), or quantized with
+    `quantize` ("int8" / "int4", `group_size` inputs per int4 scale; `load`).
     """
     from ..checkpoint import load
 
@@ -87,7 +89,7 @@ def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000,
     sock = bind_address(host, port)
     try:
         tok = Tokenizer.from_folder(tok_path)
-        model = load(path_or_preset, device=device, dtype=dtype).pack()
+        model = load(path_or_preset, device=device, dtype=dtype, quantize=quantize, group_size=group_size).pack()
         name = model_name or Path(str(path_or_preset)).resolve().name or str(path_or_preset)
         app = create_app(model, tok, name, compile=compile, limits=limits, api_key=api_key)
         if api_key is None and not is_loopback(host):
