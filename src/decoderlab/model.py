@@ -510,15 +510,10 @@ class Transformer(nn.Module):
             plans = self._attention_plans(mask, B, T, past, device, eager=attentions,
                                           static=cache if static else None, hooks=hooks)
 
-        all_hidden = [] if hidden_states else None
-        all_attn = [] if attentions else None
-        for i, block in enumerate(self.blocks):
-            if i < start_at_layer:
-                if all_hidden is not None:
-                    all_hidden.append(None)
-                if all_attn is not None:
-                    all_attn.append(None)
-                continue
+        all_hidden = [None] * start_at_layer if hidden_states else None
+        all_attn = [None] * start_at_layer if attentions else None
+        for i in range(start_at_layer, len(self.blocks)):
+            block = self.blocks[i]
             if edit_residual is not None:
                 x = edit_residual(i, x)
             if all_hidden is not None:
