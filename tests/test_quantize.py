@@ -163,6 +163,19 @@ def test_cli_quantize_then_generate(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: quantize must be 'int8' or 'int4' (bits 8 or 4), not 3"]
+    # The float folder is never overwritten in place, and another model folder only with --overwrite.
+    before = (tmp_path / "float" / "model.safetensors").read_bytes()
+    same = subprocess.run([*run, "quantize", str(tmp_path / "float"), str(tmp_path / "float")],
+                          capture_output=True, text=True, timeout=120)
+    assert same.returncode == 2 and "the model's own folder" in same.stderr and len(same.stderr.splitlines()) == 1
+    assert (tmp_path / "float" / "model.safetensors").read_bytes() == before
+    again = subprocess.run([*run, "quantize", str(tmp_path / "float"), str(tmp_path / "q4")],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    forced = subprocess.run([*run, "quantize", str(tmp_path / "float"), str(tmp_path / "q4"), "--overwrite"],
+                            capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    assert decoderlab.load(tmp_path / "q4").quantization["bits"] == 8
 
 
 def test_compiled_decode_step_matches_eager():

@@ -277,10 +277,18 @@ def quantize_cmd(
     bits: int = typer.Option(8, "--bits", help="8 (int8 per output channel) or 4 (int4 in groups)."),
     group_size: int = typer.Option(64, "--group-size", help="Inputs per int4 scale (32, 64, 128 or 256)."),
     lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="Quantize the LM head too."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a model already in OUT (never PATH itself)."),
 ) -> None:
     """Quantize a model's weights (int8 or int4) and save a folder that `load` reads back quantized."""
+    from pathlib import Path
+
     import decoderlab
 
+    if Path(out).resolve() == Path(path).resolve():
+        raise UserError(f"OUT {out!r} is the model's own folder: quantizing in place would lose its float weights; "
+                        "give another folder")
+    if (Path(out) / "config.json").exists() and not overwrite:
+        raise UserError(f"{out!r} already holds a model (config.json); pass --overwrite to replace it")
     model = decoderlab.load(path, pack=False).quantize(bits, group_size, lm_head=lm_head)
     try:
         tok = decoderlab.Tokenizer.from_folder(path)
