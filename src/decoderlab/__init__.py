@@ -1,16 +1,18 @@
 """decoderlab: one causal transformer with an explicit attention-mask algebra.
 
 Train it, load and save Hugging Face checkpoints, generate, and look inside; every feature is a
-function over the one `Transformer`. The short functions (`generate`, `stream`, `train`, `embed`) live
-at the top level; their subpackages are `generation`, `training` and `embeddings`, never hidden by them.
+function over the one `Transformer`. The short functions (`generate`, `stream`, `train`, `finetune`,
+`embed`) live at the top level; their subpackages are `generation`, `training`, `finetuning` and `embeddings`, never
+hidden by them.
 """
 
-from . import accel, data, embeddings, evaluate, generation, interp, masks, pine, training
+from . import accel, data, embeddings, evaluate, finetuning, generation, interp, masks, pine, training
 from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
 from .embeddings import Encoder, embed
 from .errors import CheckpointError, ConfigError, MaskError, UserError
+from .finetuning import FinetuneConfig, FinetuneResult, finetune
 from .generation import GenerationResult, counterfactual, generate, stream
 from .generation_config import GenerationConfig
 from .likelihood import PerplexityResult, perplexity
@@ -26,6 +28,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Encoder",
+    "FinetuneConfig",
+    "FinetuneResult",
     "KVCache",
     "Mask",
     "MaskError",
@@ -45,6 +49,8 @@ __all__ = [
     "embeddings",
     "embed",
     "evaluate",
+    "finetune",
+    "finetuning",
     "generate",
     "generation",
     "interp",

@@ -192,6 +192,109 @@ def train(
         console.print(text, markup=False, highlight=False)
 
 
+@app.command("finetune")
+def finetune_cmd(
+    base: str = typer.Argument(None, help="The model to start from: a Hugging Face folder or a decoderlab run."),
+    data: list[str] = typer.Option(None, "--data", help="JSONL files: {messages}, {prompt, completion} or {text} "
+                                   "records ({prompt, chosen, rejected} for --objective dpo)."),
+    out: str = typer.Option(None, "--out", help="Run folder (default runs/finetune)."),
+    val: list[str] = typer.Option(None, "--val", help="Held-out JSONL files (default: 5 % of --data, at most 500)."),
+    epochs: float = typer.Option(None, help="Passes over the training records (default 1 without another budget)."),
+    steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
+    time: str = typer.Option(None, "--time", help="Stop after this much training time, e.g. 90s, 3m."),
+    lr: float = typer.Option(None, help="Learning rate (default 1e-4; 1e-3 with LoRA)."),
+    batch_size: int = typer.Option(None, help="Rows per optimiser step (pairs with dpo; default 8)."),
+    grad_accum: int = typer.Option(None, help="Micro-batches per step."),
+    context: int = typer.Option(None, help="Tokens per row (default: the longest example, up to the model's)."),
+    packing: bool = typer.Option(None, "--packing/--no-packing", help="Pack several examples per row (default)."),
+    loss_on: str = typer.Option(None, help="response (default: assistant turns / completions) or all."),
+    chat_template: str = typer.Option(None, help="A Jinja chat template file replacing the tokenizer's."),
+    lora_r: int = typer.Option(None, help="Train LoRA adapters of this rank (base frozen); 0 = the whole model."),
+    lora_alpha: float = typer.Option(None, help="LoRA alpha (default 16)."),
+    lora_dropout: float = typer.Option(None, help="LoRA dropout (default 0)."),
+    lora_targets: str = typer.Option(None, help="Modules to adapt, comma-separated names or regexes (default: "
+                                     "the attention's q and v projections)."),
+    bitune: bool = typer.Option(None, "--bitune/--no-bitune", help="Prompts attend bidirectionally (Bitune)."),
+    objective: str = typer.Option(None, help="next (default: SFT), distill, taid or dpo."),
+    teacher: str = typer.Option(None, help="distill / taid: the teacher model (same tokenizer)."),
+    temperature: float = typer.Option(None, help="distill: temperature of the KL (default 1)."),
+    distill_weight: float = typer.Option(None, help="distill: weight of the KL; the rest goes to next-token loss."),
+    dpo_beta: float = typer.Option(None, help="dpo: beta (default 0.1)."),
+    optimizer: str = typer.Option(None, help="adamw (default) or muon."),
+    schedule: str = typer.Option(None, help="cosine (default), wsd or constant."),
+    warmup: float = typer.Option(None, help="Warmup as a fraction of the run (default 0.03)."),
+    weight_decay: float = typer.Option(None, help="Weight decay."),
+    dtype: str = typer.Option(None, help="auto (default), bf16 or fp32."),
+    eval_interval: int = typer.Option(None, help="Evaluate every N steps (default: five times per run)."),
+    save_interval: int = typer.Option(None, help="Save a resumable checkpoint every N steps (default: at evals)."),
+    log_interval: int = typer.Option(None, help="Log train loss every N steps (default 10)."),
+    seed: int = typer.Option(None, help="Random seed."),
+    device: str = typer.Option(None, help="auto, cpu or cuda."),
+    show: int = typer.Option(None, help="Held-out examples to generate at the end (default 3)."),
+    resume: str = typer.Option(None, "--resume", help="Continue the fine-tuning run in this folder, exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change", help="With --resume: continue although "
+                                           "the data files changed."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Fine-tune a checkpoint on instruction data (SFT with response-only loss, LoRA, Bitune, distillation, DPO).
+
+    Ctrl-C saves a snapshot and exits 130; `--resume RUN` continues it exactly.
+    """
+    from .finetuning import FinetuneConfig, FinetuneTrainer, score_responses
+    from .training import TrainingInterrupted, resume_config
+    from .training import train as run_training
+
+    given = dict(base=base, data=data or None, out=out, val_data=val or None, epochs=epochs, steps=steps, time=time,
+                 lr=lr, batch_size=batch_size, grad_accum=grad_accum, context_length=context, packed=packing,
+                 loss_on=loss_on, chat_template=chat_template, lora_r=lora_r, lora_alpha=lora_alpha,
+                 lora_dropout=lora_dropout, lora_targets=lora_targets, bitune=bitune, objective=objective,
+                 teacher=teacher, distill_temperature=temperature, distill_weight=distill_weight, dpo_beta=dpo_beta,
+                 optimizer=optimizer, schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype,
+                 eval_interval=eval_interval, save_interval=save_interval, log_interval=log_interval, seed=seed,
+                 device=device, show=show)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if resume:
+        if out is not None and out != resume:
+            raise UserError("--out contradicts --resume; a resumed run continues in its own folder")
+        cfg = resume_config(resume, given, config_class=FinetuneConfig)
+    else:
+        if base is None:
+            raise UserError("give the model to fine-tune: decoderlab finetune MODEL --data FILE.jsonl")
+        if allow_data_change:
+            raise UserError("--allow-data-change applies to --resume only")
+        cfg = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        result = run_training(cfg, resume=bool(resume), progress=progress, overwrite=overwrite,
+                              allow_data_change=allow_data_change, trainer_class=FinetuneTrainer)
+    except TrainingInterrupted as e:
+        if main_rank:
+            print(f"interrupted by {e.signal_name} at step {e.step}: saved {e.snapshot}; continue with: "
+                  f"decoderlab finetune --resume {cfg.out}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if not main_rank:
+        return
+    before = f"{result.val_loss_before:.4f}" if result.val_loss_before is not None else "n/a"
+    after = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    console.print(f"fine-tuned {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
+                  f"held-out loss {before} -> {after}; saved to {result.run_dir}")
+    examples = [e for e in result.held_out if hasattr(e, "prompt_length") and e.prompt_length > 0][:cfg.show]
+    if examples:
+        import decoderlab
+
+        if cfg.lora_r:
+            model = decoderlab.load(cfg.base, adapter=str(result.run_dir), pack=False)
+        else:
+            model = decoderlab.load(result.run_dir)
+        tok = decoderlab.Tokenizer.from_folder(result.run_dir)
+        scores = score_responses(model, tok, examples, bitune=cfg.bitune)
+        for prompt, reference, generated in zip(scores.prompts, scores.references, scores.generated, strict=True):
+            console.print(f"[bold]prompt:[/bold] {prompt!r}\n  reference: {reference!r}\n  generated: "
+                          f"{generated!r}", highlight=False)
+
+
 def _known_prompt(run: str, prompt: str) -> str | None:
     """`prompt` if the run's tokenizer can encode it; else (a corpus without newlines, say) a token it knows, with a
     note; None (and a note) when there is none."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config import ModelConfig
 from ..errors import UserError
@@ -41,6 +41,10 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 @dataclass
 class TrainConfig:
+    # Subclasses (fine-tuning) extend these; class attributes, not fields.
+    objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
+    frozen_on_resume: ClassVar[tuple[str, ...]] = FROZEN_ON_RESUME
+
     # Data: files, folders or globs; None = the built-in default corpus (the Python standard library).
     data: list[str] | None = None
     tokenizer: str = "char"  # "char", "bpe", or a folder / tokenizer.json to reuse
@@ -96,7 +100,8 @@ class TrainConfig:
         self.time = parse_duration(self.time)
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
-        need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose {', '.join(OBJECTIVES)}")
+        need(self.objective in self.objectives,
+             f"unknown objective {self.objective!r}; choose {', '.join(self.objectives)}")
         need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
         need(self.batch_size % self.grad_accum == 0,
@@ -123,7 +128,11 @@ class TrainConfig:
         need(not (self.eval_tasks and self.fsdp), "--eval-tasks runs the model on one process, which FSDP shards; "
                                                   "use DDP (--ddp) or evaluate the saved run with decoderlab eval")
         if self.steps is None and self.tokens is None and self.time is None:
-            self.time = 120.0
+            self._default_budget()
+
+    def _default_budget(self) -> None:
+        """The budget when none is given: two minutes of training."""
+        self.time = 120.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

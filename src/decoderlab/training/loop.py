@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import distributed as dist
 from . import snapshot as snap
-from .config import BUDGET, FROZEN_ON_RESUME, TrainConfig, parse_duration, resolve_model_config
+from .config import BUDGET, TrainConfig, parse_duration, resolve_model_config
 from .optim import build_optimizers, lr_factor
 from .resources import check_memory
 from .runfolder import RUN_CONFIG, check_out_folder
@@ -87,10 +87,15 @@ def data_cache_dir(cfg: TrainConfig, tokenizer: Tokenizer | None = None) -> Path
 class Trainer:
     """One training run: `run()` loops until the stop criterion, evaluating and checkpointing on the way.
 
+    Subclasses change what is trained and on what by overriding `_prepare_data`, `_build_model`, `_batch`, `loss`,
+    `evaluate` and `save_weights`/`load_weights` (`decoderlab.finetune.FinetuneTrainer`).
+
     `resume` continues the run in `cfg.out` from its newest complete snapshot; `extend` (with `resume`) adds a
     schedule segment of that much more training to a finished run; `overwrite` replaces an earlier run in `cfg.out`
     (see `runfolder`); `allow_data_change` resumes although the input files changed since the snapshot.
     """
+
+    config_class: ClassVar[type[TrainConfig]] = TrainConfig
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
                  extend: Budget | None = None, allow_data_change: bool = False) -> None:
@@ -113,9 +118,7 @@ class Trainer:
         elif cfg.dtype == "bf16" and not fast_bf16(self.device.type) and self.ctx.is_main:
             self._note(f"this {self.device.type} has no native bf16: bf16 training runs many times slower than "
                        "fp32 here (--dtype fp32 or auto)")
-        # Refuse what cannot fit before touching any folder or data (the vocabulary is not known yet: a lower bound).
-        vocab_floor = 257 if cfg.tokenizer == "bpe" else 1
-        check_memory(cfg, resolve_model_config(cfg, vocab_floor), self.device, self.ctx.world_size)
+        self._check_memory_early()
         snapshot, state = None, None
         if resume:
             snapshot = snap.find_snapshot(self.run_dir, note=self._warn)
@@ -134,11 +137,8 @@ class Trainer:
             self._check_extension(state["step"], extend)
         self.data, self.data_files = self._prepare_data(snapshot, state, allow_data_change)
         self.tokenizer = self.data.tokenizer
-        self.model_config = resolve_model_config(cfg, self.tokenizer.vocab_size)
-        self.data.check_context(self.model_config.context_length)
-        check_memory(cfg, self.model_config, self.device, self.ctx.world_size)
-        torch.manual_seed(cfg.seed)
-        self.raw_model = Transformer(self.model_config).to(self.device)
+        self.raw_model = self._build_model()
+        self.model_config = self.raw_model.config
         self.model = dist.wrap(self.raw_model, self.ctx, fsdp=cfg.fsdp)
         self.optimizers = build_optimizers(self.raw_model, cfg, self.device)
         self.step = 0
@@ -174,6 +174,43 @@ class Trainer:
     def _warn(self, message: str) -> None:
         if self.ctx.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def _check_memory_early(self) -> None:
+        """Refuse what cannot fit before touching any folder or data (the vocabulary is not known yet: a lower
+        bound)."""
+        cfg = self.cfg
+        vocab_floor = 257 if cfg.tokenizer == "bpe" else 1
+        check_memory(cfg, resolve_model_config(cfg, vocab_floor), self.device, self.ctx.world_size)
+
+    def _build_model(self) -> Transformer:
+        """The model this run trains, on the run's device: here a fresh one of the configured shape."""
+        cfg = self.cfg
+        config = resolve_model_config(cfg, self.tokenizer.vocab_size)
+        self.data.check_context(config.context_length)
+        check_memory(cfg, config, self.device, self.ctx.world_size)
+        torch.manual_seed(cfg.seed)
+        return Transformer(config).to(self.device)
+
+    def _batch(self) -> Batch:
+        """The global batch of the current step: a pure function of (seed, step), so resume is exact."""
+        cfg = self.cfg
+        return get_batch(self.data.train, cfg.batch_size, self.model_config.context_length, self.step, cfg.seed,
+                         packed=cfg.packed)
+
+    def save_weights(self, model: Transformer, folder: Path) -> None:
+        """Write the model (with the run's tokenizer) into `folder`, loadable by `decoderlab.load`."""
+        save_model(model, folder, tokenizer=self.tokenizer)
+
+    def load_weights(self, snapshot: Path) -> None:
+        """Restore the model's weights from a snapshot written by `save_weights`."""
+        from ..checkpoint import load as load_model
+
+        loaded = load_model(snapshot, device=self.device, dtype=torch.float32, pack=False)
+        try:
+            dist.load_model_state(self.raw_model, loaded.state_dict(), self.ctx)
+        except RuntimeError as e:
+            raise UserError(f"the weights in {snapshot} do not fit this run's model ({str(e).splitlines()[0]})"
+                            ) from None
 
     @property
     def tokens_per_step(self) -> int:
@@ -300,8 +337,7 @@ class Trainer:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * factor
-        batch = get_batch(self.data.train, cfg.batch_size, self.model_config.context_length, self.step, cfg.seed,
-                          packed=cfg.packed)
+        batch = self._batch()
         rows = _shard_rows(cfg.batch_size, ctx.rank, ctx.world_size)
         micro = max(1, len(rows) // cfg.grad_accum)
         loss_sum = torch.zeros((), device=self.device)
@@ -554,7 +590,7 @@ class Trainer:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            save_model(model, staging, tokenizer=self.tokenizer)
+            self.save_weights(model, staging)
             torch.save(state_dicts, staging / OPTIM_FILE)
             _write_json(staging / STATE_FILE, self._state())
             snap.write_manifest(staging, self.step)
@@ -562,9 +598,9 @@ class Trainer:
                 snap.remove(final)  # a snapshot of a lost future (skipped on resume) at the same step
             os.replace(staging, final)
             snap.fsync_dir(snapshots)
-            save_model(model, self.run_dir, tokenizer=self.tokenizer)
+            self.save_weights(model, self.run_dir)
             if best:
-                save_model(model, self.run_dir / "best", tokenizer=self.tokenizer)
+                self.save_weights(model, self.run_dir / "best")
         except (OSError, RuntimeError, UserError) + _SAVE_ERRORS as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise UserError(f"could not save a checkpoint in {self.run_dir} ({_reason(e, self.run_dir)}); the previous "
@@ -572,17 +608,10 @@ class Trainer:
         snap.prune(self.run_dir, self.step, self.cfg.keep_last)
 
     def _load_state(self, snapshot: Path, state: dict[str, Any]) -> None:
-        from ..checkpoint import load as load_model
-
         if state["step"] != snap.snapshot_step(snapshot):
             raise UserError(f"{snapshot / STATE_FILE} says step {state['step']}, not the folder's; delete that "
                             "snapshot to resume from an earlier one")
-        loaded = load_model(snapshot, device=self.device, dtype=torch.float32, pack=False)
-        try:
-            dist.load_model_state(self.raw_model, loaded.state_dict(), self.ctx)
-        except RuntimeError as e:
-            raise UserError(f"the weights in {snapshot} do not fit this run's model ({str(e).splitlines()[0]})"
-                            ) from None
+        self.load_weights(snapshot)
         states = snap.load_tensors(snapshot / OPTIM_FILE)
         if not isinstance(states, list) or len(states) != len(self.optimizers):
             raise UserError(f"{snapshot / OPTIM_FILE} does not hold this run's {len(self.optimizers)} optimizer "
@@ -628,8 +657,10 @@ class Trainer:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def resume_config(run_dir: str | Path, overrides: dict[str, Any], extend: bool = False) -> TrainConfig:
-    """The run's saved TrainConfig with `overrides` applied; contradictions are a one-line error.
+def resume_config(run_dir: str | Path, overrides: dict[str, Any], extend: bool = False,
+                  config_class: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """The run's saved TrainConfig (or `config_class`, a subclass) with `overrides` applied; contradictions are a
+    one-line error.
 
     The budget (steps, tokens, time) is frozen in the run's schedule: without `extend` a different value is refused
     (with `extend` it is the extra budget, passed to `train` separately, and the saved config keeps the original).
@@ -648,7 +679,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any], extend: bool =
     for key, value in overrides.items():
         if value is None:
             continue
-        if key in FROZEN_ON_RESUME and _jsonable(saved.get(key)) != _jsonable(value):
+        if key in config_class.frozen_on_resume and _jsonable(saved.get(key)) != _jsonable(value):
             raise UserError(f"--{key.replace('_', '-')} {value!r} contradicts the run being resumed "
                             f"({saved.get(key)!r}); drop it or start a new run with another --out")
         if key in BUDGET and not extend:
@@ -660,7 +691,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any], extend: bool =
     merged = {**saved, **{k: v for k, v in overrides.items() if v is not None and k not in BUDGET},
               "out": str(run_dir)}
     try:
-        return TrainConfig.from_dict(merged)
+        return config_class.from_dict(merged)
     except (TypeError, ValueError) as e:
         if isinstance(e, UserError):
             raise
@@ -673,13 +704,16 @@ def _jsonable(value: Any) -> Any:
 
 def train(cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True, overwrite: bool = False,
           extend: bool | Budget | dict[str, Any] | None = None, allow_data_change: bool = False,
-          **overrides: Any) -> TrainResult:
+          trainer_class: type[Trainer] | None = None, **overrides: Any) -> TrainResult:
     """Train a model: `decoderlab.train(data=[...], time="90s", out="runs/x")` or with a TrainConfig.
 
     `resume=True` continues the run in `out` (keyword overrides as at the command line); `extend=True` with
     `steps=`/`tokens=`/`time=` (or a `Budget`) trains a finished run further; `overwrite=True` replaces an earlier
     run in `out`. SIGINT/SIGTERM end the run after the current step with a snapshot (`TrainingInterrupted`).
+    `trainer_class` runs another kind of run through the same loop (`decoderlab.finetune`).
     """
+    trainer_class = trainer_class or Trainer
+    config_class = trainer_class.config_class
     budget = None
     if extend is not None and extend is not False:
         if isinstance(extend, Budget):
@@ -691,10 +725,10 @@ def train(cfg: TrainConfig | None = None, resume: bool = False, progress: bool =
         if resume:
             if overrides.get("out") is None:
                 raise UserError("resume=True needs out= (the run folder to continue)")
-            cfg = resume_config(overrides["out"], overrides, extend=budget is not None)
+            cfg = resume_config(overrides["out"], overrides, extend=budget is not None, config_class=config_class)
         else:
-            cfg = TrainConfig(**overrides)
-    trainer = Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite, extend=budget,
+            cfg = config_class(**overrides)
+    trainer = trainer_class(cfg, resume=resume, progress=progress, overwrite=overwrite, extend=budget,
                       allow_data_change=allow_data_change)
     try:
         result = trainer.run()

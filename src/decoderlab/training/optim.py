@@ -100,7 +100,7 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
     """
     hidden, other, seen = [], [], set()
     for name, p in model.named_parameters():
-        if id(p) in seen:  # tied weights appear twice
+        if id(p) in seen or not p.requires_grad:  # tied weights appear twice; frozen ones (LoRA's base) not at all
             continue
         seen.add(id(p))
         is_matrix = p.dim() == 2 and not name.startswith(("embed.", "pos_embed.", "lm_head."))

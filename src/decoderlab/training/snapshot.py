@@ -32,7 +32,9 @@ OPTIM_FILE = "optimizer.pt"
 SNAPSHOT_DIR = "checkpoints"
 MANIFEST_FORMAT = "decoderlab.snapshot"
 # What a snapshot cannot resume without (the weights are checked by the model loader, which names what is missing).
-REQUIRED = (STATE_FILE, OPTIM_FILE, "config.json", "tokenizer.json")
+REQUIRED = (STATE_FILE, OPTIM_FILE, "tokenizer.json")
+# ... and the model's config: a whole model's, or a LoRA adapter's (a fine-tuning run with a frozen base).
+CONFIG_FILES = ("config.json", "adapter_config.json")
 _NAME = re.compile(r"step-(\d+)")
 _HASH_CHUNK = 1 << 20
 
@@ -109,6 +111,8 @@ def problem(folder: Path) -> str | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return f"its {MANIFEST_FILE} is unreadable"
     missing = [name for name in REQUIRED if name not in listed]
+    if not any(name in listed for name in CONFIG_FILES):
+        missing.append(CONFIG_FILES[0])
     if missing:
         return f"its manifest does not list {missing[0]}"
     for name, (size, digest) in listed.items():

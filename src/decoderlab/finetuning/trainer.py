@@ -1,0 +1,443 @@
+"""The fine-tuning run: the training loop of `decoderlab.training` started from a checkpoint, on packed examples.
+
+`FinetuneTrainer` overrides only what differs from training from scratch: where the model and tokenizer come from
+(the base folder, optionally with LoRA adapters), the batches (packed examples with response-only targets), the
+loss (next-token, distillation, TAID, DPO; Bitune's mask) and the validation loss (on held-out responses). The
+schedule, bf16 autocast, exact resume, metrics, loss plot and torchrun come from `Trainer` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .. import masks
+from ..checkpoint import load as load_model
+from ..checkpoint import read_config
+from ..data import describe_change, input_files, input_stats
+from ..errors import UserError
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..training import Trainer, TrainResult
+from ..training.resources import check_memory
+from . import bitune
+from .config import FinetuneConfig
+from .examples import Example, PreferencePair, read_examples
+from .objectives import TAIDState, dpo_loss, kl_to_teacher, next_token_loss, sequence_logprobs
+from .packing import RowPlan, SFTBatch, build_batch
+
+MAX_VAL_RECORDS = 500
+EVAL_ROWS = 16  # rows per evaluation forward
+
+
+@dataclass
+class FinetuneResult(TrainResult):
+    val_loss_before: float | None = None  # the held-out loss of the base model, before any step
+    held_out: list = field(default_factory=list)  # the held-out examples (or preference pairs), rendered
+
+
+@dataclass
+class PairBatch(SFTBatch):
+    """Rows 0..B-1 hold the chosen answers, B..2B-1 the rejected ones; `pairs` [B] the pairs' indices."""
+
+    pairs: torch.Tensor | None = None
+
+
+class PairPlan:
+    """The stream of preference pairs over epochs (a permutation per epoch from (seed, e)); one row per answer."""
+
+    def __init__(self, pairs: list[PreferencePair], context_length: int, seed: int) -> None:
+        self.pairs, self.context_length, self.seed = pairs, context_length, seed
+        self.rows_per_epoch = len(pairs)
+
+    def batch(self, step: int, batch_size: int, pad_id: int = 0) -> PairBatch:
+        n = len(self.pairs)
+        index = []
+        for g in range(step * batch_size, (step + 1) * batch_size):
+            epoch, at = divmod(g, n)
+            index.append(int(np.random.default_rng((self.seed, epoch)).permutation(n)[at]))
+        return pair_batch(self.pairs, index, self.context_length, pad_id)
+
+
+def pair_batch(pairs: list[PreferencePair], index: list[int], context_length: int, pad_id: int = 0) -> PairBatch:
+    examples = [pairs[i].chosen for i in index] + [pairs[i].rejected for i in index]
+    b = build_batch(examples, [[i] for i in range(len(examples))], context_length, pad_id)
+    return PairBatch(b.inputs, b.targets, b.doc_ids, b.positions, b.prompt, torch.tensor(index))
+
+
+@dataclass
+class FinetuneData:
+    tokenizer: Tokenizer
+    train: RowPlan | PairPlan
+    val: list[Example] | list[PreferencePair]
+    row_length: int
+
+
+class FinetuneTrainer(Trainer):
+    """A fine-tuning run (see the module doc); `cfg` is a `FinetuneConfig`."""
+
+    config_class: ClassVar[type] = FinetuneConfig
+    cfg: FinetuneConfig
+    data: FinetuneData
+
+    def __init__(self, cfg: FinetuneConfig, **kwargs: Any) -> None:
+        if not isinstance(cfg, FinetuneConfig):
+            raise TypeError("FinetuneTrainer needs a FinetuneConfig")
+        self.teacher: Transformer | None = None
+        self.taid = TAIDState() if cfg.objective == "taid" else None
+        self.reference: torch.Tensor | None = None  # DPO: [pairs, 2] reference log-probs (train, then val)
+        self.val_before: float | None = None
+        super().__init__(cfg, **kwargs)
+
+    # ---- data and model -------------------------------------------------------------------------
+
+    def _check_memory_early(self) -> None:
+        read_config(self.cfg.base)  # a missing or unreadable base fails before anything is written
+
+    def _prepare_data(self, snapshot: Path | None, state: dict[str, Any] | None,
+                      allow_change: bool) -> tuple[FinetuneData, list[list[Any]]]:
+        cfg = self.cfg
+        files = input_stats(list(cfg.data) + list(cfg.val_data or []))
+        if state is not None:
+            try:
+                change = describe_change(state.get("data_files"), files)
+            except (TypeError, ValueError):
+                change = "the snapshot does not record its input files"
+            if change is not None and not allow_change:
+                raise UserError(f"the fine-tuning data changed since {snapshot.name} was saved ({change}); resuming "
+                                "would not reproduce the run — restore the files, or pass --allow-data-change")
+        tokenizer = Tokenizer.from_folder(snapshot if snapshot is not None else cfg.base)
+        if cfg.chat_template is not None and snapshot is None:
+            path = Path(cfg.chat_template)
+            tokenizer.chat_template = path.read_text(encoding="utf-8") if path.is_file() else cfg.chat_template
+        preference = cfg.objective == "dpo"
+        train = read_examples(_jsonl_files(cfg.data), tokenizer, cfg.loss_on, preference)
+        if cfg.val_data:
+            val = read_examples(_jsonl_files(cfg.val_data), tokenizer, cfg.loss_on, preference)
+        else:
+            if len(train) < 2:
+                raise UserError("fine-tuning needs at least 2 records (one is held out for validation), or --val")
+            n_val = min(MAX_VAL_RECORDS, max(1, round(cfg.val_fraction * len(train))))
+            order = np.random.default_rng((cfg.seed, 7)).permutation(len(train))
+            held = set(order[:n_val].tolist())
+            val = [r for i, r in enumerate(train) if i in held]
+            train = [r for i, r in enumerate(train) if i not in held]
+        base_context = read_config(cfg.base).context_length
+        wanted = cfg.context_length or base_context
+        if wanted > base_context:
+            raise UserError(f"--context {wanted} is longer than the base model's context ({base_context})")
+        train, val, row_length = _fit(train, val, wanted, preference, self._warn)
+        plan: RowPlan | PairPlan
+        if preference:
+            plan = PairPlan(train, row_length, cfg.seed)
+        else:
+            plan = RowPlan(train, row_length, cfg.seed, packed=cfg.packed)
+        return FinetuneData(tokenizer, plan, val, row_length), files
+
+    def _build_model(self) -> Transformer:
+        cfg = self.cfg
+        model = load_model(cfg.base, device=self.device, dtype=torch.float32, pack=False).train()
+        if not cfg.lora_r:
+            check_memory(cfg, model.config.replace(context_length=self.data.row_length), self.device,
+                         self.ctx.world_size)
+        torch.manual_seed(cfg.seed)
+        if cfg.lora_r:
+            from ..lora import LoraConfig, apply_lora
+
+            apply_lora(model, LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                         target_modules=cfg.lora_targets))
+        if cfg.teacher is not None:
+            self.teacher = self._load_teacher(model)
+        if cfg.objective == "dpo":
+            self.reference = self._reference_logprobs(model)
+        return model
+
+    def _load_teacher(self, student: Transformer) -> Transformer:
+        cfg = self.cfg
+        teacher = load_model(cfg.teacher, device=self.device, dtype=torch.float32, pack=False).eval()
+        teacher.requires_grad_(False)
+        try:
+            same = Tokenizer.from_folder(cfg.teacher).backend.get_vocab() == self.tokenizer.backend.get_vocab()
+        except UserError:
+            same = False
+        if not same:
+            raise UserError(f"the teacher {cfg.teacher} does not share the student's vocabulary (tokenizer); "
+                            "distillation compares their distributions token by token")
+        return teacher
+
+    @torch.inference_mode()
+    def _reference_logprobs(self, model: Transformer) -> torch.Tensor:
+        """DPO's reference: the starting model's sequence log-probs of every pair (train, then val), computed once
+        (the same at every resume, since the starting model is the base), so no second model is kept."""
+        pairs = list(self.data.train.pairs) + list(self.data.val)
+        out = []
+        model.eval()
+        for first in range(0, len(pairs), EVAL_ROWS // 2):
+            index = list(range(first, min(first + EVAL_ROWS // 2, len(pairs))))
+            batch = pair_batch(pairs, index, self.data.row_length, self._pad_id)
+            with self.autocast_context():
+                logps = self._logprobs(model, batch, slice(None))
+            n = len(index)
+            out.append(torch.stack([logps[:n], logps[n:]], dim=1).float())
+        model.train()
+        return torch.cat(out)
+
+    def autocast_context(self):
+        cfg = self.cfg
+        dtype = cfg.dtype if cfg.dtype != "auto" else "fp32"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == "bf16" else _null()
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_id
+        return pad if pad is not None else (self.tokenizer.eos_id or 0)
+
+    @property
+    def tokens_per_step(self) -> int:
+        rows = self.cfg.batch_size * (2 if self.cfg.objective == "dpo" else 1)
+        return rows * self.data.row_length
+
+    def _step_limit(self) -> int | None:
+        limit = super()._step_limit()
+        if self.cfg.epochs is not None:
+            steps = max(1, math.ceil(self.cfg.epochs * self.data.train.rows_per_epoch / self.cfg.batch_size))
+            limit = steps if limit is None else min(limit, steps)
+        return limit
+
+    def _batch(self) -> SFTBatch:
+        return self.data.train.batch(self.step, self.cfg.batch_size, self._pad_id)
+
+    # ---- weights ---------------------------------------------------------------------------------
+
+    def save_weights(self, model: Transformer, folder: Path) -> None:
+        if not self.cfg.lora_r:
+            return super().save_weights(model, folder)
+        from ..lora import save_adapter
+
+        save_adapter(model, folder, base_model_name_or_path=str(Path(self.cfg.base).resolve()))
+        self.tokenizer.save(folder)
+
+    def load_weights(self, snapshot: Path) -> None:
+        if not self.cfg.lora_r:
+            return super().load_weights(snapshot)
+        from ..lora import load_adapter
+
+        load_adapter(self.raw_model, snapshot)
+
+    # ---- losses ----------------------------------------------------------------------------------
+
+    def _layout(self, batch: SFTBatch, rows) -> tuple[torch.Tensor, masks.Mask]:
+        """Positions and mask of some rows: examples kept apart; Bitune's prompt block where asked."""
+        doc = batch.doc_ids[rows].to(self.device)
+        positions = batch.positions[rows].to(self.device)
+        if self.cfg.bitune:
+            return positions, bitune.training_mask(doc, batch.prompt[rows].to(self.device))
+        return positions, masks.causal() & masks.document(doc)
+
+    def _logprobs(self, model, batch: PairBatch, pairs) -> torch.Tensor:
+        """[2n] sequence log-probs of the chosen then the rejected answers of pairs `pairs` of the batch."""
+        B = batch.inputs.shape[0] // 2
+        index = torch.arange(B)[pairs]
+        rows = torch.cat([index, index + B])
+        positions, mask = self._layout(batch, rows)
+        logits = model(batch.inputs[rows].to(self.device), positions=positions, mask=mask)
+        return sequence_logprobs(logits, batch.targets[rows].to(self.device))
+
+    def loss(self, batch: SFTBatch, rows) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.objective == "dpo":
+            logps = self._logprobs(self.forward, batch, rows)
+            n = logps.shape[0] // 2
+            ref = self.reference[batch.pairs[rows]].to(self.device)
+            return dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.dpo_beta)[0]
+        x = batch.inputs[rows].to(self.device)
+        y = batch.targets[rows].to(self.device)
+        positions, mask = self._layout(batch, rows)
+        logits = self.forward(x, positions=positions, mask=mask)
+        if cfg.objective == "next":
+            return next_token_loss(logits, y)
+        with torch.no_grad():
+            teacher_mask = masks.causal() & masks.document(batch.doc_ids[rows].to(self.device))
+            teacher_logits = self.teacher(x, positions=positions, mask=teacher_mask)
+        V = min(logits.shape[-1], teacher_logits.shape[-1], self.tokenizer.vocab_size)
+        student, teacher = logits[..., :V], teacher_logits[..., :V]
+        if cfg.objective == "taid":
+            return kl_to_teacher(student, self.taid.target(student, teacher), y)
+        kl = kl_to_teacher(student, teacher, y, cfg.distill_temperature)
+        if cfg.distill_weight == 1:
+            return kl
+        return cfg.distill_weight * kl + (1 - cfg.distill_weight) * next_token_loss(logits, y)
+
+    def train_step(self) -> float:
+        loss = super().train_step()
+        if self.taid is not None:
+            self.taid.update(loss, self.progress_fraction())
+        return loss
+
+    @torch.inference_mode()
+    def evaluate(self) -> tuple[float, float]:
+        """(held-out loss, NaN): mean next-token loss on the held-out responses (DPO: mean DPO loss)."""
+        model, cfg = self.raw_model, self.cfg
+        model.eval()
+        try:
+            if cfg.objective == "dpo":
+                n_train = len(self.data.train.pairs)
+                total, count = 0.0, 0
+                for first in range(0, len(self.data.val), EVAL_ROWS // 2):
+                    index = list(range(first, min(first + EVAL_ROWS // 2, len(self.data.val))))
+                    batch = pair_batch(self.data.val, index, self.data.row_length, self._pad_id)
+                    with self.autocast:
+                        logps = self._logprobs(model, batch, slice(None))
+                    n = len(index)
+                    ref = self.reference[[n_train + i for i in index]].to(self.device)
+                    loss = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.dpo_beta)[0]
+                    total, count = total + float(loss) * n, count + n
+                return total / max(1, count), math.nan
+            plan = RowPlan(self.data.val, self.data.row_length, cfg.seed, packed=cfg.packed, shuffle=False)
+            rows = plan.all_rows()
+            total_t = torch.zeros((), dtype=torch.float64)
+            count_t = torch.zeros((), dtype=torch.float64)
+            for first in range(0, len(rows), EVAL_ROWS):
+                batch = build_batch(self.data.val, rows[first:first + EVAL_ROWS], self.data.row_length, self._pad_id)
+                positions, mask = self._layout(batch, slice(None))
+                with self.autocast:
+                    logits = model(batch.inputs.to(self.device), positions=positions, mask=mask)
+                y = batch.targets.to(self.device)
+                n = (y != -100).sum()
+                total_t += float(next_token_loss(logits, y)) * float(n)
+                count_t += float(n)
+            return float(total_t / count_t.clamp(min=1)), math.nan
+        finally:
+            model.train()
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        state = super()._state()
+        if self.taid is not None:
+            state["taid"] = self.taid.to_dict()
+        return state
+
+    def _load_state(self, snapshot: Path, state: dict[str, Any]) -> None:
+        super()._load_state(snapshot, state)
+        if self.taid is not None and isinstance(state.get("taid"), dict):
+            self.taid = TAIDState(**state["taid"])
+
+    def run(self) -> FinetuneResult:
+        if self.step == 0:
+            self.val_before = self.evaluate()[0]
+            self._note(f"held-out loss of the base model before fine-tuning: {self.val_before:.4f}")
+            if self.ctx.is_main:
+                self._append_metrics({"step": 0, "tokens": 0, "elapsed_s": 0.0,
+                                      "val_loss": round(self.val_before, 5)})
+        result = super().run()
+        return FinetuneResult(**vars(result), val_loss_before=self.val_before, held_out=list(self.data.val))
+
+
+def _jsonl_files(inputs: list[str]) -> list[Path]:
+    """The files named (folders and globs expanded as for training data); all must be JSONL."""
+    files = input_files(inputs)
+    other = [f for f in files if f.suffix.lower() != ".jsonl"]
+    if other:
+        raise UserError(f"{other[0]} is not a .jsonl file; fine-tuning data is JSONL (one record per line)")
+    return files
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _fit(train: list, val: list, wanted: int, preference: bool, warn) -> tuple[list, list, int]:
+    """Examples cut to the row length (the longest example's, at most `wanted` slots); those left without a trained
+    token are dropped. Returns (train, val, row_length)."""
+
+    def examples(items):
+        for item in items:
+            yield from ((item.chosen, item.rejected) if preference else (item,))
+
+    longest = max(len(e) for e in examples(train + val))
+    row_length = max(1, min(wanted, longest - 1))
+    cut = sum(len(e) > row_length + 1 for e in examples(train + val))
+
+    def fits(item) -> bool:
+        return all(e.trained[:row_length + 1].any() for e in ((item.chosen, item.rejected) if preference
+                                                                else (item,)))
+
+    def shorten(item):
+        if preference:
+            return PreferencePair(item.chosen.truncated(row_length + 1), item.rejected.truncated(row_length + 1))
+        return item.truncated(row_length + 1)
+
+    kept_train = [shorten(i) for i in train if fits(i)]
+    kept_val = [shorten(i) for i in val if fits(i)]
+    dropped = len(train) + len(val) - len(kept_train) - len(kept_val)
+    if cut:
+        warn(f"{cut} example(s) are longer than the context ({row_length + 1} tokens) and were cut"
+             + (f"; {dropped} lost every trained token and were dropped" if dropped else ""))
+    if not kept_train or not kept_val:
+        raise UserError("no example keeps a trained token within the context; raise --context or shorten prompts")
+    return kept_train, kept_val, row_length
+
+
+def finetune(base: str | None = None, data: str | list[str] | None = None, cfg: FinetuneConfig | None = None,
+             resume: bool = False, progress: bool = True, overwrite: bool = False, extend: Any = None,
+             allow_data_change: bool = False, **overrides: Any) -> FinetuneResult:
+    """Fine-tune a model: `decoderlab.finetune("runs/base", data="sft.jsonl", out="runs/sft", epochs=2)`.
+
+    Keyword arguments are `FinetuneConfig` fields (`lora_r=8`, `bitune=True`, `objective="dpo"`, ...); `resume=True`
+    continues the run in `out`, exactly. The result's `val_loss_before` is the base model's held-out loss.
+    """
+    from ..training.loop import train
+
+    if base is not None:
+        overrides["base"] = base
+    if data is not None:
+        overrides["data"] = [data] if isinstance(data, str) else list(data)
+    return train(cfg, resume=resume, progress=progress, overwrite=overwrite, extend=extend,
+                 allow_data_change=allow_data_change, trainer_class=FinetuneTrainer, **overrides)
+
+
+@dataclass
+class ResponseScore:
+    """Greedy completions of held-out examples: each (prompt, reference, generated) text and whether the generated
+    tokens are exactly the reference's (its end-of-turn or end-of-text token included)."""
+
+    prompts: list[str]
+    references: list[str]
+    generated: list[str]
+    exact: list[bool]
+
+    @property
+    def exact_match(self) -> float:
+        return sum(self.exact) / max(1, len(self.exact))
+
+
+def score_responses(model: Transformer, tokenizer: Tokenizer, examples: list[Example], bitune: bool = False,
+                    batch_size: int = 16) -> ResponseScore:
+    """Generate each example's response greedily from its prompt (`bitune`: the prompt prefilled bidirectionally)
+    and compare it with the reference, token for token. Examples without a prompt (text records) are skipped."""
+    from ..generation import generate
+
+    chosen = [e for e in examples if e.prompt_length > 0 and e.trained[e.prompt_length:].any()]
+    score = ResponseScore([], [], [], [])
+    decoder = bitune.BidirectionalPromptDecoder if bitune else None
+    for first in range(0, len(chosen), batch_size):
+        group = chosen[first:first + batch_size]
+        prompts = [e.ids[:e.prompt_length].tolist() for e in group]
+        references = [e.ids[e.prompt_length:].tolist() for e in group]
+        out = generate(model, prompts, max_new_tokens=max(len(r) for r in references), stop_tokens=[],
+                       decoder=decoder)
+        for prompt, reference, tokens in zip(prompts, references, out.tokens, strict=True):
+            tokens = tokens[:len(reference)]
+            score.prompts.append(tokenizer.decode(prompt))
+            score.references.append(tokenizer.decode(reference))
+            score.generated.append(tokenizer.decode(tokens))
+            score.exact.append(tokens == reference)
+    return score
