@@ -1015,6 +1015,19 @@ suite_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
 app.add_typer(suite_app, name="suite")
 
 
+@suite_app.command("docstrings")
+def suite_docstrings_cmd(
+    out: str = typer.Option(..., "--out", help="Folder for train.jsonl and val.jsonl."),
+    max_chars: int = typer.Option(600, help="Longest prompt + completion kept, in characters."),
+) -> None:
+    """Docstring -> function body records from the standard library, for `decoderlab finetune`; val holds the
+    functions of the files `decoderlab train` holds out of the default corpus."""
+    from .suites.docstrings import write_docstrings
+
+    counts = write_docstrings(out, max_chars=max_chars)
+    console.print(f"wrote {out}: " + ", ".join(f"{name}.jsonl {n:,} records" for name, n in counts.items()))
+
+
 @suite_app.command("corr2cause")
 def suite_corr2cause_cmd(
     out: str = typer.Option(..., "--out", help="Folder for train.jsonl, test.jsonl and the task YAML."),

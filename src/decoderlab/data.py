@@ -478,6 +478,14 @@ def _val_share(key: str) -> float:
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64
 
 
+def document_split(files: Sequence[str | os.PathLike], val_fraction: float) -> dict[Path, str]:
+    """The split ("train" or "val") `prepare` puts each of these (non-JSONL) files in, as one document each: a
+    held-out set made from the same files can then avoid everything a model trained on them has seen."""
+    paths = [Path(f) for f in files]
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    return {p: "val" if _val_share(p.relative_to(root).as_posix()) < val_fraction else "train" for p in paths}
+
+
 def _given(inputs: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str | os.PathLike] | None:
     return None if inputs is None else [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
 

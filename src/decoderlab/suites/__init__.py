@@ -1,5 +1,5 @@
 """Evaluation suites generated locally from their definitions: deterministic from a seed, written as JSONL
-plus a ready lm-eval task YAML (`write_suite`)."""
+plus a ready lm-eval task YAML (`write_suite`); and fine-tuning sets made from the default corpus (`docstrings`)."""
 
 from .cladder import CausalModel, ExactModel, cladder_counts, generate_cladder, write_cladder
 from .corr2cause import (
@@ -11,6 +11,7 @@ from .corr2cause import (
     unlabeled_dags,
     write_corr2cause,
 )
+from .docstrings import docstring_records, write_docstrings
 from .kv_retrieval import KVRetrievalResult, kv_retrieval_accuracy, kv_retrieval_items, write_kv_retrieval
 from .writer import TaskSpec, write_suite
 
@@ -24,6 +25,7 @@ __all__ = [
     "cladder_counts",
     "corr2cause_items",
     "corr2cause_task",
+    "docstring_records",
     "equivalence_classes",
     "generate_cladder",
     "kv_retrieval_accuracy",
@@ -31,6 +33,7 @@ __all__ = [
     "unlabeled_dags",
     "write_cladder",
     "write_corr2cause",
+    "write_docstrings",
     "write_kv_retrieval",
     "write_suite",
 ]
