@@ -436,6 +436,17 @@ def serve_cmd(
                compile=compile, limits=limits, api_key=api_key, quantize=quantize, group_size=group_size)
 
 
+def _tree_shape(text: str) -> tuple[int | list[int], int | None]:
+    """--tree: "WxD" (width x depth) or "3,2,1" (per-depth widths), as rsd_decoder's (width, depth)."""
+    try:
+        if "x" in text:
+            width, depth = text.lower().split("x")
+            return int(width), int(depth)
+        return [int(w) for w in text.split(",")], None
+    except ValueError:
+        raise UserError(f"--tree must be WxD (e.g. 2x3) or per-depth widths (e.g. 3,2,1), got {text!r}") from None
+
+
 @app.command("generate")
 def generate_cmd(
     path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
@@ -452,6 +463,9 @@ def generate_cmd(
     speculative: str = typer.Option(None, help="Speculative decoding: recycle (Token Recycling) or mtp (the "
                                     "model's future heads), both greedy; or a draft model's folder (samples as "
                                     "plain decoding does)."),
+    tree: str = typer.Option(None, "--tree", help="With --speculative DRAFT_FOLDER: Recursive Speculative "
+                             "Decoding with a draft tree, WxD (W children per node, D levels, e.g. 2x3) or "
+                             "per-depth widths (e.g. 3,2,1); exact in distribution like chain speculation."),
     compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     window: int = typer.Option(None, "--window", help="Streaming with attention sinks (StreamingLLM): keep the "
                                "last W tokens (plus --sinks) in a fixed KV cache and generate past the context."),
@@ -464,7 +478,7 @@ def generate_cmd(
     (generation_config.json, config.json, the tokenizer's eos) or a --stop text."""
     import decoderlab
 
-    from .generation import TokenRecycler, draft_decoder, mtp_decoder, stream
+    from .generation import TokenRecycler, draft_decoder, mtp_decoder, rsd_decoder, stream
 
     model = decoderlab.load(path, quantize=quantize, group_size=group_size).pack()
     tok = decoderlab.Tokenizer.from_folder(path)
@@ -493,7 +507,10 @@ def generate_cmd(
     elif speculative:
         if compile:
             raise UserError("--compile applies to plain decoding and --speculative recycle; leave it out here")
-        decoder = draft_decoder(decoderlab.load(speculative))
+        decoder = (draft_decoder(decoderlab.load(speculative)) if tree is None
+                   else rsd_decoder(decoderlab.load(speculative), *_tree_shape(tree)))
+    if tree is not None and (speculative is None or speculative in ("recycle", "mtp")):
+        raise UserError("--tree shapes a draft model's tree; give --speculative DRAFT_FOLDER too")
     if (window is not None or sinks is not None) and speculative:
         raise UserError("--window/--sinks stream with plain decoding; leave out --speculative")
     steps = stream(model, [ids], tokens, **sampling, seed=seed, stop_strings=stop or None, tokenizer=tok,

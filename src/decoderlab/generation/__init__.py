@@ -5,11 +5,12 @@ The engine (`engine`) is a host loop over a public decoder protocol: a `Decoder`
 applies stop ids, stop strings, the token budget, text and logprobs alike for every decoder. `CachedDecoder` is
 the default; `stream(..., decoder=factory)` takes another (PINE, the speculative decoders).
 Streaming past the context with attention sinks (StreamingLLM) lives in `streaming` (`generate(..., window=W)`).
-Lossless speculative decoding (Token Recycling, a draft model, multi-token heads) lives in `speculative`.
+Lossless speculative decoding (Token Recycling, a draft model, multi-token heads) lives in `speculative`;
+Recursive Speculative Decoding (sampled draft trees, exact in distribution, batched) in `rsd`.
 The logits processors (penalties, temperature, top-k, top-p, min-p) live in `sampling` as pure functions.
 """
 
-from . import constrained, sampling, speculative
+from . import constrained, rsd, sampling, speculative
 from .constrained import Grammar
 from .counterfactual import Trace, counterfactual
 from .engine import (
@@ -30,6 +31,7 @@ from .engine import (
     resolve_stop_tokens,
     stream,
 )
+from .rsd import DraftTree, RSDDecoder, rsd_decoder, rsd_generate
 from .sampling import SamplingParams, TokenLogprob, token_logprobs
 from .sinks import SinkWindow, StreamingDecoder
 from .speculative import (
@@ -47,6 +49,7 @@ from .speculative import (
 
 __all__ = [
     "CACHE_CHUNK", "CachedDecoder", "DecodeRequest", "Decoded", "Decoder", "DecoderFactory", "DraftDecoder",
+    "DraftTree", "RSDDecoder", "rsd", "rsd_decoder", "rsd_generate",
     "GenerationResult", "GenerationStep", "Grammar", "MTPDecoder", "RecyclingDecoder", "SamplingParams",
     "SinkWindow", "SpeculativeResult", "Stream", "StreamingDecoder", "TokenLogprob", "TokenRecycler", "Trace",
     "check_prompts", "constrained",
