@@ -297,3 +297,27 @@ def test_cli_finetune_and_its_errors(base, data, tmp_path):
     bad = _cli("finetune", str(base), "--data", str(data), "--out", str(tmp_path / "z"), "--bitune",
                "--loss-on", "all")
     assert bad.returncode == 2 and "--bitune" in bad.stderr
+
+
+def test_docstring_suite_follows_the_corpus_split(tmp_path):
+    from decoderlab.data import document_split
+    from decoderlab.suites import docstring_records
+
+    files = []
+    for i in range(40):
+        path = tmp_path / f"mod{i}.py"
+        path.write_text(f'import os\n\n\ndef f{i}(x, y=1):\n    """Add {i} to x."""\n    z = x + {i}\n'
+                        '    return z * y\n\n\n'
+                        f'@staticmethod\ndef skipped(x):\n    """Decorated."""\n    return x\n\n\n'
+                        f'def nodoc(x):\n    return x\n')
+        files.append(path)
+    records = docstring_records(files, val_fraction=0.25)
+    split = document_split(files, 0.25)
+    assert len(records["train"]) + len(records["val"]) == 40  # one per file: the decorated and undocumented skipped
+    assert len(records["val"]) == sum(s == "val" for s in split.values()) > 0
+    for name in ("train", "val"):
+        for r in records[name]:
+            i = int(r["prompt"].split("(")[0].removeprefix("def f"))
+            assert split[tmp_path / f"mod{i}.py"] == name
+            assert r["prompt"] == f'def f{i}(x, y=1):\n    """Add {i} to x."""\n'
+            assert r["completion"] == f"    z = x + {i}\n    return z * y\n"
