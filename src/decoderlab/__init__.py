@@ -14,6 +14,7 @@ from .errors import CheckpointError, ConfigError, MaskError, UserError
 from .generation import GenerationResult, counterfactual, generate, stream
 from .generation_config import GenerationConfig
 from .likelihood import PerplexityResult, perplexity
+from .lora import LoraConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
 from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigError",
     "Encoder",
     "KVCache",
+    "LoraConfig",
     "Mask",
     "MaskError",
     "ModelConfig",
@@ -41,6 +43,7 @@ __all__ = [
     "UserError",
     "counterfactual",
     "accel",
+    "apply_lora",
     "data",
     "embeddings",
     "embed",
@@ -52,6 +55,10 @@ __all__ = [
     "train",
     "training",
     "load",
+    "load_adapter",
+    "lora_parameters",
+    "merge_lora",
+    "save_adapter",
     "masks",
     "perplexity",
     "pine",
