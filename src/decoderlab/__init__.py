@@ -16,6 +16,7 @@ from .finetuning import FinetuneConfig, FinetuneResult, finetune
 from .generation import GenerationResult, counterfactual, generate, stream
 from .generation_config import GenerationConfig
 from .likelihood import PerplexityResult, perplexity
+from .lora import LoraConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
 from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
@@ -31,6 +32,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "KVCache",
+    "LoraConfig",
     "Mask",
     "MaskError",
     "ModelConfig",
@@ -45,6 +47,7 @@ __all__ = [
     "UserError",
     "counterfactual",
     "accel",
+    "apply_lora",
     "data",
     "embeddings",
     "embed",
@@ -58,6 +61,10 @@ __all__ = [
     "train",
     "training",
     "load",
+    "load_adapter",
+    "lora_parameters",
+    "merge_lora",
+    "save_adapter",
     "masks",
     "perplexity",
     "pine",

@@ -238,7 +238,8 @@ class _WeightPlan:
 
 def load(path_or_preset: str | Path, device: torch.device | str | None = None,
          dtype: torch.dtype | str | None = None, pack: bool = True, *, check_finite: bool = True,
-         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Transformer:
+         quantize: str | None = None, group_size: int = DEFAULT_GROUP_SIZE,
+         adapter: str | Path | None = None) -> Transformer:
     """A `Transformer` from a checkpoint folder, or a preset name with fresh random weights.
 
     `dtype=None` keeps the checkpoint's dtype (fp32 for a preset); weights go straight to `device`. A checkpoint
@@ -248,7 +249,13 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     it is one `aminmax` pass over the weights (loading GPT-2 124M: 254 -> 280 ms, benchmarks/finite_check.py).
     `quantize` ("int8" or "int4", with `group_size` for int4) quantizes every linear layer's weight for CPU
     inference (`Transformer.quantize`); a folder written by `save` from a quantized model loads quantized as it is.
+    `adapter` is a LoRA adapter folder (PEFT's layout) to put on the loaded model (`decoderlab.load_adapter`).
     """
+    if adapter is not None:
+        from .lora import load_adapter  # lora builds on this module's model; imported when asked for
+
+        return load_adapter(load(path_or_preset, device, dtype, pack, check_finite=check_finite,
+                                 quantize=quantize, group_size=group_size), adapter)
     dtype = _resolve_dtype(dtype)
     if not Path(path_or_preset).exists() and str(path_or_preset) in PRESETS:
         model = Transformer(ModelConfig.preset(str(path_or_preset)))
@@ -407,6 +414,11 @@ def save(model: Transformer, path: str | Path, tokenizer: Tokenizer | None = Non
 
     `max_shard_size` (bytes) splits the weights into shards with an index, as transformers does.
     """
+    from .lora import has_lora
+
+    if has_lora(model):
+        raise UserError("this model has LoRA adapters: merge them into the weights first (decoderlab.merge_lora) "
+                        "or save them alone (decoderlab.save_adapter)")
     folder = Path(path)
     config = model.config
     try:

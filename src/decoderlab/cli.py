@@ -473,6 +473,7 @@ def generate_cmd(
                               "(default 4)."),
     quantize: str = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     group_size: int = typer.Option(64, "--group-size", help="Inputs per int4 scale (32, 64, 128 or 256)."),
+    adapter: str = typer.Option(None, "--adapter", help="A LoRA adapter folder (PEFT's layout) to put on the model."),
 ) -> None:
     """Stream a prompt's continuation to the terminal as it is generated; it stops at the checkpoint's end ids
     (generation_config.json, config.json, the tokenizer's eos) or a --stop text."""
@@ -480,7 +481,7 @@ def generate_cmd(
 
     from .generation import TokenRecycler, draft_decoder, mtp_decoder, rsd_decoder, stream
 
-    model = decoderlab.load(path, quantize=quantize, group_size=group_size).pack()
+    model = decoderlab.load(path, quantize=quantize, group_size=group_size, adapter=adapter).pack()
     tok = decoderlab.Tokenizer.from_folder(path)
     if chat:
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -1025,6 +1026,34 @@ def perplexity_cmd(
         if Path(out).parent != Path("."):
             _out_dir(str(Path(out).parent))
         _write_json(out, {"model": path, **result.to_dict()})
+
+
+lora_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                       help="LoRA adapters (PEFT's layout): merge one into its base.")
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("merge")
+def lora_merge_cmd(
+    base: str = typer.Argument(..., help="The base model's folder."),
+    adapter: str = typer.Argument(..., help="A LoRA adapter folder for it (saved by decoderlab or PEFT)."),
+    out: str = typer.Argument(..., help="Folder for the merged model (with the base's tokenizer)."),
+) -> None:
+    """Fold a LoRA adapter into its base's weights and save a plain folder (transformers loads it)."""
+    from pathlib import Path
+
+    import decoderlab
+
+    if Path(out).resolve() == Path(base).resolve():
+        raise UserError(f"OUT {out!r} is the base model's own folder: merging in place would lose the base "
+                        "weights; give another folder")
+    model = decoderlab.merge_lora(decoderlab.load(base, pack=False, adapter=adapter))
+    try:
+        tok = decoderlab.Tokenizer.from_folder(base)
+    except UserError:
+        tok = None  # a folder without a tokenizer: the weights alone
+    decoderlab.save(model, out, tokenizer=tok)
+    console.print(f"wrote {out} ({base} + {adapter})", highlight=False, soft_wrap=True)
 
 
 suite_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,

@@ -175,6 +175,9 @@ class Attention(nn.Module):
         name = self.hook_prefix + "hook_result"
         if not hooks.wants(name):
             return self.out(z.reshape(B, T, H * D))
+        if getattr(self.out, "lora_adapters", None) is not None:
+            raise UserError(f"{name} splits attn.out's weight by head, which leaves out its LoRA adapter; "
+                            "merge the adapter first (decoderlab.merge_lora)")
         w_out = self.out.weight.view(-1, H, D)  # [d_model, H, D]
         result = hooks(name, torch.einsum("bthd,mhd->bthm", z, w_out.to(z.dtype)))
         out = result.sum(2)
@@ -390,9 +393,18 @@ class Transformer(nn.Module):
         return quantize_model(self, quantize, group_size, lm_head)
 
     def train(self, mode: bool = True) -> Transformer:
-        """Training mode. It unpacks packed weights (`unpack`): training changes them; `pack` again after."""
+        """Training mode. It unpacks packed weights (`unpack`): training changes them; `pack` again after.
+        Frozen quantized layers stay quantized (QLoRA: adapters trained on an int8/int4 base)."""
         if mode:
-            self.unpack()
+            kept = False
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    if module.quantized is not None and module.frozen:
+                        kept = True
+                    else:
+                        module.unpack()
+            if not kept:
+                self.quantization = None
         return super().train(mode)
 
     def requires_grad_(self, requires_grad: bool = True) -> Transformer:

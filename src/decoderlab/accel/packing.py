@@ -196,6 +196,11 @@ class Linear(nn.Linear):
         return held and not self._released and self._packed_for != self._weight_key()
 
     @property
+    def frozen(self) -> bool:
+        """Whether the weight is frozen (requires no gradient), read without giving a released weight back."""
+        return not self._raw_weight().requires_grad
+
+    @property
     def weight_device(self) -> torch.device:
         """The weight's device (whether or not its plain storage is held)."""
         return self._raw_weight().device
@@ -301,6 +306,10 @@ class Linear(nn.Linear):
         if quantized is not None and not torch.is_grad_enabled() and x.dtype == quantized.dtype:
             if torch.compiler.is_compiling() or self._released or self._packed_for == self._weight_key():
                 return quantized.linear(x, self.bias)
+        if quantized is not None and torch.is_grad_enabled() and self.frozen and (
+                self._released or self._packed_for == self._weight_key()):
+            # A frozen quantized layer under autograd (QLoRA): gradients flow to the input, the weight stays int.
+            return quantized.linear_with_grad(x, self.bias)
         packed = self._packed
         if packed is not None and not torch.is_grad_enabled() and x.dtype == packed.dtype:
             if torch.compiler.is_compiling():

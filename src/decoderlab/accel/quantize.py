@@ -158,9 +158,20 @@ class QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales.to(dtype), zeros, self.bits, self.group_size,
                                self.in_features)
 
+    def linear_with_grad(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`linear` that autograd can go back through to `x` (and `bias`): the weight stays frozen (QLoRA:
+        adapters trained on a quantized base). torch's int8/int4 kernels have no derivative, so the backward
+        dequantizes this one weight for the moment it needs it (grad_x = grad_y @ W); only one layer's float
+        weight exists at a time. `x` may be in another dtype (autocast): it is computed in the scales' dtype."""
+        y = _QuantizedLinear.apply(x.reshape(-1, self.in_features), bias, self)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W.T + b with W this weight; x [..., in] in the scales' dtype."""
-        flat = x.reshape(-1, self.in_features)
+        return self.linear_2d(x.reshape(-1, self.in_features), bias).view(*x.shape[:-1], self.out_features)
+
+    def linear_2d(self, flat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`linear` of rows `flat` [N, in] -> [N, out]."""
         if self.bits == 8 and self._kernel:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
         elif self.bits == 4 and self._int4_packed is not None:
@@ -172,7 +183,29 @@ class QuantizedWeight:
             y = flat @ self.dequantize().t()
         if bias is not None:
             y = y + bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y
+
+
+class _QuantizedLinear(torch.autograd.Function):
+    """y = x @ W.T + b for a frozen `QuantizedWeight` W: the kernel forward, a dequantizing backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight: QuantizedWeight) -> torch.Tensor:
+        ctx.weight, ctx.x_dtype = weight, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = weight.linear_2d(x.to(weight.dtype), None if bias is None else bias.to(weight.dtype))
+        # A view made inside a Function may not be changed in place later (LoRA adds into its output): a new tensor.
+        return y.clone() if y._is_view() else y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.weight
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad.to(weight.dtype) @ weight.dequantize()).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None
 
 
 def quantize_model(model: nn.Module, quantize: str | int = "int8", group_size: int = DEFAULT_GROUP_SIZE,
