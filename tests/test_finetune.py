@@ -321,3 +321,39 @@ def test_docstring_suite_follows_the_corpus_split(tmp_path):
             assert split[tmp_path / f"mod{i}.py"] == name
             assert r["prompt"] == f'def f{i}(x, y=1):\n    """Add {i} to x."""\n'
             assert r["completion"] == f"    z = x + {i}\n    return z * y\n"
+
+
+def test_lora_finetuning_trains_only_adapters_and_resumes_exactly(base, data, tmp_path, monkeypatch):
+    from decoderlab.lora import ADAPTER_CONFIG
+
+    common = dict(steps=6, progress=False, dtype="fp32", log_interval=1, eval_interval=3, batch_size=4, lora_r=4,
+                  lora_targets="q_proj,v_proj,down_proj")
+    result = finetune(base, data=str(data), out=str(tmp_path / "straight"), **common)
+    assert result.val_loss < result.val_loss_before
+    assert (tmp_path / "straight" / ADAPTER_CONFIG).is_file() and not (tmp_path / "straight" / "config.json").exists()
+    straight = _losses(tmp_path / "straight")
+    cfg = FinetuneConfig(base=str(base), data=[str(data)], out=str(tmp_path / "cut"), save_interval=2,
+                         **{k: v for k, v in common.items() if k != "progress"})
+    trainer = FinetuneTrainer(cfg, progress=False)
+    assert {n for n, p in trainer.raw_model.named_parameters() if p.requires_grad} == {
+        n for n, _ in trainer.raw_model.named_parameters() if ".lora_adapters." in n}
+    opt = trainer.optimizers[0]
+    step = opt.step
+
+    def signalled(*args, **kwargs):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(opt, "step", signalled)
+    with pytest.raises(TrainingInterrupted):
+        trainer.run()
+    monkeypatch.undo()
+    finetune(out=str(tmp_path / "cut"), resume=True, progress=False)
+    assert _losses(tmp_path / "cut") == straight
+    # The adapter folder loads back onto the base with the run's held-out behaviour.
+    model = decoderlab.load(base, adapter=tmp_path / "straight", pack=False)
+    plain = decoderlab.load(base, pack=False)
+    ids = torch.tensor([[5, 17, 250, 3, 99]])
+    with torch.no_grad():
+        assert not torch.allclose(model(ids), plain(ids))

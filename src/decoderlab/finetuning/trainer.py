@@ -225,9 +225,21 @@ class FinetuneTrainer(Trainer):
     def load_weights(self, snapshot: Path) -> None:
         if not self.cfg.lora_r:
             return super().load_weights(snapshot)
-        from ..lora import load_adapter
+        from safetensors.torch import load_file
 
-        load_adapter(self.raw_model, snapshot)
+        from ..lora import ADAPTER_WEIGHTS, KEY_PREFIX, lora_layers
+
+        # Into the adapters the optimizer holds (load_adapter would attach new ones).
+        tensors = load_file(str(snapshot / ADAPTER_WEIGHTS))
+        with torch.no_grad():
+            for layer in lora_layers(self.raw_model).values():
+                for adapter in layer.lora_adapters:
+                    for part, param in (("A", adapter.A), ("B", adapter.B)):
+                        key = f"{KEY_PREFIX}{adapter.name}.lora_{part}.weight"
+                        if key not in tensors or tensors[key].shape != param.shape:
+                            raise UserError(f"{snapshot / ADAPTER_WEIGHTS} does not hold this run's {key}; delete "
+                                            "that snapshot to resume from an earlier one")
+                        param.copy_(tensors[key])
 
     # ---- losses ----------------------------------------------------------------------------------
 
