@@ -357,3 +357,15 @@ def test_lora_finetuning_trains_only_adapters_and_resumes_exactly(base, data, tm
     ids = torch.tensor([[5, 17, 250, 3, 99]])
     with torch.no_grad():
         assert not torch.allclose(model(ids), plain(ids))
+
+
+def test_qlora_on_an_int8_base_and_cli_bidirectional_prompt(base, data, tmp_path):
+    result = finetune(base, data=str(data), out=str(tmp_path / "q"), steps=4, lora_r=4, quantize="int8",
+                      progress=False, dtype="fp32", lr=3e-3, bitune=True)
+    assert result.val_loss < result.val_loss_before
+    with pytest.raises(UserError, match="--quantize freezes the base"):
+        FinetuneConfig(base=str(base), data=[str(data)], quantize="int4")
+    out = _cli("generate", str(base), "add 2 3 =", "--tokens", "4", "--adapter", str(tmp_path / "q"),
+               "--quantize", "int8", "--bidirectional-prompt")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("add 2 3 =")

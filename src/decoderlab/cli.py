@@ -214,6 +214,8 @@ def finetune_cmd(
     lora_dropout: float = typer.Option(None, help="LoRA dropout (default 0)."),
     lora_targets: str = typer.Option(None, help="Modules to adapt, comma-separated names or regexes (default: "
                                      "the attention's q and v projections)."),
+    quantize: str = typer.Option(None, "--quantize", help="QLoRA-style: int8 or int4 frozen base under the LoRA "
+                                 "adapters (needs --lora-r)."),
     bitune: bool = typer.Option(None, "--bitune/--no-bitune", help="Prompts attend bidirectionally (Bitune)."),
     objective: str = typer.Option(None, help="next (default: SFT), distill, taid or dpo."),
     teacher: str = typer.Option(None, help="distill / taid: the teacher model (same tokenizer)."),
@@ -248,7 +250,8 @@ def finetune_cmd(
     given = dict(base=base, data=data or None, out=out, val_data=val or None, epochs=epochs, steps=steps, time=time,
                  lr=lr, batch_size=batch_size, grad_accum=grad_accum, context_length=context, packed=packing,
                  loss_on=loss_on, chat_template=chat_template, lora_r=lora_r, lora_alpha=lora_alpha,
-                 lora_dropout=lora_dropout, lora_targets=lora_targets, bitune=bitune, objective=objective,
+                 lora_dropout=lora_dropout, lora_targets=lora_targets, quantize=quantize, bitune=bitune,
+                 objective=objective,
                  teacher=teacher, distill_temperature=temperature, distill_weight=distill_weight, dpo_beta=dpo_beta,
                  optimizer=optimizer, schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype,
                  eval_interval=eval_interval, save_interval=save_interval, log_interval=log_interval, seed=seed,
@@ -285,7 +288,7 @@ def finetune_cmd(
         import decoderlab
 
         if cfg.lora_r:
-            model = decoderlab.load(cfg.base, adapter=str(result.run_dir), pack=False)
+            model = decoderlab.load(cfg.base, adapter=str(result.run_dir), pack=False, quantize=cfg.quantize)
         else:
             model = decoderlab.load(result.run_dir)
         tok = decoderlab.Tokenizer.from_folder(result.run_dir)
@@ -473,6 +476,8 @@ def generate_cmd(
                               "(default 4)."),
     quantize: str = typer.Option(None, "--quantize", help=QUANTIZE_HELP),
     group_size: int = typer.Option(64, "--group-size", help="Inputs per int4 scale (32, 64, 128 or 256)."),
+    bidirectional_prompt: bool = typer.Option(False, "--bidirectional-prompt", help="The prompt attends "
+                                              "bidirectionally, as a model fine-tuned with --bitune was trained."),
     adapter: str = typer.Option(None, "--adapter", help="A LoRA adapter folder (PEFT's layout) to put on the model."),
 ) -> None:
     """Stream a prompt's continuation to the terminal as it is generated; it stops at the checkpoint's end ids
@@ -514,6 +519,12 @@ def generate_cmd(
         raise UserError("--tree shapes a draft model's tree; give --speculative DRAFT_FOLDER too")
     if (window is not None or sinks is not None) and speculative:
         raise UserError("--window/--sinks stream with plain decoding; leave out --speculative")
+    if bidirectional_prompt:
+        if speculative or window is not None or sinks is not None:
+            raise UserError("--bidirectional-prompt decodes plainly; leave out --speculative/--window/--sinks")
+        from .finetuning import BidirectionalPromptDecoder
+
+        decoder = BidirectionalPromptDecoder
     steps = stream(model, [ids], tokens, **sampling, seed=seed, stop_strings=stop or None, tokenizer=tok,
                    compile=compile, decoder=decoder, window=window, sinks=sinks)
     if not chat:
@@ -524,7 +535,7 @@ def generate_cmd(
         sys.stdout.write(step.texts[0])
         sys.stdout.flush()
     sys.stdout.write("\n")
-    if decoder is not None:
+    if speculative:
         sys.stdout.flush()
         passes = max(steps.decoder.forward_passes, 1)
         console.print(f"[dim]{generated / passes:.2f} tokens per forward pass[/dim]", highlight=False)

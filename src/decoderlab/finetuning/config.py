@@ -26,7 +26,8 @@ class FinetuneConfig(TrainConfig):
     objectives: ClassVar[tuple[str, ...]] = FINETUNE_OBJECTIVES
     frozen_on_resume: ClassVar[tuple[str, ...]] = FROZEN_ON_RESUME + (
         "base", "val_data", "val_fraction", "loss_on", "chat_template", "bitune", "lora_r", "lora_alpha",
-        "lora_dropout", "lora_targets", "teacher", "distill_temperature", "distill_weight", "dpo_beta", "epochs")
+        "lora_dropout", "lora_targets", "quantize", "teacher", "distill_temperature", "distill_weight", "dpo_beta",
+        "epochs")
 
     # The fine-tuning defaults (fields of TrainConfig given other values).
     optimizer: str = "adamw"
@@ -49,6 +50,7 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None  # module names or regexes (None = the family's default)
+    quantize: str | None = None  # QLoRA-style: "int8" or "int4" weight-only base under the LoRA adapters
     teacher: str | None = None  # distill / taid: the teacher model folder (same vocabulary)
     distill_temperature: float = 1.0
     distill_weight: float = 1.0  # distill: weight of the KL term; 1 - weight goes to the next-token loss
@@ -90,6 +92,9 @@ class FinetuneConfig(TrainConfig):
              "distill_temperature must be positive and distill_weight in [0, 1]")
         need(self.dpo_beta > 0, f"dpo_beta must be positive, got {self.dpo_beta}")
         need(not (self.objective == "dpo" and self.bitune), "--bitune applies to SFT and distillation, not DPO")
+        need(self.quantize in (None, "int8", "int4"), f"--quantize is int8 or int4, got {self.quantize!r}")
+        need(not self.quantize or bool(self.lora_r), "--quantize freezes the base in int8/int4: train LoRA "
+                                                     "adapters on it (--lora-r 8)")
         need(not (self.fsdp and self.lora_r), "LoRA with FSDP is not supported; use DDP (--ddp)")
         need(self.show >= 0, f"--show must be 0 or more, got {self.show}")
         super().__post_init__()

@@ -141,7 +141,8 @@ class FinetuneTrainer(Trainer):
 
     def _build_model(self) -> Transformer:
         cfg = self.cfg
-        model = load_model(cfg.base, device=self.device, dtype=torch.float32, pack=False).train()
+        model = load_model(cfg.base, device=self.device, dtype=torch.float32, pack=False,
+                           quantize=cfg.quantize).train()
         if not cfg.lora_r:
             check_memory(cfg, model.config.replace(context_length=self.data.row_length), self.device,
                          self.ctx.world_size)
