@@ -18,7 +18,8 @@ from ..errors import UserError
 
 RUN_CONFIG = "train_config.json"
 RUN_FILES = (RUN_CONFIG, "metrics.jsonl", "loss.png", "config.json", "generation_config.json", "model.safetensors",
-             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+             "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+             "adapter_config.json", "adapter_model.safetensors")  # the last two: a LoRA fine-tuning run's
 RUN_DIRS = ("checkpoints", "best")
 _MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
