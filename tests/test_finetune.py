@@ -291,7 +291,7 @@ def test_cli_finetune_and_its_errors(base, data, tmp_path):
     out = _cli("finetune", str(base), "--data", str(data), "--out", str(tmp_path / "cli"), "--steps", "3",
                "--no-progress", "--show", "2")
     assert out.returncode == 0, out.stderr
-    assert "held-out loss" in out.stdout and "reference:" in out.stdout
+    assert "held-out loss" in out.stdout and "reference:" in out.stdout and "held-out exact match" in out.stdout
     missing = _cli("finetune", str(base), "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "y"))
     assert missing.returncode == 2 and "no input files found" in missing.stderr and "Traceback" not in missing.stderr
     bad = _cli("finetune", str(base), "--data", str(data), "--out", str(tmp_path / "z"), "--bitune",

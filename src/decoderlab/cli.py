@@ -192,6 +192,9 @@ def train(
         console.print(text, markup=False, highlight=False)
 
 
+SCORED = 100  # held-out prompts `decoderlab finetune` scores at the end
+
+
 @app.command("finetune")
 def finetune_cmd(
     base: str = typer.Argument(None, help="The model to start from: a Hugging Face folder or a decoderlab run."),
@@ -232,7 +235,9 @@ def finetune_cmd(
     log_interval: int = typer.Option(None, help="Log train loss every N steps (default 10)."),
     seed: int = typer.Option(None, help="Random seed."),
     device: str = typer.Option(None, help="auto, cpu or cuda."),
-    show: int = typer.Option(None, help="Held-out examples to generate at the end (default 3)."),
+    show: int = typer.Option(None, help="Held-out examples to print generated at the end (default 3)."),
+    score: bool = typer.Option(True, "--score/--no-score", help=f"At the end, greedy exact match on up to {SCORED} "
+                               "held-out prompts, base model vs fine-tuned."),
     resume: str = typer.Option(None, "--resume", help="Continue the fine-tuning run in this folder, exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
     allow_data_change: bool = typer.Option(False, "--allow-data-change", help="With --resume: continue although "
@@ -283,19 +288,25 @@ def finetune_cmd(
     after = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     console.print(f"fine-tuned {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
                   f"held-out loss {before} -> {after}; saved to {result.run_dir}")
-    examples = [e for e in result.held_out if hasattr(e, "prompt_length") and e.prompt_length > 0][:cfg.show]
-    if examples:
-        import decoderlab
+    examples = [e for e in result.held_out if hasattr(e, "prompt_length") and e.prompt_length > 0][:SCORED]
+    if not examples or not (cfg.show or score):
+        return
+    import decoderlab
 
-        if cfg.lora_r:
-            model = decoderlab.load(cfg.base, adapter=str(result.run_dir), pack=False, quantize=cfg.quantize)
-        else:
-            model = decoderlab.load(result.run_dir)
-        tok = decoderlab.Tokenizer.from_folder(result.run_dir)
-        scores = score_responses(model, tok, examples, bitune=cfg.bitune)
-        for prompt, reference, generated in zip(scores.prompts, scores.references, scores.generated, strict=True):
-            console.print(f"[bold]prompt:[/bold] {prompt!r}\n  reference: {reference!r}\n  generated: "
-                          f"{generated!r}", highlight=False)
+    tok = decoderlab.Tokenizer.from_folder(result.run_dir)
+    if cfg.lora_r:
+        tuned = decoderlab.load(cfg.base, adapter=str(result.run_dir), quantize=cfg.quantize)
+    else:
+        tuned = decoderlab.load(result.run_dir)
+    after = score_responses(tuned, tok, examples if score else examples[:cfg.show], bitune=cfg.bitune)
+    if score:
+        before = score_responses(decoderlab.load(cfg.base), tok, examples)
+        console.print(f"held-out exact match ({len(examples)} prompts, greedy): {before.exact_match:.1%} -> "
+                      f"{after.exact_match:.1%}")
+    for prompt, reference, generated in list(zip(after.prompts, after.references, after.generated,
+                                                 strict=True))[:cfg.show]:
+        console.print(f"[bold]prompt:[/bold] {prompt!r}\n  reference: {reference!r}\n  generated: "
+                      f"{generated!r}", highlight=False)
 
 
 def _known_prompt(run: str, prompt: str) -> str | None:
