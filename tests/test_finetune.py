@@ -369,3 +369,9 @@ def test_qlora_on_an_int8_base_and_cli_bidirectional_prompt(base, data, tmp_path
                "--quantize", "int8", "--bidirectional-prompt")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("add 2 3 =")
+
+
+def test_a_run_resumes_only_with_the_command_that_started_it(base, data, tmp_path):
+    finetune(base, data=str(data), out=str(tmp_path / "ft"), steps=1, progress=False, dtype="fp32")
+    wrong = _cli("train", "--resume", str(tmp_path / "ft"))
+    assert wrong.returncode == 2 and "decoderlab finetune --resume" in wrong.stderr

@@ -24,6 +24,7 @@ FINETUNE_OBJECTIVES = ("next", "distill", "taid", "dpo")
 @dataclass
 class FinetuneConfig(TrainConfig):
     objectives: ClassVar[tuple[str, ...]] = FINETUNE_OBJECTIVES
+    run_kind: ClassVar[str] = "finetune"
     frozen_on_resume: ClassVar[tuple[str, ...]] = FROZEN_ON_RESUME + (
         "base", "val_data", "val_fraction", "loss_on", "chat_template", "bitune", "lora_r", "lora_alpha",
         "lora_dropout", "lora_targets", "quantize", "teacher", "distill_temperature", "distill_weight", "dpo_beta",

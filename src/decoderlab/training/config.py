@@ -44,6 +44,8 @@ class TrainConfig:
     # Subclasses (fine-tuning) extend these; class attributes, not fields.
     objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
     frozen_on_resume: ClassVar[tuple[str, ...]] = FROZEN_ON_RESUME
+    # Recorded in train_config.json, so that a run is resumed by the command that started it.
+    run_kind: ClassVar[str] = "train"
 
     # Data: files, folders or globs; None = the built-in default corpus (the Python standard library).
     data: list[str] | None = None
@@ -135,7 +137,7 @@ class TrainConfig:
         self.time = 120.0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "run_kind": self.run_kind}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -676,6 +676,10 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any], extend: bool =
             raise TypeError("not a JSON object")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
         raise UserError(f"{saved_path} is unreadable ({e}); the run cannot be resumed") from None
+    kind = saved.get("run_kind", "train")
+    if kind != config_class.run_kind:
+        raise UserError(f"{run_dir} is a `decoderlab {kind}` run; continue it with decoderlab {kind} --resume "
+                        f"{run_dir}")
     for key, value in overrides.items():
         if value is None:
             continue
