@@ -354,9 +354,11 @@ def test_lora_finetuning_trains_only_adapters_and_resumes_exactly(base, data, tm
     # The adapter folder loads back onto the base with the run's held-out behaviour.
     model = decoderlab.load(base, adapter=tmp_path / "straight", pack=False)
     plain = decoderlab.load(base, pack=False)
+    itself = decoderlab.load(tmp_path / "straight", pack=False)  # the run folder: base + adapter
     ids = torch.tensor([[5, 17, 250, 3, 99]])
     with torch.no_grad():
         assert not torch.allclose(model(ids), plain(ids))
+        torch.testing.assert_close(itself(ids), model(ids))
 
 
 def test_qlora_on_an_int8_base_and_cli_bidirectional_prompt(base, data, tmp_path):

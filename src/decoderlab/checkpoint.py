@@ -249,8 +249,15 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     it is one `aminmax` pass over the weights (loading GPT-2 124M: 254 -> 280 ms, benchmarks/finite_check.py).
     `quantize` ("int8" or "int4", with `group_size` for int4) quantizes every linear layer's weight for CPU
     inference (`Transformer.quantize`); a folder written by `save` from a quantized model loads quantized as it is.
-    `adapter` is a LoRA adapter folder (PEFT's layout) to put on the loaded model (`decoderlab.load_adapter`).
+    `adapter` is a LoRA adapter folder (PEFT's layout) to put on the loaded model (`decoderlab.load_adapter`). An
+    adapter folder given as the model itself (a `decoderlab finetune --lora-r` run) loads its base, as recorded in
+    its adapter_config.json (`base_model_name_or_path`), with the adapter on it.
     """
+    folder = Path(path_or_preset)
+    if adapter is None and (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists():
+        base = _adapter_base(folder)
+        return load(base, device, dtype, pack, check_finite=check_finite, quantize=quantize, group_size=group_size,
+                    adapter=folder)
     if adapter is not None:
         from .lora import load_adapter  # lora builds on this module's model; imported when asked for
 
@@ -297,6 +304,18 @@ def load(path_or_preset: str | Path, device: torch.device | str | None = None,
     if quantize is not None:
         model.eval().quantize(quantize, group_size)
     return finish_load(model.eval(), pack)
+
+
+def _adapter_base(folder: Path) -> str:
+    """The base model folder an adapter folder names (PEFT's base_model_name_or_path), which must be here."""
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{folder / 'adapter_config.json'} is unreadable ({e})") from None
+    if not base or not Path(base).exists():
+        raise UserError(f"{folder} is a LoRA adapter for {base!r}, which is not a folder here; load its base with "
+                        f"the adapter: decoderlab.load(BASE, adapter={str(folder)!r}) (CLI: --adapter)")
+    return base
 
 
 # A quantized folder (`save` of a quantized model) is decoderlab's own layout: config.json names
