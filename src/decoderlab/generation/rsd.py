@@ -117,10 +117,12 @@ def sample_without_replacement(log_q: Tensor, k: int, generator: torch.Generator
     return top.indices, top.values.isfinite()
 
 
-def rsd_decoder(draft_model: Transformer, width: int | Sequence[int] = 2, depth: int | None = None) -> DecoderFactory:
+def rsd_decoder(draft_model: Transformer | None, width: int | Sequence[int] = 2,
+                depth: int | None = None) -> DecoderFactory:
     """The `Decoder` factory of RSD with `draft_model` drafting a tree of `width` children per node (or per-depth
     widths [b0, b1, ...]) and `depth` levels (default 3): `generate(model, ids, decoder=rsd_decoder(small, 2, 3),
-    temperature=0.8)`."""
+    temperature=0.8)`. `draft_model=None` drafts with the target's own future-token heads (`n_future` >= depth):
+    level d of the tree is drawn from head d's distribution at the node before the root."""
     tree = DraftTree.of(width, depth)
 
     def factory(request: DecodeRequest) -> RSDDecoder:
@@ -129,13 +131,14 @@ def rsd_decoder(draft_model: Transformer, width: int | Sequence[int] = 2, depth:
     return factory
 
 
-def rsd_generate(model: Transformer, draft_model: Transformer, input_ids: Tensor | Sequence[Sequence[int]],
+def rsd_generate(model: Transformer, draft_model: Transformer | None, input_ids: Tensor | Sequence[Sequence[int]],
                  max_new_tokens: int = 256, *, width: int | Sequence[int] = 2, depth: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, seed: int | None = None,
                  stop_tokens: int | Iterable[int] | None = None, stop_strings: str | Iterable[str] | None = None,
                  tokenizer: Tokenizer | None = None, logprobs: int | None = None) -> SpeculativeResult:
-    """Recursive Speculative Decoding with `draft_model`: output distributed exactly as `generate` with the same
+    """Recursive Speculative Decoding with `draft_model` (None: the target's future heads, `rsd_decoder`): output
+    distributed exactly as `generate` with the same
     sampling settings (arguments left as None take the target's generation_config defaults), a batch of prompts
     at once. The tree: `width` children per node (or per-depth widths) over `depth` levels (default 3).
     Temperature 0 gives exactly plain greedy. Stops, stop strings, text and logprobs as `generate`; the result adds
@@ -190,7 +193,7 @@ class RSDDecoder:
     """RSD as a `Decoder`: each step is one round (`depth` draft passes, one target pass over the tree) and emits,
     per row, the accepted path plus the correction or bonus token."""
 
-    def __init__(self, request: DecodeRequest, draft_model: Transformer, tree: DraftTree) -> None:
+    def __init__(self, request: DecodeRequest, draft_model: Transformer | None, tree: DraftTree) -> None:
         model, params = request.model, request.params
         if request.constrained:
             raise UserError("RSD emits several tokens per step and cannot follow a grammar or forced tokens; "
@@ -201,12 +204,17 @@ class RSDDecoder:
             raise UserError("RSD does not apply repetition/frequency penalties (each tree node would need its own "
                             "history); leave them out, or use draft-model chain speculation "
                             "(speculative_generate) or plain decoding")
-        if not isinstance(draft_model, Transformer):
+        if draft_model is None:  # self-drafts from the future heads
+            if model.config.n_future < tree.depth:
+                raise UserError(f"drafting a tree of depth {tree.depth} with the model's own future-token heads "
+                                f"needs n_future >= {tree.depth}, and this model has {model.config.n_future}; use a "
+                                "shallower tree or a draft model")
+        elif not isinstance(draft_model, Transformer):
             raise UserError(f"the draft model must be a decoderlab Transformer, got {type(draft_model).__name__}")
-        if draft_model.config.vocab_size != model.config.vocab_size:
+        if draft_model is not None and draft_model.config.vocab_size != model.config.vocab_size:
             raise UserError(f"the draft model's vocabulary ({draft_model.config.vocab_size} tokens) differs from the "
                             f"target's ({model.config.vocab_size}); use a draft trained with the same tokenizer")
-        for who, m in (("target", model), ("draft", draft_model)):
+        for who, m in (("target", model), ("draft", draft_model or model)):
             if m.config.sliding_window is not None:
                 # The model applies its window to cache slots, which are not positions for tree nodes.
                 raise UserError(f"RSD does not support sliding-window models (the {who} is one); use "
@@ -230,7 +238,10 @@ class RSDDecoder:
         self.forward_passes = self.draft_passes = 0
         self.finished_at: dict[int, int] = {}
         self.cache_t = self.cache_d = None
-        self.was_training = draft_model.training
+        self.was_training = draft_model is not None and draft_model.training
+        # Self-drafts: the future heads' draft distributions for the next round's levels [B, depth, V] (logits
+        # when greedy), read at the node before its root; None until the first target pass.
+        self.heads = None
 
     def passes_per_row(self) -> list[int]:
         """Target forward passes each row took (up to the step it finished)."""
@@ -240,14 +251,16 @@ class RSDDecoder:
         request, model, draft, device = self.request, self.model, self.draft, self.model.device
         prompts, T = request.prompts, request.prompt_length
         B = len(prompts)
-        self.draft.eval()  # the host puts the target in eval mode; the draft is ours
+        if draft is not None:
+            draft.eval()  # the host puts the target in eval mode; the draft is ours
         ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)
         valid = torch.arange(T, device=device) >= torch.tensor([T - len(p) for p in prompts], device=device)[:, None]
         pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
         slots = T + min(request.max_new_tokens, CACHE_CHUNK) + self.tree.size
         self.cache_t = model.new_cache(B, slots, dtype=request.kv_dtype)
-        dtype = request.cache_dtype or (torch.float32 if draft.device.type == "cpu" else None)
-        self.cache_d = draft.new_cache(B, slots, dtype=dtype)
+        if draft is not None:
+            dtype = request.cache_dtype or (torch.float32 if draft.device.type == "cpu" else None)
+            self.cache_d = draft.new_cache(B, slots, dtype=dtype)
         empty = torch.zeros(B, 0, dtype=torch.bool, device=device)
         self.valid_t = self.valid_d = empty  # which cached slots hold a row's tokens
         # Tokens each model still has to read before the root (the last emitted token): (ids, valid, positions).
@@ -265,6 +278,8 @@ class RSDDecoder:
         budget = self.request.max_new_tokens - max(self.emitted_list[b] for b in live) - 1
         last = max(self.root_pos_list[b] for b in live)
         room_t = self.model.config.context_length - 1 - last
+        if self.draft is None:  # the heads: none before the first target pass
+            return 0 if self.heads is None else max(0, min(self.tree.depth, budget, room_t))
         room_d = self.draft.config.context_length - last  # leaves are not fed to the draft
         return max(0, min(self.tree.depth, budget, room_t, room_d))
 
@@ -282,7 +297,10 @@ class RSDDecoder:
         tokens[:, 0] = self.root
         exists = torch.ones(B, n, dtype=torch.bool, device=device)
         q = None
-        if D > 0:
+        t0_d = None
+        if D > 0 and self.draft is None:
+            q = self._draft_from_heads(tokens, exists, D)
+        elif D > 0:
             q, t0_d = self._draft(tokens, exists, D, first)
         # The target reads what it lacks, the root and the whole tree, in one pass.
         pre_ids, pre_valid, pre_pos = self.pre_t
@@ -292,18 +310,25 @@ class RSDDecoder:
             positions = positions.clamp(max=self.model.config.context_length - 1)
         mask = _block_mask(ctx_ctx, pre_valid, A)
         if P:  # the prompt (first round): read it in the same pass
-            positions, tokens_in = torch.cat([pre_pos, positions], 1), torch.cat([pre_ids, tokens], 1)
-            raw = _forward(self.model, self.cache_t, tokens_in, positions, mask)[:, P:]
+            positions, tokens = torch.cat([pre_pos, positions], 1), torch.cat([pre_ids, tokens], 1)
             self.valid_t = torch.cat([ctx_ctx, pre_valid], 1)
             self.pre_t = (pre_ids[:, :0], pre_valid[:, :0], pre_pos[:, :0])
-        else:
-            raw = _forward(self.model, self.cache_t, tokens, positions, mask)
+        self.cache_t.reserve(self.cache_t.length + tokens.shape[1])
+        out = self.model(tokens, positions=positions, mask=mask, cache=self.cache_t, future=self.draft is None)
+        raw, heads = (out, None) if self.draft is not None else (out.logits, out.future_logits)
+        raw, tokens = raw[:, P:], tokens[:, P:]
         if first:
             require_finite(raw[:, 0])
         self.forward_passes += 1
         t0_t = ctx_ctx.shape[1] + P
         path, final = self._verify(raw, q, tokens, exists, D)
-        return self._commit(raw, tokens, path, final, D, t0_t, t0_d if D > 0 else None)
+        if heads is not None:  # the next round's draft laws: the heads at the node the final token follows
+            rows = torch.arange(B, device=device)
+            last = P + torch.cat([torch.zeros(B, 1, dtype=torch.long, device=device), path], 1)[
+                rows, (path >= 0).sum(1)]
+            at = torch.stack([h[rows, last] for h in heads[:self.tree.depth]], 1)  # [B, depth, V]
+            self.heads = at.float() if self.params.greedy else probabilities(at, self.params)
+        return self._commit(raw, tokens, path, final, D, t0_t, t0_d)
 
     def _draft(self, tokens: Tensor, exists: Tensor, D: int, first: bool) -> tuple[Tensor | None, int]:
         """Grow the tree level by level (fills `tokens` and `exists` [B, n]); returns the draft's processed
@@ -342,6 +367,24 @@ class RSDDecoder:
                 logits = _forward(draft, cache, tokens[:, hi:end], positions.clamp(max=ctx - 1), mask)
                 self.draft_passes += 1
         return (torch.cat(q_levels, 1) if q_levels else None), t0
+
+    def _draft_from_heads(self, tokens: Tensor, exists: Tensor, D: int) -> Tensor | None:
+        """Self-drafts: every node at depth d gets its children from head d's law (one law per level, read at the
+        node before the root; siblings without replacement). Fills `tokens` and `exists` [B, n]; returns the law
+        at every internal node [B, internal, V] (None when greedy)."""
+        B, s, q_levels = tokens.shape[0], self.starts, []
+        for d in range(D):
+            b, lo, hi, end = self.tree.branching[d], s[d], s[d + 1], s[d + 2]
+            law = self.heads[:, d, None].expand(B, hi - lo, self.heads.shape[-1])
+            if self.params.greedy:
+                top = law.topk(b, dim=-1)
+                children, ok = top.indices, top.values.isfinite()
+            else:
+                q_levels.append(law)
+                children, ok = sample_without_replacement(law.log(), b, self.generator)
+            tokens[:, hi:end] = children.reshape(B, -1)
+            exists[:, hi:end] = (ok & exists[:, lo:hi, None]).reshape(B, -1)
+        return torch.cat(q_levels, 1) if q_levels else None
 
     def _verify(self, raw: Tensor, q: Tensor | None, tokens: Tensor, exists: Tensor,
                 D: int) -> tuple[Tensor, Tensor]:
@@ -434,7 +477,7 @@ class RSDDecoder:
             last = nodes[rows, m]
             carry = (tokens[rows, last] * leaf)[:, None], leaf[:, None], (self.root_pos + m)[:, None]
             self.pre_d = carry
-        else:  # nothing drafted: the draft has yet to read the root
+        elif self.draft is not None:  # nothing drafted: the draft has yet to read the root
             ids, valid, pos = self.pre_d
             self.pre_d = (torch.cat([ids, self.root[:, None]], 1), torch.cat([valid, torch.ones_like(valid[:, :1])], 1),
                           torch.cat([pos, self.root_pos[:, None]], 1))
@@ -460,7 +503,8 @@ class RSDDecoder:
 
     def close(self) -> None:
         self.cache_t = self.cache_d = None
-        self.draft.train(self.was_training)
+        if self.draft is not None:
+            self.draft.train(self.was_training)
 
 
 __all__ = ["DraftTree", "RSDDecoder", "rsd_decoder", "rsd_generate", "sample_without_replacement"]
