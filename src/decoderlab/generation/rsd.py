@@ -17,6 +17,11 @@ per-row mask of the slots that hold its tokens), so a batch of prompts decodes t
 drafts the draft's top-`branching[d]` tokens and accepts the child greedy decoding picks: identical to plain greedy.
 Repetition/frequency penalties are refused (use chain speculation, `speculative_generate`, for those).
 
+Self-drafts: with no draft model, a model with future-token heads (`n_future`) drafts level d of the tree from
+head d's distribution read at the node before the root (one known law per level, siblings without replacement under
+each parent); the same recursive rejection keeps the output exact. The first round, with no heads read yet, emits
+one token.
+
 `rsd_decoder(draft, width, depth)` is the engine's `Decoder` factory (`generate(..., decoder=...)` and `stream`
 then apply stops, stop strings, text streaming and logprobs as for plain decoding); `rsd_generate` adds acceptance
 statistics.
