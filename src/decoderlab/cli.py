@@ -437,6 +437,9 @@ def serve_cmd(
     max_stop: int = typer.Option(4, help="Stop strings per request."),
     max_stop_length: int = typer.Option(256, help="Characters per stop string."),
     max_top_logprobs: int = typer.Option(20, help="Alternatives per token that logprobs may ask for."),
+    speculative: str = typer.Option(None, help="A draft model's folder: requests decode by Recursive Speculative "
+                                    "Decoding (same output distribution as plain decoding)."),
+    tree: str = typer.Option("3,2,1", "--tree", help="With --speculative: the draft tree, WxD or per-depth widths."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)."""
     from .serve import ServerLimits
@@ -446,8 +449,10 @@ def serve_cmd(
                           default_max_tokens=default_max_tokens, max_tokens_cap=max_tokens_cap, max_queue=max_queue,
                           queue_timeout=queue_timeout, max_stop=max_stop, max_stop_length=max_stop_length,
                           max_top_logprobs=max_top_logprobs)
+    widths, depth = _tree_shape(tree)
     run_server(path, host=host, port=port, model_name=model_name, tokenizer=tokenizer, device=device,
-               compile=compile, limits=limits, api_key=api_key, quantize=quantize, group_size=group_size)
+               compile=compile, limits=limits, api_key=api_key, quantize=quantize, group_size=group_size,
+               draft=speculative, tree=widths, depth=depth)
 
 
 def _tree_shape(text: str) -> tuple[int | list[int], int | None]:

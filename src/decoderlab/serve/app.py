@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from ..errors import UserError
-from ..generation import GenerationStep, Stream, stream
+from ..generation import DecoderFactory, GenerationStep, Stream, rsd_decoder, stream
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .errors import APIError, api_error
@@ -89,9 +89,10 @@ class Server:
     """One model served: checks requests against `limits`, and runs them a turn at a time."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, model_name: str, limits: ServerLimits,
-                 compile: bool) -> None:
+                 compile: bool, speculative: DecoderFactory | None = None) -> None:
         self.model, self.tokenizer, self.model_name, self.limits, self.compile = (
             model, tokenizer, model_name, limits, compile)
+        self.speculative = speculative
         self.turns = Turns(limits.max_queue, limits.queue_timeout)
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
@@ -122,10 +123,11 @@ class Server:
             raise APIError(400, f"seed must be a 64-bit integer, got {req.seed}", param="seed")
         k = self._top_logprobs(req, chat)
         grammar = self._grammar(req)
+        sampling = self._sampling(req)
         try:
-            steps = stream(self.model, [ids], max_tokens, **self._sampling(req), seed=req.seed,
+            steps = stream(self.model, [ids], max_tokens, **sampling, seed=req.seed,
                            stop_strings=stops or None, tokenizer=self.tokenizer, compile=self.compile,
-                           grammar=grammar, logprobs=k)
+                           grammar=grammar, logprobs=k, decoder=self._decoder(sampling, grammar))
         except UserError as e:
             if grammar is not None and "grammar" in str(e):
                 raise APIError(400, f"response_format: {e}", param="response_format") from None
@@ -212,6 +214,16 @@ class Server:
         if rf.type == "json_object":
             return {"json_schema": {"type": "object"}}
         return {"json_schema": rf.json_schema.schema_}
+
+    def _decoder(self, sampling: dict[str, Any], grammar: dict[str, Any] | None) -> DecoderFactory | None:
+        """The speculative decoder for a request, if the server has one and the request allows it: a grammar
+        (response_format) or repetition/frequency penalties decode plainly. Either way the output follows plain
+        decoding's distribution (and is plain greedy's at temperature 0)."""
+        if self.speculative is None or grammar is not None:
+            return None
+        if sampling["repetition_penalty"] != 1.0 or sampling["frequency_penalty"]:
+            return None
+        return self.speculative
 
     def _sampling(self, req: BaseRequest) -> dict[str, Any]:
         """Sampling arguments: the request's, else those the checkpoint's generation_config.json sets (as vLLM
@@ -364,17 +376,32 @@ class Server:
 
 
 def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, *, compile: bool = False,
-               limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, api_key: str | None = None, draft: Transformer | None = None,
+               tree: int | Sequence[int] = (3, 2, 1), depth: int | None = None) -> FastAPI:
     """A FastAPI app serving `model` (with `tokenizer`) under the name `model_name`, in OpenAI's API schema.
 
     limits: what a request may ask for and how many may wait (`ServerLimits`; the defaults are safe on a laptop).
     api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 without it).
     compile: decode through `torch.compile` graphs (`generate(..., compile=True)`).
+    draft: a small model with the same vocabulary: requests decode by Recursive Speculative Decoding
+    (`rsd_decoder(draft, tree, depth)`: `tree` children per node, or per-depth widths), whose output follows the
+    same distribution as plain sampling (plain greedy at temperature 0); requests with response_format or
+    repetition/frequency penalties decode plainly.
     `app.state.server.turns.close()` makes running generations stop at their next step (shutdown).
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise UserError("the API key must be a non-empty string")
-    server = Server(model, tokenizer, model_name, limits or ServerLimits(), compile)
+    speculative = None
+    if draft is not None:
+        if compile:
+            raise UserError("compile applies to plain decoding; leave it out when serving with a draft model")
+        if not isinstance(draft, Transformer) or draft.config.vocab_size != model.config.vocab_size:
+            got = draft.config.vocab_size if isinstance(draft, Transformer) else type(draft).__name__
+            raise UserError(f"the draft model must be a decoderlab Transformer with the target's vocabulary "
+                            f"({model.config.vocab_size} tokens), got {got}; use a draft trained with the same "
+                            "tokenizer")
+        speculative = rsd_decoder(draft, tree, depth)
+    server = Server(model, tokenizer, model_name, limits or ServerLimits(), compile, speculative)
     app = FastAPI(title="decoderlab", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=server.limits.max_body_bytes)

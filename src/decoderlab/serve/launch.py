@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Literal
@@ -72,12 +72,15 @@ def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000,
           tokenizer: str | Path | None = None, device: str | None = None, dtype: str | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "info", compile: bool = False,
           limits: ServerLimits | None = None, api_key: str | None = None, quantize: str | None = None,
-          group_size: int = 64) -> None:
+          group_size: int = 64, draft: str | Path | None = None, tree: int | Sequence[int] = (3, 2, 1),
+          depth: int | None = None) -> None:
     """Load a checkpoint folder (and its tokenizer, or the one at `tokenizer`) and serve it until interrupted.
 
     limits / api_key / compile as in `create_app`. Without an api_key, listening on an address other than loopback
     prints a warning. On the CPU the weights are packed for decoding (`Transformer.pack`), or quantized with
-    `quantize` ("int8" / "int4", `group_size` inputs per int4 scale; `load`).
+    `quantize` ("int8" / "int4", `group_size` inputs per int4 scale; `load`). `draft`: a draft model's folder;
+    requests then decode by Recursive Speculative Decoding with a draft tree of `tree` children per node (or
+    per-depth widths) over `depth` levels (`create_app`).
     """
     from ..checkpoint import load
 
@@ -91,7 +94,9 @@ def serve(path_or_preset: str | Path, host: str = "127.0.0.1", port: int = 8000,
         tok = Tokenizer.from_folder(tok_path)
         model = load(path_or_preset, device=device, dtype=dtype, quantize=quantize, group_size=group_size).pack()
         name = model_name or Path(str(path_or_preset)).resolve().name or str(path_or_preset)
-        app = create_app(model, tok, name, compile=compile, limits=limits, api_key=api_key)
+        small = None if draft is None else load(draft, device=device, dtype=dtype).pack()
+        app = create_app(model, tok, name, compile=compile, limits=limits, api_key=api_key, draft=small, tree=tree,
+                         depth=depth)
         if api_key is None and not is_loopback(host):
             print(f"warning: serving on {host} without --api-key: anyone who can reach port {sock.getsockname()[1]} "
                   "can use this model; set --api-key or DECODERLAB_API_KEY", file=sys.stderr)
