@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.attention.flex_attention import create_mask
+from torch.nn.attention.flex_attention import create_block_mask, create_mask
 
 from decoderlab import ModelConfig, Transformer, masks
 from decoderlab.accel import flex
@@ -88,6 +88,11 @@ def test_block_mask_matches_dense_mask(c):
     # The predicate FlexAttention calls (under vmap) gives the dense mask exactly.
     got = create_mask(bm.mask_mod, bm.kv_num_blocks.shape[0], 1, Tq, Tk, device="cpu")
     assert torch.equal(got.expand_as(want), want)
+    # The same block mask torch builds from the predicate alone.
+    theirs = create_block_mask(bm.mask_mod, bm.kv_num_blocks.shape[0], None, Tq, Tk, device="cpu",
+                               BLOCK_SIZE=block)
+    assert torch.equal(bm.to_dense(), theirs.to_dense())
+    assert torch.equal(bm.full_kv_num_blocks, theirs.full_kv_num_blocks)
     # Block by block: listed iff it holds a True (partial or full).
     blocks = bm.to_dense()[:, 0].bool()  # [Bm, nq, nk]: partial or full
     nq, nk = math.ceil(Tq / block), math.ceil(Tk / block)
