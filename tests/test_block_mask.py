@@ -207,12 +207,22 @@ def test_flex_backend_refuses_cpu_training_in_one_line():
 
 
 def test_backend_choice_rule_and_overrides(monkeypatch):
-    cpu = torch.device("cpu")
-    assert flex.choose_attention(cpu, 2048, 2048, 0.1, torch.float32, True) == "blocks"
-    assert flex.choose_attention(cpu, 2048, 2048, 0.9, torch.float32, True) == "dense"
-    assert flex.choose_attention(cpu, 512, 512, 0.1, torch.float32, True) == "dense"
-    assert flex.choose_attention(torch.device("cuda"), 2048, 2048, 0.1, torch.bfloat16, True) == "flex"
-    assert flex.choose_attention(cpu, 512, 512, 0.9, torch.float32, True, "blocks") == "blocks"
+    cpu, fp32, bf16 = torch.device("cpu"), torch.float32, torch.bfloat16
+    assert flex.choose_attention(cpu, 2048, 2048, 0.1, fp32, True) == "blocks"
+    assert flex.choose_attention(cpu, 2048, 2048, 0.9, fp32, True) == "dense"
+    assert flex.choose_attention(cpu, 2048, 2048, 0.3, fp32, True) == "dense"
+    assert flex.choose_attention(cpu, 2048, 2048, 0.3, bf16, True) == "blocks"
+    assert flex.choose_attention(cpu, 1024, 1024, 0.1, fp32, True) == "blocks"
+    assert flex.choose_attention(cpu, 1024, 1024, 0.1, bf16, True) == "dense"
+    assert flex.choose_attention(cpu, 2048, 2048, 0.1, fp32, False) == "dense"  # prefill: from 4 096 keys
+    assert flex.choose_attention(cpu, 4096, 4096, 0.1, bf16, False) == "blocks"
+    assert flex.choose_attention(cpu, 4096, 4096, 0.3, bf16, False) == "dense"
+    assert flex.choose_attention(cpu, 512, 512, 0.1, fp32, True) == "dense"
+    assert flex.choose_attention(torch.device("cuda"), 2048, 2048, 0.1, bf16, True) == "flex"
+    assert flex.choose_attention(cpu, 512, 512, 0.9, fp32, True, "blocks") == "blocks"
+    assert not flex.wants_block_mask(cpu, 1000, fp32, True)
+    assert flex.wants_block_mask(cpu, 100, fp32, False, "blocks")
+    assert not flex.wants_block_mask(cpu, 10**6, fp32, True, "dense")
     monkeypatch.setenv("DECODERLAB_ATTENTION", "dense")
     assert flex.attention_backend() == "dense"
     assert flex.attention_backend("blocks") == "blocks"
@@ -225,14 +235,17 @@ def test_auto_uses_blocks_for_a_long_sparse_mask_and_dense_for_a_dense_one(monke
     calls = []
     real = flex.block_sparse_attention
     monkeypatch.setattr(flex, "block_sparse_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    model = tiny().eval()
-    T = flex.MIN_BLOCK_LEN
+    model = tiny().train()
+    T = flex.MIN_KEYS_TRAINING[torch.float32]
     ids = torch.randint(0, 97, (1, T))
-    with torch.no_grad():
-        model(ids, mask=masks.causal() & masks.document(torch.arange(T) // 100))
-        assert len(calls) == 2  # one per layer
-        model(ids, mask=masks.causal() | masks.prefix(T - 1))  # nearly every tile is non-empty
-        assert len(calls) == 2
+    docs = masks.causal() & masks.document(torch.arange(T) // 100)
+    model(ids, mask=docs)  # training: autograd records the forward
+    assert len(calls) == 2  # one per layer
+    model(ids, mask=masks.causal() | masks.prefix(T - 1))  # nearly every tile is non-empty
+    assert len(calls) == 2
+    with torch.no_grad():  # a forward pass alone pays the build for less: dense below 4 096 keys
+        model(ids, mask=docs)
+    assert len(calls) == 2
 
 
 def test_to_block_mask_batch_conflict_is_one_line():

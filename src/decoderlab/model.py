@@ -619,13 +619,13 @@ class Transformer(nn.Module):
         """Block-sparse attention over `mask` where `accel.flex.choose_attention` says it beats the dense mask;
         None keeps the dense mask."""
         backend = block_sparse.attention_backend(self.attention_backend)
-        if not block_sparse.wants_block_mask(device, past + T, backend):
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
+        backward = torch.is_grad_enabled()
+        if not block_sparse.wants_block_mask(device, past + T, dtype, backward, backend):
             return None
         block_mask = block_sparse.to_block_mask(mask, None, T, past + T, device, q_offset=past)
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
-        training = torch.is_grad_enabled() and self.training
         choice = block_sparse.choose_attention(device, T, past + T, block_sparse.block_density(block_mask), dtype,
-                                               training, backend)
+                                               backward, backend)
         if choice == "flex":
             if device.type == "cpu" and torch.is_grad_enabled():
                 raise UserError("attention backend 'flex' has no backward on CPU (torch's FlexAttention): use "

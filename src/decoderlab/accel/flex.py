@@ -180,31 +180,52 @@ def attention_backend(requested: str | None = None) -> str:
     return name
 
 
-# Thresholds of `choose_attention`, measured on this CPU (2 cores, torch 2.13; benchmarks/block_mask.py).
-MIN_BLOCK_LEN = 1024   # below this many keys the dense mask wins or the difference is noise
-MAX_DENSITY = 0.5      # above this fraction of non-empty tiles gathering costs more than it skips
+# Thresholds of `choose_attention`, measured on this CPU (2 cores, torch 2.13, 8 query / 2 key heads of 32;
+# `benchmarks/block_mask.py rule`, block mask build included in every call). Block-sparse speed-up over the
+# dense mask for 8 documents (tile density 0.08-0.13) / a window of T/8 (0.15-0.23) / 2 documents (0.27-0.31):
+#   training, fp32:  1 024 keys 1.57x / 1.18x / 1.86x; 2 048 2.09x / 1.87x / 1.16x; 4 096 2.09x / 4.05x / 0.92x
+#   training, bf16:  1 024 keys 1.39x / 2.12x / 0.80x; 2 048 3.49x / 3.21x / 1.93x; 4 096 4.23x / 4.35x / 1.71x
+#   forward only:    2 048 keys 0.61-1.03x;  4 096 keys fp32 1.13x / 1.64x / 0.72x, bf16 1.05x / 2.42x / 1.00x
+# A prefix-LM mask over half the row (density 0.63-0.66) loses or ties everywhere (0.48-1.13x).
+MIN_KEYS_TRAINING = {torch.float32: 1024, torch.bfloat16: 2048}
+MAX_DENSITY_TRAINING = {torch.float32: 0.25, torch.bfloat16: 0.5}
+MIN_KEYS_FORWARD, MAX_DENSITY_FORWARD = 4096, 0.2  # prefill pays the build against fewer saved FLOPs
+MIN_KEYS_CUDA = 1024  # not measured (no GPU here); CUDA takes density <= 0.5
 
 
-def wants_block_mask(device: torch.device, kv_len: int, backend: str = "auto") -> bool:
+def min_keys(device: torch.device, dtype: torch.dtype, backward: bool) -> int:
+    """Fewest keys at which the auto rule considers a block mask (below it the dense mask always wins)."""
+    if device.type == "cuda":
+        return MIN_KEYS_CUDA
+    return MIN_KEYS_TRAINING.get(dtype, MIN_KEYS_TRAINING[torch.float32]) if backward else MIN_KEYS_FORWARD
+
+
+def wants_block_mask(device: torch.device, kv_len: int, dtype: torch.dtype, backward: bool,
+                     backend: str = "auto") -> bool:
     """Whether a block mask is worth building at all (building one materialises the mask band by band)."""
     if backend == "dense":
         return False
-    if backend in ("flex", "blocks"):
-        return True
-    return kv_len >= MIN_BLOCK_LEN
+    return backend in ("flex", "blocks") or kv_len >= min_keys(device, dtype, backward)
 
 
 def choose_attention(device: torch.device, q_len: int, kv_len: int, density: float, dtype: torch.dtype,
-                     training: bool, backend: str = "auto") -> str:
-    """"dense", "flex" or "blocks" for one forward pass.
+                     backward: bool, backend: str = "auto") -> str:
+    """"dense", "flex" or "blocks" for one forward pass; `backward` says whether autograd records it.
 
-    Measured rule (auto): keys >= MIN_BLOCK_LEN and block density <= MAX_DENSITY, else dense. On CUDA that
-    is FlexAttention (forward and backward). On CPU it is `block_sparse_attention` in fp32 and bf16, forward
-    and backward: compiled FlexAttention is faster for inference at a fixed shape but recompiles for every
-    new length (6-10 s each), which the gathered path never pays.
+    The auto rule, measured (thresholds above): on CPU, block-sparse for fp32 training from 1 024 keys at tile
+    density <= 0.25, bf16 training from 2 048 keys at density <= 0.5, a forward pass alone from 4 096 keys at
+    density <= 0.2, with at least one full query block; else dense. On CUDA the block path is FlexAttention
+    (forward and backward). On CPU it is `block_sparse_attention`: compiled FlexAttention has no backward
+    there and recompiles for every new length (6-10 s each).
     """
     if backend != "auto":
         return backend
-    if kv_len < MIN_BLOCK_LEN or q_len < DEFAULT_BLOCK_SIZE or density > MAX_DENSITY:
+    if device.type == "cuda":
+        max_density = 0.5
+    elif backward:
+        max_density = MAX_DENSITY_TRAINING.get(dtype, MAX_DENSITY_TRAINING[torch.float32])
+    else:
+        max_density = MAX_DENSITY_FORWARD
+    if kv_len < min_keys(device, dtype, backward) or q_len < DEFAULT_BLOCK_SIZE or density > max_density:
         return "dense"
     return "flex" if device.type == "cuda" else "blocks"
