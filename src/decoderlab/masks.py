@@ -1,6 +1,7 @@
 """Attention masks as composable predicates over (batch, query slot, key slot) indices.
 
-The model turns one `Mask` into a boolean tensor per forward pass; constructors such as `causal()` or
+The model turns one `Mask` into a boolean tensor per forward pass, or into a block mask whose empty blocks
+attention skips (`Mask.to_block_mask`, `decoderlab.accel.flex`); constructors such as `causal()` or
 `padding(valid)` combine with `&`, `|` and `~` (the approach of transformers' `masking_utils`).
 
 Conventions:
