@@ -619,6 +619,8 @@ class Transformer(nn.Module):
         """Block-sparse attention over `mask` where `accel.flex.choose_attention` says it beats the dense mask;
         None keeps the dense mask."""
         backend = block_sparse.attention_backend(self.attention_backend)
+        if backend == "auto" and torch.compiler.is_compiling():
+            return None  # building a block mask needs data-dependent sizes: it would break the graph
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
         backward = torch.is_grad_enabled()
         if not block_sparse.wants_block_mask(device, past + T, dtype, backward, backend):
