@@ -1,6 +1,7 @@
 """Attention masks as composable predicates over (batch, query slot, key slot) indices.
 
-The model turns one `Mask` into a boolean tensor per forward pass; constructors such as `causal()` or
+The model turns one `Mask` into a boolean tensor per forward pass, or into a block mask whose empty blocks
+attention skips (`Mask.to_block_mask`, `decoderlab.accel.flex`); constructors such as `causal()` or
 `padding(valid)` combine with `&`, `|` and `~` (the approach of transformers' `masking_utils`).
 
 Conventions:
@@ -15,11 +16,15 @@ Conventions:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from decoderlab.errors import MaskError
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 Predicate = Callable[[Tensor, Tensor, Tensor], Tensor]
 Slots = Tensor | range | int | Sequence[int]
@@ -150,6 +155,21 @@ class Mask:
             got = out.dtype if isinstance(out, Tensor) else type(out).__name__
             raise MaskError(f"mask {self!r} returned {got}; a predicate must return a bool tensor")
         return out.to(device).expand(B, Tq, Tk).unsqueeze(1).contiguous()
+
+    def to_block_mask(
+        self,
+        batch_size: int | None,
+        q_len: int,
+        kv_len: int,
+        device: torch.device | str = "cpu",
+        block_size: int = 128,
+        q_offset: int = 0,
+    ) -> BlockMask:
+        """This mask over query slots q_offset.. and key slots 0..kv_len-1 as a FlexAttention `BlockMask`, whose
+        empty blocks attention can skip (`decoderlab.accel.flex.to_block_mask`)."""
+        from .accel.flex import to_block_mask
+
+        return to_block_mask(self, batch_size, q_len, kv_len, device, block_size, q_offset)
 
     def materialize_for(
         self,

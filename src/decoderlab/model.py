@@ -18,6 +18,7 @@ from torch import nn
 
 from . import masks
 from .accel import DEFAULT_GROUP_SIZE, Linear, pack_model, quantize_model, stored_parameters
+from .accel import flex as block_sparse
 from .cache import KVCache
 from .config import ModelConfig, rope_inv_freq
 from .errors import UserError
@@ -156,6 +157,8 @@ class Attention(nn.Module):
         weights = None
         if attn.eager:
             y, weights = _eager_attention(q, k, v, attn.mask, hooks, self.hook_prefix)
+        elif attn.sparse is not None:
+            y = attn.sparse(q, k, v, self.dropout if self.training else 0.0)
         elif T == 1 and Hkv == H and attn.mask is not None and torch.compiler.is_compiling():
             y = _one_query_attention(q, k, v, attn.mask)
         else:
@@ -300,12 +303,14 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
 @dataclass
 class _AttnPlan:
-    """How a layer of one forward pass attends: SDPA's causal flag, a boolean mask, or a custom function."""
+    """How a layer of one forward pass attends: SDPA's causal flag, a boolean mask, a custom function, or
+    block-sparse attention (`sparse(q, k, v, dropout_p)` after RoPE and the cache)."""
 
     mask: torch.Tensor | None
     is_causal: bool
     eager: bool
     custom: AttentionFn | None = None
+    sparse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None
 
 
 class Transformer(nn.Module):
@@ -325,6 +330,9 @@ class Transformer(nn.Module):
         self.hooks: Hooks | None = None
         # {"bits", "group_size", "lm_head"} once `quantize`d; None for float weights.
         self.quantization: dict | None = None
+        # "auto" | "dense" | "flex" | "blocks" for masks other than plain causal (`accel.flex.choose_attention`);
+        # None reads DECODERLAB_ATTENTION, else "auto".
+        self.attention_backend: str | None = None
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = (nn.Embedding(config.context_length, config.d_model)
                           if config.positions == "learned" else None)
@@ -609,8 +617,41 @@ class Transformer(nn.Module):
                     return _AttnPlan(None, False, eager)
                 if past == 0 and not eager:
                     return _AttnPlan(None, True, eager)
+            if not eager and static is None:
+                plan = self._block_sparse_plan(mask, T, past, device)
+                if plan is not None:
+                    return plan
             dense = mask.materialize(*slots(), batch_size=B, device=device)
         # A query that may see nothing (a padding row) would give NaN; let it see everything instead.
         # Its output is garbage either way and is never used.
         dense = dense | ~dense.any(dim=-1, keepdim=True)
         return _AttnPlan(dense, False, eager)
+
+    def _block_sparse_plan(self, mask: masks.Mask, T: int, past: int, device: torch.device) -> _AttnPlan | None:
+        """Block-sparse attention over `mask` where `accel.flex.choose_attention` says it beats the dense mask;
+        None keeps the dense mask."""
+        backend = block_sparse.attention_backend(self.attention_backend)
+        if backend == "auto" and torch.compiler.is_compiling():
+            return None  # building a block mask needs data-dependent sizes: it would break the graph
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
+        backward = torch.is_grad_enabled()
+        if not block_sparse.wants_block_mask(device, past + T, dtype, backward, backend):
+            return None
+        block_mask = block_sparse.to_block_mask(mask, None, T, past + T, device, q_offset=past)
+        choice = block_sparse.choose_attention(device, T, past + T, block_sparse.block_density(block_mask), dtype,
+                                               backward, backend)
+        if choice == "flex":
+            if device.type == "cpu" and torch.is_grad_enabled():
+                raise UserError("attention backend 'flex' has no backward on CPU (torch's FlexAttention): use "
+                                "'blocks' or 'auto' to train, or run under torch.no_grad()")
+            if self.config.dropout and self.training:
+                return None  # FlexAttention has no dropout: the dense mask keeps training faithful
+
+            def sparse(q, k, v, dropout_p):
+                return block_sparse.flex_attention(q, k, v, block_mask)
+        elif choice == "blocks":
+            def sparse(q, k, v, dropout_p):
+                return block_sparse.block_sparse_attention(q, k, v, mask, block_mask, past, dropout_p)
+        else:
+            return None
+        return _AttnPlan(None, False, False, sparse=sparse)

@@ -1,5 +1,14 @@
 """Hardware-specific speed, kept out of the model: the model's layers call in here, behaviour is unchanged."""
 
+from .flex import (
+    ATTENTION_BACKENDS,
+    attention_backend,
+    block_density,
+    block_sparse_attention,
+    choose_attention,
+    flex_attention,
+    to_block_mask,
+)
 from .packing import (
     SMALL_MODEL_BYTES,
     Linear,
@@ -23,7 +32,8 @@ from .quantize import (
     quantized_layers,
 )
 
-__all__ = ["DEFAULT_GROUP_SIZE", "INT4_GROUP_SIZES", "QUANTIZATIONS", "SMALL_MODEL_BYTES", "Linear",
-           "QuantizedWeight", "available_memory", "drop_file_pages", "fast_bf16", "finish_load",
-           "kernel_available", "pack_model", "packed_linear", "packing_supported", "quantize_model",
-           "quantized_layers", "stored_parameters", "stored_tensors"]
+__all__ = ["ATTENTION_BACKENDS", "DEFAULT_GROUP_SIZE", "INT4_GROUP_SIZES", "QUANTIZATIONS", "SMALL_MODEL_BYTES",
+           "Linear", "QuantizedWeight", "attention_backend", "available_memory", "block_density",
+           "block_sparse_attention", "choose_attention", "drop_file_pages", "fast_bf16", "finish_load",
+           "flex_attention", "kernel_available", "pack_model", "packed_linear", "packing_supported",
+           "quantize_model", "quantized_layers", "stored_parameters", "stored_tensors", "to_block_mask"]
