@@ -7,9 +7,11 @@ Each base is a random Hugging Face folder made here with transformers: GPT-2 124
 and a Llama shape of about the same size (12 x 768, 12 heads, 4 KV heads, SwiGLU 2048, vocab 32000). Both sides
 load that folder, put rank-r LoRA adapters on the same modules (PEFT's defaults: GPT-2's c_attn, Llama's q_proj and
 v_proj), and run the same plain loop on the same random tokens: forward, cross-entropy, backward, AdamW on the
-adapters. fp32, and bf16 autocast (weights fp32). Each (side, model, dtype) runs in a fresh subprocess: tokens/s is
-the median of --steps timed steps after one warm-up step, memory the process's peak RSS (getrusage's ru_maxrss)
-minus its RSS once its libraries were imported (what loading and training added), and the peak itself.
+adapters. fp32, and bf16 autocast (weights fp32). Memory: each side alone in a fresh subprocess, its peak RSS
+(getrusage's ru_maxrss) minus its RSS once its libraries were imported (what loading and training added), and the
+peak itself; "alone" is that process's tokens/s. Speed ("tokens/s"): both sides in one more subprocess, their steps
+alternating, median of --steps timed steps after one warm-up each, so that other work on a shared machine slows
+both alike.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_side(side: str, folder: str, dtype: str, batch: int, context: int, steps: int, rank: int) -> dict:
-    """One side's measurement, in this (fresh) process."""
+def make_step(side: str, folder: str, dtype: str, batch: int, context: int, steps: int, rank: int):
+    """One side's training step on its own copy of the base: step(i) runs step i of the data, returns the loss."""
     import contextlib
 
     import torch
@@ -62,11 +64,7 @@ def run_side(side: str, folder: str, dtype: str, batch: int, context: int, steps
 
     if side == "decoderlab":
         import decoderlab
-    else:
-        import peft
-        import transformers
-    baseline = current_rss()
-    if side == "decoderlab":
+
         model = decoderlab.apply_lora(decoderlab.load(folder, pack=False),
                                       decoderlab.LoraConfig(r=rank, alpha=2 * rank)).train()
         params = decoderlab.lora_parameters(model)
@@ -74,34 +72,66 @@ def run_side(side: str, folder: str, dtype: str, batch: int, context: int, steps
         def logits_of(x):
             return model(x)
     else:
+        import peft
+        import transformers
+
         base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0)).train()
         params = [p for p in model.parameters() if p.requires_grad]
 
         def logits_of(x):
             return model(input_ids=x).logits
-    vocab = model.config.vocab_size
     opt = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    data = torch.randint(0, vocab, (steps + 1, batch, context + 1), generator=gen)
+    data = torch.randint(0, model.config.vocab_size, (steps + 1, batch, context + 1),
+                         generator=torch.Generator().manual_seed(0))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-    times, losses = [], []
-    for step in range(steps + 1):
-        x, y = data[step, :, :-1], data[step, :, 1:]
-        t0 = time.perf_counter()
+
+    def step(i: int) -> float:
+        x, y = data[i, :, :-1], data[i, :, 1:]
         with autocast:
             logits = logits_of(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+        return loss.item()
+
+    return step
+
+
+def timed(step, i: int) -> float:
+    t0 = time.perf_counter()
+    step(i)
+    return time.perf_counter() - t0
+
+
+def run_memory(side: str, folder: str, dtype: str, batch: int, context: int, steps: int, rank: int) -> dict:
+    """One side alone in this (fresh) process: its RSS high-water mark over loading and --steps + 1 steps."""
+    if side == "decoderlab":
+        import decoderlab  # noqa: F401  (libraries imported before the baseline)
+    else:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    baseline = current_rss()
+    step = make_step(side, folder, dtype, batch, context, steps, rank)
+    loss = step(0)
+    times = [timed(step, i) for i in range(1, steps + 1)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    median = statistics.median(times[1:])
-    return {"tokens_per_s": batch * context / median, "step_s": median, "peak_mb": peak / 2**20,
-            "added_mb": (peak - baseline) / 2**20, "loss": losses[0],
-            "trainable": sum(p.numel() for p in params)}
+    return {"peak_mb": peak / 2**20, "added_mb": (peak - baseline) / 2**20, "loss": loss,
+            "alone_tokens_per_s": batch * context / statistics.median(times)}
+
+
+def run_both(folder: str, dtype: str, batch: int, context: int, steps: int, rank: int) -> dict:
+    """Both sides in this process, their steps alternating, so that a machine shared with other work slows both
+    alike: the median step time of each."""
+    sides = {side: make_step(side, folder, dtype, batch, context, steps, rank) for side in ("decoderlab", "peft")}
+    for step in sides.values():
+        step(0)  # warm-up
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for i in range(1, steps + 1):
+        for side in (("decoderlab", "peft") if i % 2 else ("peft", "decoderlab")):
+            times[side].append(timed(sides[side], i))
+    return {side: batch * context / statistics.median(t) for side, t in times.items()}
 
 
 def main() -> None:
@@ -113,37 +143,42 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--folder", default=str(Path(tempfile.gettempdir()) / "decoderlab-finetune-speed"))
-    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: measure one side in this process
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: measure in this process
     parser.add_argument("--model-folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        result = run_side(args.side, args.model_folder, args.dtypes[0], args.batch, args.context, args.steps,
-                          args.rank)
+        common = (args.model_folder, args.dtypes[0], args.batch, args.context, args.steps, args.rank)
+        result = run_both(*common) if args.side == "both" else run_memory(args.side, *common)
         print(json.dumps(result))
         return
     root = Path(args.folder)
     root.mkdir(parents=True, exist_ok=True)
     print(f"LoRA r={args.rank} on PEFT's default targets, batch {args.batch} x {args.context} tokens, median of "
-          f"{args.steps} steps after 1 warm-up; torch threads {os.cpu_count()} cores")
-    print(f"{'model':6} {'dtype':5} {'side':11} {'tokens/s':>9} {'step s':>7} {'added MB':>9} {'peak MB':>8} "
+          f"{args.steps} steps after 1 warm-up; {os.cpu_count()} cores")
+    print(f"{'model':6} {'dtype':5} {'side':11} {'tokens/s':>9} {'alone':>7} {'added MB':>9} {'peak MB':>8} "
           f"{'loss':>7}")
+
+    def measure(side: str, folder: Path, dtype: str) -> dict:
+        cmd = [sys.executable, __file__, "--side", side, "--model-folder", str(folder), "--dtypes", dtype,
+               "--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps),
+               "--rank", str(args.rank)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{side} failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     for name in args.models:
         folder = make_folder(name, root)
         for dtype in args.dtypes:
-            results = {}
-            for side in ("decoderlab", "peft"):
-                cmd = [sys.executable, __file__, "--side", side, "--model-folder", str(folder), "--dtypes", dtype,
-                       "--batch", str(args.batch), "--context", str(args.context), "--steps", str(args.steps),
-                       "--rank", str(args.rank)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode:
-                    sys.exit(f"{side} failed:\n{done.stderr[-2000:]}")
-                r = results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-                print(f"{name:6} {dtype:5} {side:11} {r['tokens_per_s']:9.0f} {r['step_s']:7.3f} "
+            memory = {side: measure(side, folder, dtype) for side in ("decoderlab", "peft")}
+            speed = measure("both", folder, dtype)
+            for side, r in memory.items():
+                print(f"{name:6} {dtype:5} {side:11} {speed[side]:9.0f} {r['alone_tokens_per_s']:7.0f} "
                       f"{r['added_mb']:9.0f} {r['peak_mb']:8.0f} {r['loss']:7.3f}", flush=True)
-            ours, theirs = results["decoderlab"], results["peft"]
-            print(f"{name:6} {dtype:5} {'ratio':11} {ours['tokens_per_s'] / theirs['tokens_per_s']:8.2f}x "
-                  f"{'':7} {ours['added_mb'] / theirs['added_mb']:8.2f}x {ours['peak_mb'] / theirs['peak_mb']:7.2f}x",
+            ours, theirs = memory["decoderlab"], memory["peft"]
+            print(f"{name:6} {dtype:5} {'ratio':11} {speed['decoderlab'] / speed['peft']:8.2f}x "
+                  f"{ours['alone_tokens_per_s'] / theirs['alone_tokens_per_s']:6.2f}x "
+                  f"{ours['added_mb'] / theirs['added_mb']:8.2f}x {ours['peak_mb'] / theirs['peak_mb']:7.2f}x",
                   flush=True)
 
 

@@ -321,3 +321,17 @@ def test_cli_lora_merge(base, tmp_path):
     ids = _ids(101)
     with torch.no_grad():
         torch.testing.assert_close(_hf(tmp_path / "merged")(ids).logits, model(ids), atol=1e-4, rtol=0)
+
+
+def test_hooks_see_the_adapted_model(base):
+    from decoderlab import interp
+
+    model = apply_lora(decoderlab.load(base("llama")), LoraConfig(r=2, target_modules=["q_proj", "o_proj"]))
+    _randomize(lora_parameters(model))
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        plain = model(ids)
+        logits, cache = interp.run_with_cache(model, ids, names=lambda n: n.endswith("attn_out"))
+    torch.testing.assert_close(logits, plain, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="merge"), torch.no_grad():  # per-head results would leave out o_proj's adapter
+        interp.run_with_cache(model, ids, names=lambda n: n.endswith("hook_result"))
