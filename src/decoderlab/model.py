@@ -450,7 +450,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor | None = None,
                 mask: masks.Mask | torch.Tensor | None = None, cache: KVCache | None = None, *,
                 hidden_states: bool = False, attentions: bool = False, future: bool = False,
-                logits_to_keep: int = 0,
+                logits_to_keep: int | torch.Tensor = 0,
                 edit_residual: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                 attention: AttentionFn | None = None, start_at_layer: int = 0,
                 residual: torch.Tensor | None = None) -> torch.Tensor | ModelOutput:
@@ -462,7 +462,9 @@ class Transformer(nn.Module):
         needs `positions` and a tensor mask over all `cache.max_length` slots, and its `length` is left to the
         caller: every step then has the same shapes (`generate(..., compile=True)`). The model adds each layer's
         sliding window (`config.layer_windows`) to any mask it is given, tensor masks included.
-        `logits_to_keep=n` computes logits for the last n positions only (generation needs one).
+        `logits_to_keep=n` computes logits for the last n positions only (generation needs one); a boolean
+        [B, T] tensor computes them at its True positions only, returned as [N, V] in row-major order (a loss on
+        some tokens, e.g. fine-tuning's responses, skips the LM head and its softmax everywhere else).
         `edit_residual(layer, x)` may return a changed residual stream [B, T, d] before block `layer` runs
         (token prepending, steering, patching); it is called once per block.
         `attention(layer, q, k, v)` replaces every layer's attention: it gets the queries [B, H, T, D] and
@@ -545,7 +547,9 @@ class Transformer(nn.Module):
             cache.advance(T)
         if all_hidden is not None:
             all_hidden.append(self.final_norm(x))
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[logits_to_keep]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         trunk = x
         x = _fire(hooks, "ln_final.hook_normalized", self.final_norm(x))

@@ -1,7 +1,8 @@
 """Fine-tuning losses over the trained tokens: next-token, distillation (KL, TAID) and DPO.
 
-Every loss takes logits [B, T, V] and targets [B, T] (-100 where nothing is trained) and averages over the
-trained tokens; a batch without any trained token has loss 0 (not NaN), so an all-prompt micro-batch is harmless.
+Every loss takes logits [..., V] and targets [...] (-100 where nothing is trained: [B, T] rows, or the [N] trained
+positions alone when the model computed logits only there) and averages over the trained tokens; a batch without
+any trained token has loss 0 (not NaN), so an all-prompt micro-batch is harmless.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from ..data import IGNORE_INDEX
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the trained tokens."""
-    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -68,12 +69,16 @@ class TAIDState:
                     momentum=self.momentum, previous_loss=self.previous_loss)
 
 
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[B] sums of log p(target) over each row's trained tokens."""
+def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor | None = None,
+                      n_rows: int | None = None) -> torch.Tensor:
+    """[B] sums of log p(target) over each row's trained tokens: from logits [B, T, V] and targets [B, T], or from
+    the trained positions' logits [N, V] and targets [N] with their `rows` [N] (of `n_rows`)."""
     keep = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * keep).sum(-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
+    if rows is None:
+        return picked.sum(-1)
+    return torch.zeros(n_rows, dtype=picked.dtype, device=picked.device).index_add_(0, rows, picked)
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,

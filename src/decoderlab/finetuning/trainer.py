@@ -258,8 +258,10 @@ class FinetuneTrainer(Trainer):
         index = torch.arange(B)[pairs]
         rows = torch.cat([index, index + B])
         positions, mask = self._layout(batch, rows)
-        logits = model(batch.inputs[rows].to(self.device), positions=positions, mask=mask)
-        return sequence_logprobs(logits, batch.targets[rows].to(self.device))
+        y = batch.targets[rows].to(self.device)
+        keep = y != -100
+        logits = model(batch.inputs[rows].to(self.device), positions=positions, mask=mask, logits_to_keep=keep)
+        return sequence_logprobs(logits, y[keep], keep.nonzero()[:, 0], len(rows))
 
     def loss(self, batch: SFTBatch, rows) -> torch.Tensor:
         cfg = self.cfg
@@ -271,12 +273,15 @@ class FinetuneTrainer(Trainer):
         x = batch.inputs[rows].to(self.device)
         y = batch.targets[rows].to(self.device)
         positions, mask = self._layout(batch, rows)
-        logits = self.forward(x, positions=positions, mask=mask)
+        # The LM head (and its softmax) only where a token is trained: prompts, padding and boundaries skip it.
+        keep = y != -100
+        logits = self.forward(x, positions=positions, mask=mask, logits_to_keep=keep)
+        y = y[keep]
         if cfg.objective == "next":
             return next_token_loss(logits, y)
         with torch.no_grad():
             teacher_mask = masks.causal() & masks.document(batch.doc_ids[rows].to(self.device))
-            teacher_logits = self.teacher(x, positions=positions, mask=teacher_mask)
+            teacher_logits = self.teacher(x, positions=positions, mask=teacher_mask, logits_to_keep=keep)
         V = min(logits.shape[-1], teacher_logits.shape[-1], self.tokenizer.vocab_size)
         student, teacher = logits[..., :V], teacher_logits[..., :V]
         if cfg.objective == "taid":
@@ -318,10 +323,12 @@ class FinetuneTrainer(Trainer):
             for first in range(0, len(rows), EVAL_ROWS):
                 batch = build_batch(self.data.val, rows[first:first + EVAL_ROWS], self.data.row_length, self._pad_id)
                 positions, mask = self._layout(batch, slice(None))
-                with self.autocast:
-                    logits = model(batch.inputs.to(self.device), positions=positions, mask=mask)
                 y = batch.targets.to(self.device)
-                n = (y != -100).sum()
+                keep = y != -100
+                with self.autocast:
+                    logits = model(batch.inputs.to(self.device), positions=positions, mask=mask, logits_to_keep=keep)
+                y = y[keep]
+                n = keep.sum()
                 total_t += float(next_token_loss(logits, y)) * float(n)
                 count_t += float(n)
             return float(total_t / count_t.clamp(min=1)), math.nan
@@ -437,8 +444,10 @@ def score_responses(model: Transformer, tokenizer: Tokenizer, examples: list[Exa
     """Generate each example's response greedily from its prompt (`bitune`: the prompt prefilled bidirectionally)
     and compare it with the reference, token for token. Examples without a prompt (text records) are skipped."""
     from ..generation import generate
+    from ..generation.engine import resolve_stop_tokens
 
     chosen = [e for e in examples if e.prompt_length > 0 and e.trained[e.prompt_length:].any()]
+    stops = resolve_stop_tokens(model, tokenizer)
     score = ResponseScore([], [], [], [])
     decoder = bitune.BidirectionalPromptDecoder if bitune else None
     for first in range(0, len(chosen), batch_size):
@@ -449,8 +458,10 @@ def score_responses(model: Transformer, tokenizer: Tokenizer, examples: list[Exa
                        decoder=decoder)
         for prompt, reference, tokens in zip(prompts, references, out.tokens, strict=True):
             tokens = tokens[:len(reference)]
+            # Shown up to the first end id (what generation would return); compared token for token.
+            end = next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))
             score.prompts.append(tokenizer.decode(prompt))
             score.references.append(tokenizer.decode(reference))
-            score.generated.append(tokenizer.decode(tokens))
+            score.generated.append(tokenizer.decode(tokens[:end]))
             score.exact.append(tokens == reference)
     return score
