@@ -6,7 +6,7 @@ function over the one `Transformer`. The short functions (`generate`, `stream`, 
 hidden by them.
 """
 
-from . import accel, data, embeddings, evaluate, finetuning, generation, interp, masks, pine, training
+from . import accel, data, embeddings, evaluate, finetuning, generation, interp, masks, pine, tasks, training
 from .cache import KVCache
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
@@ -58,6 +58,7 @@ __all__ = [
     "generation",
     "interp",
     "stream",
+    "tasks",
     "train",
     "training",
     "load",

@@ -1,0 +1,334 @@
+"""decoderlab.tasks.sudoku: generator uniqueness and determinism, the logical solver's fills and strategy labels,
+the three orders as text, and the move scoring."""
+
+import json
+
+import numpy as np
+import pytest
+
+from decoderlab.errors import UserError
+from decoderlab.tasks import sudoku as S
+
+
+def grid(text: str) -> np.ndarray:
+    rows = [r.strip() for r in text.strip().splitlines()]
+    return np.array([[0 if ch == "." else int(ch) for ch in r] for r in rows], dtype=np.int8)
+
+
+def is_valid_solution(g: np.ndarray) -> bool:
+    n = g.shape[0]
+    br, bc = S.box_shape(n)
+    want = set(range(1, n + 1))
+    boxes = [g[r:r + br, c:c + bc].reshape(-1) for r in range(0, n, br) for c in range(0, n, bc)]
+    return all(set(line.tolist()) == want for line in [*g, *g.T, *boxes])
+
+
+def apply(clues: np.ndarray, fills) -> np.ndarray:
+    g = clues.copy()
+    for f in fills:
+        g[f.row, f.col] = f.value
+    return g
+
+
+@pytest.mark.parametrize("size,count", [(4, 40), (6, 40), (9, 3)])
+def test_generated_puzzles_have_exactly_one_solution(size, count):
+    for p in S.generate_puzzles(count, size, seed=3):
+        assert p.clues.shape == (size, size)
+        assert is_valid_solution(p.solution)
+        given = p.clues > 0
+        assert (p.clues[given] == p.solution[given]).all()
+        assert given.sum() < size * size
+        assert S.count_solutions(p.clues, limit=2) == 1
+
+
+def test_generated_puzzles_are_minimal():
+    # one pass of removals: a clue kept was not removable then, and so not now (fewer clues, still ambiguous)
+    for p in S.generate_puzzles(8, 6, seed=11):
+        for r, c in zip(*np.nonzero(p.clues), strict=True):
+            fewer = p.clues.copy()
+            fewer[r, c] = 0
+            assert S.count_solutions(fewer, limit=2) == 2
+
+
+def test_generation_is_seeded_and_batch_independent():
+    a = S.generate_puzzles(20, 6, seed=5)
+    b = S.generate_puzzles(20, 6, seed=5)
+    c = S.generate_puzzles(20, 6, seed=6)
+    prefix = S.generate_puzzles(7, 6, seed=5, batch=3)
+    assert all((x.clues == y.clues).all() for x, y in zip(a[:7], prefix, strict=True))
+    assert all((x.clues == y.clues).all() and (x.solution == y.solution).all() for x, y in zip(a, b, strict=True))
+    assert any((x.solution != y.solution).any() for x, y in zip(a, c, strict=True))
+
+
+def test_count_solutions_known_counts():
+    assert S.count_solutions(np.zeros((4, 4), np.int8), limit=10_000) == 288  # all 4x4 sudokus
+    clash = np.zeros((4, 4), np.int8)
+    clash[0, 0] = clash[0, 3] = 1
+    assert S.count_solutions(clash) == 0
+    full = S.generate_puzzles(1, 9, seed=0)[0].solution
+    assert S.count_solutions(full) == 1
+
+
+@pytest.mark.parametrize("size", [4, 6, 9])
+def test_logical_generation_and_solver_fills_are_correct(size):
+    for p in S.generate_puzzles(15 if size < 9 else 3, size, seed=2, logical=True):
+        result = S.solve_logically(p.clues)
+        assert result.solved
+        assert len(result.fills) == (p.clues == 0).sum()
+        g = p.clues.copy()
+        for f in result.fills:  # each fill lands on an empty cell with the solution's value
+            assert g[f.row, f.col] == 0
+            assert f.value == p.solution[f.row, f.col]
+            assert f.strategy in S.STRATEGIES
+            g[f.row, f.col] = f.value
+        assert (g == p.solution).all()
+
+
+def test_solver_reports_puzzles_it_cannot_finish():
+    empty = np.zeros((4, 4), np.int8)  # 288 solutions: no deduction is possible
+    result = S.solve_logically(empty)
+    assert not result.solved and result.fills == []
+    # a unique 9x9 puzzle that needs more than these strategies (the "AI Escargot"-style hard one)
+    hard = grid("""
+        1....7.9.
+        .3..2...8
+        ..96..5..
+        ..53..9..
+        .1..8...2
+        6....4...
+        3......1.
+        .4......7
+        ..7...3..""")
+    assert S.count_solutions(hard) == 1
+    result = S.solve_logically(hard)
+    assert not result.solved
+    solution = hard.copy()
+    assert all(f.value for f in result.fills)
+    for f in result.fills:  # what it did fill is still right
+        solution[f.row, f.col] = f.value
+    assert S.count_solutions(solution) == 1
+
+
+def first_fill(g, strategies=S.STRATEGIES):
+    fills = S.solve_logically(g, strategies=strategies).fills
+    return fills[0] if fills else None
+
+
+def check_forced(g, fill):
+    """The labelled fill agrees with the grid's unique solution."""
+    assert S.count_solutions(g) == 1
+    placed = g.copy()
+    placed[fill.row, fill.col] = fill.value
+    assert S.count_solutions(placed) == 1
+
+
+def test_label_naked_single_when_it_is_the_only_move():
+    g = grid("""
+        .5...3.6.
+        24...6.8.
+        .6..71...
+        482...5.6
+        ....8....
+        .7.6.....
+        .2..6...1
+        ...9...52
+        .94.3.67.""")
+    fill = first_fill(g)
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (1, 3, 5, "naked_single")
+    # the cell's peers hold every other digit
+    peers = set(g[1].tolist()) | set(g[:, 3].tolist()) | set(g[0:3, 3:6].reshape(-1).tolist())
+    assert set(range(1, 10)) - peers == {5}
+    # and no other strategy finds anything
+    assert first_fill(g, [s for s in S.STRATEGIES if s != "naked_single"]) is None
+    check_forced(g, fill)
+
+
+def test_label_hidden_single_in_a_box():
+    g = grid("""
+        54....
+        ..1...
+        ....12
+        .....3
+        ..56..
+        ....2.""")
+    fill = first_fill(g)
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (3, 4, 6, "hidden_single_box")
+    # in the box of rows 2-3, columns 3-5, a 6 fits only at (3, 4): column 3 already has one at (4, 3)
+    assert g[4, 3] == 6
+    assert first_fill(g, ["naked_single", "hidden_single_row", "hidden_single_col"]) is None
+    check_forced(g, fill)
+
+
+def test_label_locked_candidates_enable_a_fill():
+    g = grid("""
+        ....5.
+        52...6
+        2....5
+        ..5.4.
+        461523
+        352..4""")
+    assert first_fill(g, S.SINGLE_STRATEGIES) is None  # singles alone are stuck
+    fill = first_fill(g)
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (0, 5, 2, "locked_pointing")
+    check_forced(g, fill)
+    claiming = grid("""
+        731492685
+        .287.5.1.
+        ..58.1.27
+        5..3..7..
+        .7.5...38
+        3.21.75..
+        .5621..79
+        ..795..6.
+        ..367485.""")
+    assert first_fill(claiming, S.SINGLE_STRATEGIES + ("locked_pointing",)) is None
+    fill = first_fill(claiming)
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (5, 7, 9, "locked_claiming")
+    check_forced(claiming, fill)
+
+
+def test_label_naked_and_hidden_pairs_enable_a_fill():
+    g = grid("""
+        .3.1475..
+        9..5264..
+        .4.3892..
+        .6.43.9.2
+        .2.97.6..
+        .93265.8.
+        .1.854..6
+        .54.93...
+        ....12...""")
+    assert first_fill(g, S.SINGLE_STRATEGIES + ("locked_pointing", "locked_claiming")) is None
+    fill = first_fill(g)
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (5, 8, 4, "naked_pair")
+    check_forced(g, fill)
+    h = grid("""
+        26.5318..
+        1.42.8.6.
+        83.4.61.2
+        541.8.629
+        7921645..
+        386925471
+        418.5.2..
+        9...42.1.
+        62..1....""")
+    assert first_fill(h, [s for s in S.STRATEGIES if s != "hidden_pair"]) is None
+    fill = first_fill(h)
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (8, 3, 8, "hidden_pair")
+    check_forced(h, fill)
+
+
+def test_unknown_strategy_size_and_order_are_user_errors():
+    with pytest.raises(UserError, match="unknown sudoku strategies"):
+        S.solve_logically(np.zeros((4, 4), np.int8), strategies=["x_wing"])
+    with pytest.raises(UserError, match="size 5"):
+        S.generate_puzzles(1, 5)
+    p = S.generate_puzzles(1, 4, seed=0)[0]
+    with pytest.raises(UserError, match="unknown sudoku order"):
+        S.fill_order(p, "spiral")
+
+
+def test_three_orders_hold_the_same_moves():
+    for k, p in enumerate(S.generate_puzzles(10, 6, seed=4, logical=True)):
+        orders = {o: S.fill_order(p, o, seed=k) for o in S.ORDERS}
+        moves = {o: [(f.row, f.col, f.value) for f in fills] for o, fills in orders.items()}
+        assert sorted(moves["solver"]) == moves["row-major"] == sorted(moves["random"])
+        assert len(moves["row-major"]) == (p.clues == 0).sum()
+        assert (apply(p.clues, orders["solver"]) == p.solution).all()
+    p = S.generate_puzzles(1, 9, seed=4)[0]
+    assert S.fill_order(p, "random", seed=1) == S.fill_order(p, "random", seed=1)
+    assert S.fill_order(p, "random", seed=1) != S.fill_order(p, "random", seed=2)
+
+
+def test_line_format_round_trips():
+    p = S.generate_puzzles(1, 4, seed=9)[0]
+    fills = S.fill_order(p, "row-major")
+    line = S.format_line(p.clues, fills)
+    prompt = S.prompt_text(p.clues)
+    assert line.startswith(prompt) and prompt.endswith(" >")
+    assert set(line) <= set("0123456789 >")
+    first = next((r, c) for r in range(4) for c in range(4) if p.clues[r, c])
+    assert line[:3] == f"{first[0] + 1}{first[1] + 1}{p.clues[first]}"
+    clues, moves = S.parse_line(line)
+    assert (clues == p.clues).all()
+    assert moves == [(f.row, f.col, f.value) for f in fills]
+    clues6, _ = S.parse_line("111 >", size=6)
+    assert clues6.shape == (6, 6)
+
+
+@pytest.mark.parametrize("order", S.ORDERS)
+def test_write_dataset_splits_and_reads_back(tmp_path, order):
+    puzzles = S.generate_puzzles(12, 6, seed=1, logical=True)
+    paths = S.write_dataset(tmp_path / order, puzzles, order, seed=0, heldout=4)
+    train = [json.loads(x) for x in paths["train"].read_text().splitlines()]
+    held = [json.loads(x) for x in paths["heldout"].read_text().splitlines()]
+    assert len(train) == 8 and len(held) == 4
+    assert all(set(d) == {"text"} for d in train + held)
+    back = S.read_puzzles(paths["heldout"])
+    for a, b in zip(back, puzzles[:4], strict=True):
+        assert (a.clues == b.clues).all() and (a.solution == b.solution).all()
+    assert held[0]["text"] == S.format_line(puzzles[0].clues, S.fill_order(puzzles[0], order, seed=0))
+
+
+PUZZLE = S.Puzzle(
+    clues=grid("""
+        1..4
+        .4..
+        ..2.
+        2..3"""),
+    solution=grid("""
+        1234
+        3412
+        4321
+        2143"""))
+
+
+def test_score_moves_hand_made():
+    assert S.count_solutions(PUZZLE.clues) == 1
+    empties = [(r, c, int(PUZZLE.solution[r, c])) for r in range(4) for c in range(4) if not PUZZLE.clues[r, c]]
+    perfect = S.score_moves(PUZZLE, empties)
+    assert perfect.solved and perfect.cells_correct == perfect.cells_total == 10
+    assert set(perfect.verdicts) == {"correct"}
+    assert S.score_moves(PUZZLE, [f"{r + 1}{c + 1}{v}" for r, c, v in empties]).solved  # text moves too
+
+    s = S.score_moves(PUZZLE, [(0, 1, 4)] + empties[1:])  # 4 is already in row 0
+    assert s.verdicts[0] == "contradiction" and not s.solved and s.cells_correct == 9
+
+    s = S.score_moves(PUZZLE, [(0, 0, 1)] + empties)  # (0, 0) is a clue
+    assert s.verdicts[0] == "refill" and s.solved  # the wrong move does not undo the right ones
+
+    s = S.score_moves(PUZZLE, [(0, 4, 1), (0, 1, 5), (-1, 0, 1), "9x1"] + empties[:3])
+    assert s.verdicts[:4] == ["out_of_range", "out_of_range", "out_of_range", "unparsable"]
+    assert s.cells_correct == 3 and not s.solved
+
+    # (0, 1) = 3 is legal on the grid but wrong; it stays, so the true 3 at (0, 2) now contradicts
+    s = S.score_moves(PUZZLE, [(0, 1, 3), (0, 2, 3), (0, 1, 2)])
+    assert s.verdicts == ["wrong_value", "contradiction", "refill"]
+    assert s.cells_correct == 0
+
+    total = S.summarize([perfect, s])
+    assert total.puzzle_accuracy == 0.5
+    assert total.cell_accuracy == pytest.approx(10 / 20)
+    assert total.verdict_counts["correct"] == 10
+
+
+def test_evaluate_greedy_with_callbacks():
+    puzzles = S.generate_puzzles(5, 6, seed=8, logical=True)
+    solutions = {S.prompt_text(p.clues): p for p in puzzles}
+    seen = []
+
+    def oracle(text: str) -> str:  # knows the solution; fills the first empty cell not yet written
+        seen.append(text)
+        prompt, _, moves = text.partition(">")
+        p = solutions[prompt + ">"]
+        done = {(int(m[0]) - 1, int(m[1]) - 1) for m in moves.split()}
+        r, c = next((r, c) for r in range(6) for c in range(6) if not p.clues[r, c] and (r, c) not in done)
+        return f"{r + 1}{c + 1}{p.solution[r, c]}"
+
+    score = S.evaluate_greedy(puzzles, oracle)
+    assert score.puzzle_accuracy == 1.0 and score.cell_accuracy == 1.0
+    assert seen[1].startswith(seen[0] + " ")  # each move is appended to the text
+
+    score = S.evaluate_greedy(puzzles, lambda text: " 111")  # always the same move
+    assert score.puzzle_accuracy == 0.0
+    assert score.cell_accuracy < 0.2
