@@ -1,6 +1,7 @@
 """decoderlab.tasks.sudoku: generator uniqueness and determinism, the logical solver's fills and strategy labels,
 the three orders as text, and the move scoring."""
 
+import itertools
 import json
 
 import numpy as np
@@ -327,8 +328,19 @@ def test_evaluate_greedy_with_callbacks():
 
     score = S.evaluate_greedy(puzzles, oracle)
     assert score.puzzle_accuracy == 1.0 and score.cell_accuracy == 1.0
-    assert seen[1].startswith(seen[0] + " ")  # each move is appended to the text
+    first = [t for t in seen if t.startswith(seen[0])]  # puzzle 0's texts: each move is appended
+    assert len(first) == (puzzles[0].clues == 0).sum()
+    assert all(b.startswith(a + " ") and len(b) == len(a) + 4 for a, b in itertools.pairwise(first))
 
     score = S.evaluate_greedy(puzzles, lambda text: " 111")  # always the same move
     assert score.puzzle_accuracy == 0.0
     assert score.cell_accuracy < 0.2
+
+    def batch_oracle(texts: list[str]) -> list[str]:
+        return [oracle(t) for t in texts]
+
+    assert S.evaluate_greedy(puzzles, propose_batch=batch_oracle).puzzle_accuracy == 1.0
+    with pytest.raises(UserError, match="exactly one"):
+        S.evaluate_greedy(puzzles)
+    with pytest.raises(UserError, match="returned 0 moves"):
+        S.evaluate_greedy(puzzles, propose_batch=lambda texts: [])

@@ -296,8 +296,9 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
         return [0 if values[i] else full & ~(used[cu[i][0]] | used[cu[i][1]] | used[cu[i][2]])
                 for i in range(geo.cells)]
 
-    def cause(pairs: Iterable[tuple[int, int]], fallback: str) -> str:
-        last = max((eliminated[p] for p in pairs if p in eliminated), default=None)
+    def cause(pairs: Iterable[tuple[int, int]], pure: list[int], fallback: str) -> str:
+        # only eliminations of candidates the grid itself still allows were needed for this single
+        last = max((eliminated[(i, b)] for i, b in pairs if pure[i] & b and (i, b) in eliminated), default=None)
         return last[1] if last else fallback
 
     def find_singles(cand: list[int]) -> list[tuple[int, int, str, list[tuple[int, int]]]]:
@@ -319,7 +320,8 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
                     out.append((where[0], bit, kind, [(j, bit) for j in cells if j != where[0]]))
         return out
 
-    def place(singles: list[tuple[int, int, str, list[tuple[int, int]]]], use_causes: bool) -> bool:
+    def place(singles: list[tuple[int, int, str, list[tuple[int, int]]]], pure: list[int] | None) -> bool:
+        """Fill every single found; `pure`: the grid's own candidates, when the singles came from narrowed ones."""
         placed = False
         for i, bit, kind, why in singles:
             if values[i]:
@@ -330,7 +332,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
             if any(values[j] == v for j in geo.peers[i]):
                 continue
             values[i] = v
-            fills.append(Fill(i // n, i % n, v, cause(why, kind) if use_causes else kind))
+            fills.append(Fill(i // n, i % n, v, cause(why, pure, kind) if pure else kind))
             placed = True
         return placed
 
@@ -403,12 +405,12 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
         pure = grid_candidates()
         if not any(pure) and all(values):
             break
-        if place(find_singles(pure), use_causes=False):
+        if place(find_singles(pure), None):
             continue
         cand = [p & ~elim_mask[i] for i, p in enumerate(pure)]
         if any(not c and not values[i] for i, c in enumerate(cand)):
             break  # a cell without candidates: the grid has no solution
-        if place(find_singles(cand), use_causes=True):
+        if place(find_singles(cand), pure):
             continue
         if not try_eliminations(cand):
             break
@@ -694,20 +696,34 @@ def summarize(scores: Sequence[MoveScore]) -> SudokuScore:
                        puzzles=len(scores), verdict_counts=counts, scores=list(scores))
 
 
-def evaluate_greedy(puzzles: Sequence[Puzzle], propose: Callable[[str], str]) -> SudokuScore:
-    """Let a model solve each puzzle move by move and score it.
+def evaluate_greedy(puzzles: Sequence[Puzzle], propose: Callable[[str], str] | None = None, *,
+                    propose_batch: Callable[[list[str]], list[str]] | None = None) -> SudokuScore:
+    """Let a model solve each puzzle move by move, greedily, and score it.
 
     `propose(text)` gets the text so far (the prompt, then the moves already made, each as ` rcv`) and returns
     the next move as `rcv` text (e.g. the first three non-space characters a greedy `decoderlab.generate`
     writes after `text`). It is asked once per empty cell; every move, right or wrong, is appended to the text.
+    `propose_batch(texts)` instead answers for all puzzles still being solved at once (one batched decode
+    step per move); give exactly one of the two.
     """
-    scores = []
-    for p in puzzles:
-        text = prompt_text(p.clues)
-        moves = []
-        for _ in range(int((p.clues == 0).sum())):
-            move = propose(text).strip()
-            moves.append(move)
-            text += " " + move
-        scores.append(score_moves(p, moves))
-    return summarize(scores)
+    if (propose is None) == (propose_batch is None):
+        raise UserError("give evaluate_greedy exactly one of propose (one text) or propose_batch (a list)")
+    texts = [prompt_text(p.clues) for p in puzzles]
+    moves: list[list[str]] = [[] for _ in puzzles]
+    left = [int((p.clues == 0).sum()) for p in puzzles]
+    while True:
+        going = [k for k, m in enumerate(left) if m > 0]
+        if not going:
+            break
+        if propose_batch is not None:
+            answers = list(propose_batch([texts[k] for k in going]))
+            if len(answers) != len(going):
+                raise UserError(f"propose_batch returned {len(answers)} moves for {len(going)} texts")
+        else:
+            answers = [propose(texts[k]) for k in going]
+        for k, answer in zip(going, answers, strict=True):
+            move = answer.strip()
+            moves[k].append(move)
+            texts[k] += " " + move
+            left[k] -= 1
+    return summarize([score_moves(p, m) for p, m in zip(puzzles, moves, strict=True)])
