@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from decoderlab.errors import UserError
 from decoderlab.tasks import sudoku as S
@@ -344,3 +346,13 @@ def test_evaluate_greedy_with_callbacks():
         S.evaluate_greedy(puzzles)
     with pytest.raises(UserError, match="returned 0 moves"):
         S.evaluate_greedy(puzzles, propose_batch=lambda texts: [])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), size=st.sampled_from([4, 6]))
+def test_any_seed_gives_unique_logically_solved_puzzles(seed, size):
+    p = S.generate_puzzles(1, size, seed=seed, logical=True)[0]
+    assert S.count_solutions(p.clues) == 1
+    result = S.solve_logically(p.clues)
+    assert result.solved and (result.grid == p.solution).all()
+    assert S.score_moves(p, [(f.row, f.col, f.value) for f in result.fills]).solved

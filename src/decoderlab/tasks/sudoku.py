@@ -127,6 +127,7 @@ def _as_grid(grid: np.ndarray | Sequence[Sequence[int]], what: str = "grid") -> 
 
 
 _POPCOUNT = [bin(m).count("1") for m in range(1 << 9)]
+_BITS = [[1 << v for v in range(9) if m >> v & 1] for m in range(1 << 9)]
 
 
 def _popcount(x: int) -> int:
@@ -301,29 +302,35 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
         last = max((eliminated[(i, b)] for i, b in pairs if pure[i] & b and (i, b) in eliminated), default=None)
         return last[1] if last else fallback
 
-    def find_singles(cand: list[int]) -> list[tuple[int, int, str, list[tuple[int, int]]]]:
-        """(cell, bit, single kind, candidates whose removal made it a single) for every single in `cand`."""
+    def find_singles(cand: list[int]) -> list[tuple[int, int, str, int]]:
+        """(cell, bit, single kind, unit or -1 for a naked single) for every single in `cand`."""
         out = []
         if "naked_single" in allowed:
             for i in range(geo.cells):
                 m = cand[i]
                 if m and m & (m - 1) == 0:
-                    out.append((i, m, "naked_single", [(i, 1 << v) for v in range(n) if (full ^ m) >> v & 1]))
+                    out.append((i, m, "naked_single", -1))
         for u, cells in enumerate(units):
             kind = "hidden_single_" + geo.unit_kind[u]
             if kind not in allowed:
                 continue
-            for v in range(n):
-                bit = 1 << v
-                where = [i for i in cells if cand[i] & bit]
-                if len(where) == 1:
-                    out.append((where[0], bit, kind, [(j, bit) for j in cells if j != where[0]]))
+            once = twice = 0
+            for i in cells:
+                twice |= once & cand[i]
+                once |= cand[i]
+            lone = once & ~twice  # digits with exactly one place left in this unit
+            if lone:
+                for i in cells:
+                    if cand[i] & lone:
+                        bit = cand[i] & lone
+                        if bit & (bit - 1) == 0:  # two lone digits in one cell: no solution; leave it
+                            out.append((i, bit, kind, u))
         return out
 
-    def place(singles: list[tuple[int, int, str, list[tuple[int, int]]]], pure: list[int] | None) -> bool:
+    def place(singles: list[tuple[int, int, str, int]], pure: list[int] | None) -> bool:
         """Fill every single found; `pure`: the grid's own candidates, when the singles came from narrowed ones."""
         placed = False
-        for i, bit, kind, why in singles:
+        for i, bit, kind, u in singles:
             if values[i]:
                 continue
             v = bit.bit_length()
@@ -332,7 +339,9 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
             if any(values[j] == v for j in geo.peers[i]):
                 continue
             values[i] = v
-            fills.append(Fill(i // n, i % n, v, cause(why, pure, kind) if pure else kind))
+            if pure is not None:  # the candidates whose removal made this a single
+                why = [(i, b) for b in _BITS[full ^ bit]] if u < 0 else [(j, bit) for j in units[u] if j != i]
+            fills.append(Fill(i // n, i % n, v, cause(why, pure, kind) if pure is not None else kind))
             placed = True
         return placed
 
