@@ -249,7 +249,7 @@ def test_line_format_round_trips():
     line = S.format_line(p.clues, fills)
     prompt = S.prompt_text(p.clues)
     assert line.startswith(prompt) and prompt.endswith(" >")
-    assert set(line) <= set("0123456789 >")
+    assert set(line) <= set("1234 >\n") and line.endswith("\n") and line.count("\n") == 1
     first = next((r, c) for r in range(4) for c in range(4) if p.clues[r, c])
     assert line[:3] == f"{first[0] + 1}{first[1] + 1}{p.clues[first]}"
     clues, moves = S.parse_line(line)

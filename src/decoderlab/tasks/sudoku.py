@@ -6,12 +6,14 @@ Sizes: 4x4 (2x2 boxes), 6x6 (2x3 boxes: 2 rows by 3 columns) and 9x9 (3x3 boxes)
 
 Text format (one puzzle per line, every character its own token for a char-level tokenizer):
 
-    <clues> ><fills>
+    <clues> ><fills>\n
 
 `<clues>` is the given cells in row-major order, each as three digits `rcv` (row, column, value, 1-based),
-separated by single spaces; then ` >`; then each fill as ` rcv` in the chosen order. Example (4x4):
+separated by single spaces; then ` >`; then each fill as ` rcv` in the chosen order; then a newline, so a
+char-level model learns where a puzzle ends and puzzles stay apart even in unpacked training batches. The
+alphabet is the digits 1..n, space, `>` and newline. Example (6x6, solver order):
 
-    112 123 214 ... 443 > 131 244 ...
+    216 222 251 421 442 524 556 635 643 661 > 545 612 626 341 654 244 ... 453
 
 The prompt for evaluation is `prompt_text(clues)` (everything up to and including `>`); a model then writes
 the moves one ` rcv` at a time. Orders (`fill_order`): "solver" (the order `solve_logically` fills cells in,
@@ -22,9 +24,11 @@ as in "Causal Language Modeling Can Elicit Search and Reasoning Capabilities on 
 Generation (`generate_puzzles`): a seeded random backtracking fill gives a solution; clues are then removed
 one at a time in a random order, keeping a removal only while the puzzle still has exactly one solution.
 Uniqueness is decided for the whole batch at once by a numpy propagation of naked and hidden singles (sound:
-if singles fill the grid the solution is forced); only puzzles it cannot finish go to the bitmask counting
-solver that stops at two solutions (`count_solutions`), or, with `logical=True`, to `solve_logically`, so that
-every kept puzzle is one the logical solver finishes.
+if singles fill the grid the solution is forced) and a numpy test for an empty swappable rectangle (a second
+solution, so not unique); only the puzzles neither settles go to the bitmask counting solver that stops at two
+solutions (`count_solutions`), started from the grid the singles reached. With `logical=True` a unique puzzle
+must also be finished by `solve_logically` (from that same grid: singles are its own first steps), so that
+every kept puzzle is one the logical solver finishes, as the paper's data.
 
 Scoring (`score_moves`, `evaluate_greedy`): a move is correct when its cell is in range and empty, its value
 does not contradict the grid so far, and it equals the solution's value. A legal but wrong value stays in
@@ -557,13 +561,13 @@ def prompt_text(clues: np.ndarray) -> str:
     return " ".join(move_text(r, c, int(g[r, c])) for r in range(n) for c in range(n) if g[r, c]) + " >"
 
 
-def format_line(clues: np.ndarray, fills: Sequence[Fill]) -> str:
-    """One training line: the prompt then each fill as ` rcv`."""
-    return prompt_text(clues) + "".join(" " + move_text(f.row, f.col, f.value) for f in fills)
+def format_line(clues: np.ndarray, fills: Sequence[Fill], end: str = "\n") -> str:
+    """One training text: the prompt, each fill as ` rcv`, then `end` (a newline: the puzzle's last token)."""
+    return prompt_text(clues) + "".join(" " + move_text(f.row, f.col, f.value) for f in fills) + end
 
 
 def parse_line(line: str, size: int | None = None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """The clues grid and the moves (0-based row, col; value) of a line in the format `format_line` writes.
+    """The clues grid and the moves (0-based row, col; value) of a text in the format `format_line` writes.
 
     `size`: the grid size; by default the smallest supported size that holds every row, column and value.
     """
