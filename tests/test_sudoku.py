@@ -112,6 +112,15 @@ def test_solver_reports_puzzles_it_cannot_finish():
     assert S.count_solutions(solution) == 1
 
 
+def candidates(g: np.ndarray, r: int, c: int) -> set[int]:
+    """The values the grid alone allows at (r, c), straight from the rules."""
+    n = g.shape[0]
+    br, bc = S.box_shape(n)
+    r0, c0 = r - r % br, c - c % bc
+    seen = set(g[r].tolist()) | set(g[:, c].tolist()) | set(g[r0:r0 + br, c0:c0 + bc].reshape(-1).tolist())
+    return set(range(1, n + 1)) - seen
+
+
 def first_fill(g, strategies=S.STRATEGIES):
     fills = S.solve_logically(g, strategies=strategies).fills
     return fills[0] if fills else None
@@ -171,6 +180,11 @@ def test_label_locked_candidates_enable_a_fill():
         461523
         352..4""")
     assert first_fill(g, S.SINGLE_STRATEGIES) is None  # singles alone are stuck
+    # by hand: (0, 5) may hold 1 or 2; box 0's 1 must sit in row 0 ((0, 2) and (1, 2) see the 1 at (4, 2)),
+    # so 1 leaves the rest of row 0 and (0, 5) is a 2
+    assert candidates(g, 0, 5) == {1, 2}
+    assert 1 not in candidates(g, 0, 2) | candidates(g, 1, 2) and g[1, 0] and g[1, 1]
+    assert 1 in candidates(g, 0, 0) and 1 in candidates(g, 0, 1)
     fill = first_fill(g)
     assert (fill.row, fill.col, fill.value, fill.strategy) == (0, 5, 2, "locked_pointing")
     check_forced(g, fill)
