@@ -185,8 +185,11 @@ def test_label_locked_candidates_enable_a_fill():
     assert candidates(g, 0, 5) == {1, 2}
     assert 1 not in candidates(g, 0, 2) | candidates(g, 1, 2) and g[1, 0] and g[1, 1]
     assert 1 in candidates(g, 0, 0) and 1 in candidates(g, 0, 1)
-    fill = first_fill(g)
+    result = S.solve_logically(g)
+    fill = result.fills[0]
     assert (fill.row, fill.col, fill.value, fill.strategy) == (0, 5, 2, "locked_pointing")
+    first = result.eliminations[0]
+    assert first.strategy == "locked_pointing" and first.pattern == ((0, 0), (0, 1)) and (0, 5, 1) in first.removed
     check_forced(g, fill)
     claiming = grid("""
         731492685
@@ -206,32 +209,49 @@ def test_label_locked_candidates_enable_a_fill():
 
 def test_label_naked_and_hidden_pairs_enable_a_fill():
     g = grid("""
-        .3.1475..
-        9..5264..
-        .4.3892..
-        .6.43.9.2
-        .2.97.6..
-        .93265.8.
-        .1.854..6
-        .54.93...
-        ....12...""")
-    assert first_fill(g, S.SINGLE_STRATEGIES + ("locked_pointing", "locked_claiming")) is None
-    fill = first_fill(g)
-    assert (fill.row, fill.col, fill.value, fill.strategy) == (5, 8, 4, "naked_pair")
+        ..4.9....
+        .2.6..7..
+        8.9.4..25
+        ...1..98.
+        9...6...3
+        7.3..9...
+        4..9.....
+        396874152
+        ..7.5....""")
+    no_pairs = S.SINGLE_STRATEGIES + ("locked_pointing", "locked_claiming")
+    assert first_fill(g, no_pairs) is None
+    # by hand: (1, 0) and (1, 2) both allow only {1, 5}, so 1 leaves (1, 4); column 4 allowed 1 only at (1, 4)
+    # and (6, 4), so (6, 4) is a 1
+    assert candidates(g, 1, 0) == candidates(g, 1, 2) == {1, 5}
+    assert [r for r in range(9) if not g[r, 4] and 1 in candidates(g, r, 4)] == [1, 6]
+    result = S.solve_logically(g)
+    fill = result.fills[0]
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (6, 4, 1, "naked_pair")
+    first = result.eliminations[0]
+    assert first.strategy == "naked_pair" and first.pattern == ((1, 0), (1, 2)) and first.after_fills == 0
+    assert (1, 4, 1) in first.removed
     check_forced(g, fill)
+
     h = grid("""
-        26.5318..
-        1.42.8.6.
-        83.4.61.2
-        541.8.629
-        7921645..
-        386925471
-        418.5.2..
-        9...42.1.
-        62..1....""")
-    assert first_fill(h, [s for s in S.STRATEGIES if s != "hidden_pair"]) is None
-    fill = first_fill(h)
-    assert (fill.row, fill.col, fill.value, fill.strategy) == (8, 3, 8, "hidden_pair")
+        84..562..
+        .7.421.8.
+        .2.8.3..4
+        462...531
+        795132846
+        138564729
+        2.43.....
+        6.72493.8
+        3.96.54.2""")
+    assert first_fill(h, no_pairs + ("naked_pair",)) is None
+    # by hand: in row 6 the digits 6 and 9 fit only at (6, 6) and (6, 7), so those two cells hold nothing else;
+    # 1 leaves (6, 6), and column 6 allowed 1 only at (2, 6) and (6, 6)
+    row6 = {c: candidates(h, 6, c) for c in range(9) if not h[6, c]}
+    assert [c for c, m in row6.items() if 6 in m] == [c for c, m in row6.items() if 9 in m] == [6, 7]
+    assert [r for r in range(9) if not h[r, 6] and 1 in candidates(h, r, 6)] == [2, 6]
+    result = S.solve_logically(h)
+    fill = result.fills[0]
+    assert (fill.row, fill.col, fill.value, fill.strategy) == (2, 6, 1, "hidden_pair")
+    assert result.eliminations[0].pattern == ((6, 6), (6, 7)) and (6, 6, 1) in result.eliminations[0].removed
     check_forced(h, fill)
 
 

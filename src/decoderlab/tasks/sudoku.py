@@ -256,13 +256,26 @@ class Fill:
     strategy: str = ""
 
 
+@dataclass(frozen=True)
+class Elimination:
+    """One candidate elimination: the strategy, the cells of its pattern (the pair, or the cells a locked digit
+    is confined to), the candidates it removed as (row, col, value), and how many fills came before it."""
+
+    strategy: str
+    pattern: tuple[tuple[int, int], ...]
+    removed: tuple[tuple[int, int, int], ...]
+    after_fills: int
+
+
 @dataclass
 class LogicalSolve:
-    """What `solve_logically` did: the fills in order, whether they completed the grid, and the grid reached."""
+    """What `solve_logically` did: the fills in order, whether they completed the grid, the grid reached, and
+    the candidate eliminations it made on the way."""
 
     fills: list[Fill]
     solved: bool
     grid: np.ndarray
+    eliminations: list[Elimination] = field(default_factory=list)
 
 
 def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
@@ -288,6 +301,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
     eliminated: dict[tuple[int, int], tuple[int, str]] = {}
     elim_mask = [0] * geo.cells
     fills: list[Fill] = []
+    log: list[Elimination] = []
     eliminations = 0
 
     def grid_candidates() -> list[int]:
@@ -349,9 +363,9 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
             placed = True
         return placed
 
-    def eliminate(cand: list[int], strategy: str, removals: list[tuple[int, int]]) -> bool:
+    def eliminate(cand: list[int], strategy: str, pattern: Iterable[int], removals: list[tuple[int, int]]) -> bool:
         nonlocal eliminations
-        changed = False
+        removed = []
         for i, bits in removals:
             bits &= cand[i]
             for v in range(n):
@@ -360,8 +374,10 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
                     eliminations += 1
                     eliminated[(i, b)] = (eliminations, strategy)
                     elim_mask[i] |= b
-                    changed = True
-        return changed
+                    removed.append((i // n, i % n, v + 1))
+        if removed:
+            log.append(Elimination(strategy, tuple((i // n, i % n) for i in pattern), tuple(removed), len(fills)))
+        return bool(removed)
 
     def try_eliminations(cand: list[int]) -> bool:
         if "locked_pointing" in allowed:  # a digit confined to one line within a box leaves the rest of the line
@@ -375,7 +391,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
                         line = {cu[i][t] for i in where}
                         if len(line) == 1:
                             rest = [(j, bit) for j in units[line.pop()] if geo.box_of[j] != b - 2 * n]
-                            if eliminate(cand, "locked_pointing", rest):
+                            if eliminate(cand, "locked_pointing", where, rest):
                                 return True
         if "locked_claiming" in allowed:  # a digit confined to one box within a line leaves the rest of the box
             for u in range(2 * n):
@@ -388,7 +404,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
                     boxes = {cu[i][2] for i in where}
                     if len(boxes) == 1:
                         rest = [(j, bit) for j in units[boxes.pop()] if cu[j][t] != u]
-                        if eliminate(cand, "locked_claiming", rest):
+                        if eliminate(cand, "locked_claiming", where, rest):
                             return True
         if "naked_pair" in allowed:  # two cells of a unit with the same two candidates own those two digits
             for cells in units:
@@ -398,7 +414,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
                         m = cand[pairs[a]]
                         if cand[pairs[b]] == m:
                             rest = [(j, m) for j in cells if j not in (pairs[a], pairs[b])]
-                            if eliminate(cand, "naked_pair", rest):
+                            if eliminate(cand, "naked_pair", (pairs[a], pairs[b]), rest):
                                 return True
         if "hidden_pair" in allowed:  # two digits found in the same two cells only: those cells hold nothing else
             for cells in units:
@@ -410,7 +426,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
                 for where, digits in spots.items():
                     if len(digits) == 2:
                         keep = (1 << digits[0]) | (1 << digits[1])
-                        if eliminate(cand, "hidden_pair", [(i, full & ~keep) for i in where]):
+                        if eliminate(cand, "hidden_pair", where, [(i, full & ~keep) for i in where]):
                             return True
         return False
 
@@ -428,7 +444,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
         if not try_eliminations(cand):
             break
     out = np.array(values, dtype=np.int8).reshape(n, n)
-    return LogicalSolve(fills=fills, solved=bool(all(values)), grid=out)
+    return LogicalSolve(fills=fills, solved=bool(all(values)), grid=out, eliminations=log)
 
 
 # ---------------------------------------------------------------------------------------------------------
