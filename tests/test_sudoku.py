@@ -305,6 +305,10 @@ def test_write_dataset_splits_and_reads_back(tmp_path, order):
     for a, b in zip(back, puzzles[:4], strict=True):
         assert (a.clues == b.clues).all() and (a.solution == b.solution).all()
     assert held[0]["text"] == S.format_line(puzzles[0].clues, S.fill_order(puzzles[0], order, seed=0))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1"):
+        S.read_puzzles(bad)
 
 
 PUZZLE = S.Puzzle(

@@ -634,7 +634,11 @@ def read_puzzles(path: str | os.PathLike) -> list[Puzzle]:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            clues, moves = parse_line(json.loads(line)["text"])
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{line_no}: not a JSON object with a \"text\" field") from None
+            clues, moves = parse_line(text)
             solution = clues.copy()
             for r, c, v in moves:
                 solution[r, c] = v
