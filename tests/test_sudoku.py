@@ -305,6 +305,9 @@ def test_write_dataset_splits_and_reads_back(tmp_path, order):
     for a, b in zip(back, puzzles[:4], strict=True):
         assert (a.clues == b.clues).all() and (a.solution == b.solution).all()
     assert held[0]["text"] == S.format_line(puzzles[0].clues, S.fill_order(puzzles[0], order, seed=0))
+    # a training puzzle equal to a held-out one is left out of train
+    paths = S.write_dataset(tmp_path / "dup", [*puzzles[:4], puzzles[1], *puzzles[4:]], order, heldout=4)
+    assert len(paths["train"].read_text().splitlines()) == 8
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(UserError, match="bad.jsonl:1"):

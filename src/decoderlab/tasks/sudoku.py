@@ -611,18 +611,20 @@ def write_dataset(out_dir: str | os.PathLike, puzzles: Sequence[Puzzle], order: 
     """Write `train.jsonl` (all but the first `heldout` puzzles) and `heldout.jsonl` (the first `heldout`),
     one `{"text": line}` per puzzle in the given order. Random orders use `seed + puzzle index` each.
 
-    Returns {"train": path, "heldout": path}.
+    A training puzzle with the same clues as a held-out one is left out, so held-out scores are on puzzles the
+    model never saw (this matters for 4x4, which has few distinct puzzles; among 10 000 6x6 puzzles there were
+    no repeats). Returns {"train": path, "heldout": path}.
     """
     if not 0 <= heldout <= len(puzzles):
         raise UserError(f"heldout must be between 0 and the number of puzzles ({len(puzzles)}), got {heldout}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"heldout": out / "heldout.jsonl", "train": out / "train.jsonl"}
-    parts = {"heldout": puzzles[:heldout], "train": puzzles[heldout:]}
-    start = {"heldout": 0, "train": heldout}
+    held = {p.clues.tobytes() for p in puzzles[:heldout]}
+    parts = {"heldout": list(enumerate(puzzles[:heldout])),
+             "train": [(k, p) for k, p in enumerate(puzzles) if k >= heldout and p.clues.tobytes() not in held]}
     for split, path in paths.items():
-        lines = [json.dumps({"text": format_line(p.clues, fill_order(p, order, seed + start[split] + k))})
-                 for k, p in enumerate(parts[split])]
+        lines = [json.dumps({"text": format_line(p.clues, fill_order(p, order, seed + k))}) for k, p in parts[split]]
         atomic_write_text(path, "".join(line + "\n" for line in lines))
     return paths
 
