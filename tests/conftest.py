@@ -116,3 +116,13 @@ def choice_model(choice_run):
     import decoderlab
 
     return decoderlab.load(choice_run), decoderlab.Tokenizer.from_folder(choice_run)
+
+
+@pytest.fixture
+def one_thread():
+    """Hundreds or thousands of tiny forward passes: one thread is several times faster than a pool on a busy
+    machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

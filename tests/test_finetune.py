@@ -219,12 +219,18 @@ def test_resume_of_a_finetuning_run_is_exact(base, data, tmp_path, monkeypatch):
     straight = _losses(tmp_path / "straight")
     cfg = FinetuneConfig(base=str(base), data=[str(data)], out=str(tmp_path / "cut"), save_interval=3,
                          **{k: v for k, v in common.items() if k != "progress"})
-    trainer = FinetuneTrainer(cfg, progress=False)
+    _interrupt_then_resume(FinetuneTrainer(cfg, progress=False), 4, monkeypatch)
+    assert _losses(tmp_path / "cut") == straight
+    assert len(straight) == 8
+
+
+def _interrupt_then_resume(trainer: FinetuneTrainer, at_step: int, monkeypatch) -> None:
+    """Ctrl-C during step `at_step` (the run saves a snapshot and stops), then resume the run to its end."""
     opt = trainer.optimizers[0]
     step = opt.step
 
     def signalled(*args, **kwargs):
-        if trainer.step == 4:
+        if trainer.step == at_step:
             os.kill(os.getpid(), signal.SIGINT)
         return step(*args, **kwargs)
 
@@ -232,9 +238,7 @@ def test_resume_of_a_finetuning_run_is_exact(base, data, tmp_path, monkeypatch):
     with pytest.raises(TrainingInterrupted):
         trainer.run()
     monkeypatch.undo()
-    finetune(out=str(tmp_path / "cut"), resume=True, progress=False)
-    assert _losses(tmp_path / "cut") == straight
-    assert len(straight) == 8
+    finetune(out=str(trainer.run_dir), resume=True, progress=False)
 
 
 def _losses(run) -> dict[int, tuple[float, float]]:
@@ -337,19 +341,7 @@ def test_lora_finetuning_trains_only_adapters_and_resumes_exactly(base, data, tm
     trainer = FinetuneTrainer(cfg, progress=False)
     assert {n for n, p in trainer.raw_model.named_parameters() if p.requires_grad} == {
         n for n, _ in trainer.raw_model.named_parameters() if ".lora_adapters." in n}
-    opt = trainer.optimizers[0]
-    step = opt.step
-
-    def signalled(*args, **kwargs):
-        if trainer.step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(opt, "step", signalled)
-    with pytest.raises(TrainingInterrupted):
-        trainer.run()
-    monkeypatch.undo()
-    finetune(out=str(tmp_path / "cut"), resume=True, progress=False)
+    _interrupt_then_resume(trainer, 3, monkeypatch)
     assert _losses(tmp_path / "cut") == straight
     # The adapter folder loads back onto the base with the run's held-out behaviour.
     model = decoderlab.load(base, adapter=tmp_path / "straight", pack=False)

@@ -544,15 +544,6 @@ def test_cache_reserve_grows_geometrically_and_keeps_contents():
         cache.resize(4)
 
 
-@pytest.fixture
-def one_thread():
-    """Hundreds of tiny steps: one thread is several times faster than a pool on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_long_request_holds_memory_for_what_it_generated(monkeypatch, one_thread):
     # A 32k-context model asked for 10**6 tokens: the cache starts at prompt + CACHE_CHUNK and doubles, so after
     # 300 tokens it holds at most twice that, not the context (which would be 64x more here).

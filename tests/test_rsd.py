@@ -55,14 +55,6 @@ def far_draft() -> Transformer:
     return _peaked(1, 3.0)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _exact_joint(model: Transformer, params: SamplingParams) -> torch.Tensor:
     """P(x1, x2, x3) [V, V, V] of plain sampling: the product of the processed conditionals, every prefix
     enumerated."""

@@ -325,15 +325,6 @@ def chain_pair() -> tuple[Transformer, Transformer]:
     return target, draft
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of tiny forward passes: one thread is several times faster than a pool on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CHAIN_SAMPLING = dict(temperature=1.3, top_k=4, top_p=0.9)
 
 

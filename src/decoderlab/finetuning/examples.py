@@ -130,7 +130,6 @@ def render(record: dict[str, Any], tokenizer: Tokenizer, loss_on: str = "respons
         ids = tokenizer.encode(record["text"], add_special_tokens=True) + _end_of_text(tokenizer)
         example = _example([], ids)
         example.trained[0] = False  # the first token has nothing before it to be predicted from
-        example.prompt_length = 0
     else:
         raise UserError(f"a record needs 'messages', 'prompt' and 'completion', or 'text'; got keys "
                         f"{sorted(record)[:8]}")

@@ -54,13 +54,16 @@ class PairPlan:
     def __init__(self, pairs: list[PreferencePair], context_length: int, seed: int) -> None:
         self.pairs, self.context_length, self.seed = pairs, context_length, seed
         self.rows_per_epoch = len(pairs)
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: np.random.default_rng((self.seed, epoch)).permutation(len(self.pairs))}
+        return self._orders[epoch]
 
     def batch(self, step: int, batch_size: int, pad_id: int = 0) -> PairBatch:
         n = len(self.pairs)
-        index = []
-        for g in range(step * batch_size, (step + 1) * batch_size):
-            epoch, at = divmod(g, n)
-            index.append(int(np.random.default_rng((self.seed, epoch)).permutation(n)[at]))
+        index = [int(self._order(g // n)[g % n]) for g in range(step * batch_size, (step + 1) * batch_size)]
         return pair_batch(self.pairs, index, self.context_length, pad_id)
 
 
@@ -76,6 +79,7 @@ class FinetuneData:
     train: RowPlan | PairPlan
     val: list[Example] | list[PreferencePair]
     row_length: int
+    val_rows: list[list[int]] = field(default_factory=list)  # the held-out examples packed in file order (SFT)
 
 
 class FinetuneTrainer(Trainer):
@@ -134,10 +138,10 @@ class FinetuneTrainer(Trainer):
         train, val, row_length = _fit(train, val, wanted, preference, self._warn)
         plan: RowPlan | PairPlan
         if preference:
-            plan = PairPlan(train, row_length, cfg.seed)
-        else:
-            plan = RowPlan(train, row_length, cfg.seed, packed=cfg.packed)
-        return FinetuneData(tokenizer, plan, val, row_length), files
+            return FinetuneData(tokenizer, PairPlan(train, row_length, cfg.seed), val, row_length), files
+        plan = RowPlan(train, row_length, cfg.seed, packed=cfg.packed)
+        val_rows = RowPlan(val, row_length, cfg.seed, packed=cfg.packed, shuffle=False).all_rows()
+        return FinetuneData(tokenizer, plan, val, row_length, val_rows), files
 
     def _build_model(self) -> Transformer:
         cfg = self.cfg
@@ -181,17 +185,12 @@ class FinetuneTrainer(Trainer):
         for first in range(0, len(pairs), EVAL_ROWS // 2):
             index = list(range(first, min(first + EVAL_ROWS // 2, len(pairs))))
             batch = pair_batch(pairs, index, self.data.row_length, self._pad_id)
-            with self.autocast_context():
+            with self.autocast:
                 logps = self._logprobs(model, batch, slice(None))
             n = len(index)
             out.append(torch.stack([logps[:n], logps[n:]], dim=1).float())
         model.train()
         return torch.cat(out)
-
-    def autocast_context(self):
-        cfg = self.cfg
-        dtype = cfg.dtype if cfg.dtype != "auto" else "fp32"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if dtype == "bf16" else _null()
 
     @property
     def _pad_id(self) -> int:
@@ -316,8 +315,7 @@ class FinetuneTrainer(Trainer):
                     loss = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.dpo_beta)[0]
                     total, count = total + float(loss) * n, count + n
                 return total / max(1, count), math.nan
-            plan = RowPlan(self.data.val, self.data.row_length, cfg.seed, packed=cfg.packed, shuffle=False)
-            rows = plan.all_rows()
+            rows = self.data.val_rows
             total_t = torch.zeros((), dtype=torch.float64)
             count_t = torch.zeros((), dtype=torch.float64)
             for first in range(0, len(rows), EVAL_ROWS):
@@ -366,12 +364,6 @@ def _jsonl_files(inputs: list[str]) -> list[Path]:
     if other:
         raise UserError(f"{other[0]} is not a .jsonl file; fine-tuning data is JSONL (one record per line)")
     return files
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _fit(train: list, val: list, wanted: int, preference: bool, warn) -> tuple[list, list, int]:

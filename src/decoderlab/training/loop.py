@@ -118,6 +118,8 @@ class Trainer:
         elif cfg.dtype == "bf16" and not fast_bf16(self.device.type) and self.ctx.is_main:
             self._note(f"this {self.device.type} has no native bf16: bf16 training runs many times slower than "
                        "fp32 here (--dtype fp32 or auto)")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
+                         else contextlib.nullcontext())
         self._check_memory_early()
         snapshot, state = None, None
         if resume:
@@ -161,8 +163,6 @@ class Trainer:
             segment = self.schedule.extend(steps or 1)
             self._note(f"--extend: steps {segment.start}..{segment.end}, the LR re-warming from "
                        f"{segment.start_factor:.3g} x peak")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
-                         else contextlib.nullcontext())
         self.forward = torch.compile(self.model) if cfg.compile else self.model
 
     # ---- setup ---------------------------------------------------------------------------------
