@@ -369,3 +369,14 @@ def test_a_run_resumes_only_with_the_command_that_started_it(base, data, tmp_pat
     finetune(base, data=str(data), out=str(tmp_path / "ft"), steps=1, progress=False, dtype="fp32")
     wrong = _cli("train", "--resume", str(tmp_path / "ft"))
     assert wrong.returncode == 2 and "decoderlab finetune --resume" in wrong.stderr
+
+
+def test_chat_template_option_reads_a_file_and_refuses_a_missing_one(base, data, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}]\n{{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]\n{% endif %}")
+    finetune(base, data=str(data), out=str(tmp_path / "ok"), steps=1, chat_template=str(template), progress=False)
+    assert decoderlab.Tokenizer.from_folder(tmp_path / "ok").chat_template == template.read_text()
+    with pytest.raises(UserError, match="cannot read the chat template file"):
+        finetune(base, data=str(data), out=str(tmp_path / "no"), steps=1, chat_template=str(tmp_path / "nope.jinja"),
+                 progress=False)

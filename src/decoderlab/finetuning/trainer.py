@@ -117,8 +117,7 @@ class FinetuneTrainer(Trainer):
                                 "would not reproduce the run — restore the files, or pass --allow-data-change")
         tokenizer = Tokenizer.from_folder(snapshot if snapshot is not None else cfg.base)
         if cfg.chat_template is not None and snapshot is None:
-            path = Path(cfg.chat_template)
-            tokenizer.chat_template = path.read_text(encoding="utf-8") if path.is_file() else cfg.chat_template
+            tokenizer.chat_template = _chat_template(cfg.chat_template)
         preference = cfg.objective == "dpo"
         train = read_examples(_jsonl_files(cfg.data), tokenizer, cfg.loss_on, preference)
         if cfg.val_data:
@@ -355,6 +354,17 @@ class FinetuneTrainer(Trainer):
                                       "val_loss": round(self.val_before, 5)})
         result = super().run()
         return FinetuneResult(**vars(result), val_loss_before=self.val_before, held_out=list(self.data.val))
+
+
+def _chat_template(value: str) -> str:
+    """A chat template given as Jinja text (it holds "{{" or "{%") or as the path of a file holding one."""
+    if "{{" in value or "{%" in value:
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the chat template file {value} ({getattr(e, 'strerror', None) or e}); give "
+                        "a Jinja file or the template text") from None
 
 
 def _jsonl_files(inputs: list[str]) -> list[Path]:
