@@ -300,15 +300,19 @@ def test_write_dataset_splits_and_reads_back(tmp_path, order):
     train = [json.loads(x) for x in paths["train"].read_text().splitlines()]
     held = [json.loads(x) for x in paths["heldout"].read_text().splitlines()]
     assert len(train) == 8 and len(held) == 4
-    assert all(set(d) == {"text"} for d in train + held)
+    assert all(set(d) == {"prompt", "completion"} for d in train + held)
+    assert all(d["prompt"].endswith(" >") and d["completion"].endswith("\n") for d in train + held)
     back = S.read_puzzles(paths["heldout"])
     for a, b in zip(back, puzzles[:4], strict=True):
         assert (a.clues == b.clues).all() and (a.solution == b.solution).all()
-    assert held[0]["text"] == S.format_line(puzzles[0].clues, S.fill_order(puzzles[0], order, seed=0))
+    assert held[0]["prompt"] + held[0]["completion"] == S.format_line(puzzles[0].clues, S.fill_order(puzzles[0], order, seed=0))
     # a training puzzle equal to a held-out one is left out of train
     paths = S.write_dataset(tmp_path / "dup", [*puzzles[:4], puzzles[1], *puzzles[4:]], order, heldout=4)
     assert len(paths["train"].read_text().splitlines()) == 8
     bad = tmp_path / "bad.jsonl"
+    # the older {"text": line} records read too
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": held[1]["prompt"] + held[1]["completion"]}) + "\n")
+    assert (S.read_puzzles(tmp_path / "text.jsonl")[0].solution == puzzles[1].solution).all()
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(UserError, match="bad.jsonl:1"):
         S.read_puzzles(bad)

@@ -43,6 +43,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -606,10 +607,17 @@ def _parse_move(token: str) -> tuple[int, int, int]:
     return int(token[0]) - 1, int(token[1]) - 1, int(token[2])
 
 
+def record(puzzle: Puzzle, order: str, seed: int = 0) -> dict[str, str]:
+    """One training record: `{"prompt": clues up to " >", "completion": the fills and the newline}` — the shape
+    `decoderlab finetune` reads, so the loss falls on the moves only (as in the paper), never on the clues."""
+    prompt = prompt_text(puzzle.clues)
+    return {"prompt": prompt, "completion": format_line(puzzle.clues, fill_order(puzzle, order, seed))[len(prompt):]}
+
+
 def write_dataset(out_dir: str | os.PathLike, puzzles: Sequence[Puzzle], order: str, seed: int = 0,
                   heldout: int = 1000) -> dict[str, Path]:
     """Write `train.jsonl` (all but the first `heldout` puzzles) and `heldout.jsonl` (the first `heldout`),
-    one `{"text": line}` per puzzle in the given order. Random orders use `seed + puzzle index` each.
+    one `record` per puzzle in the given order. Random orders use `seed + puzzle index` each.
 
     A training puzzle with the same clues as a held-out one is left out, so held-out scores are on puzzles the
     model never saw (this matters for 4x4, which has few distinct puzzles; among 10 000 6x6 puzzles there were
@@ -624,22 +632,25 @@ def write_dataset(out_dir: str | os.PathLike, puzzles: Sequence[Puzzle], order: 
     parts = {"heldout": list(enumerate(puzzles[:heldout])),
              "train": [(k, p) for k, p in enumerate(puzzles) if k >= heldout and p.clues.tobytes() not in held]}
     for split, path in paths.items():
-        lines = [json.dumps({"text": format_line(p.clues, fill_order(p, order, seed + k))}) for k, p in parts[split]]
+        lines = [json.dumps(record(p, order, seed + k)) for k, p in parts[split]]
         atomic_write_text(path, "".join(line + "\n" for line in lines))
     return paths
 
 
 def read_puzzles(path: str | os.PathLike) -> list[Puzzle]:
-    """The puzzles of a JSONL file `write_dataset` wrote (clues from each line, solutions re-derived)."""
+    """The puzzles of a JSONL file `write_dataset` wrote (`{"prompt", "completion"}` or `{"text"}` records; clues
+    from each line, solutions re-derived from the moves)."""
     puzzles = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                text = json.loads(line)["text"]
+                item = json.loads(line)
+                text = item["text"] if "text" in item else item["prompt"] + item["completion"]
             except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{line_no}: not a JSON object with a \"text\" field") from None
+                raise UserError(f"{path}:{line_no}: not a JSON object with \"prompt\" and \"completion\" (or "
+                                "\"text\") fields") from None
             clues, moves = parse_line(text)
             solution = clues.copy()
             for r, c, v in moves:
@@ -762,3 +773,89 @@ def evaluate_greedy(puzzles: Sequence[Puzzle], propose: Callable[[str], str] | N
             texts[k] += " " + move
             left[k] -= 1
     return summarize([score_moves(p, m) for p, m in zip(puzzles, moves, strict=True)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Solving with a model
+
+
+def solve_with_model(model: Any, tokenizer: Any, puzzles: Sequence[Puzzle], beam: int = 1,
+                     batch_size: int = 64) -> SudokuScore:
+    """Let a trained model solve each puzzle from its clues, and score its moves (`score_moves`).
+
+    The model writes one move at a time, choosing the cell and the value: the separator before each move is
+    given, and at each of a move's three characters the model's choice is among the digits 1..n (so every
+    move parses; a move that refills a cell or contradicts the grid still counts as wrong). `beam=1` is greedy
+    decoding; `beam=k` keeps the k most likely move sequences (summed log-probabilities of the digits) and
+    plays the best one. Puzzles with the same number of clues share a batch (their prompts have one length,
+    so no padding); decoding uses the KV cache, whose rows follow the beams.
+    """
+    import torch
+
+    if beam < 1:
+        raise UserError(f"beam must be at least 1, got {beam}")
+    if not puzzles:
+        return summarize([])
+    n = puzzles[0].size
+    if any(p.size != n for p in puzzles):
+        raise UserError("solve_with_model needs puzzles of one size")
+    ids = [tokenizer.token_to_id(ch) for ch in [" ", *(str(d) for d in range(1, n + 1))]]
+    if any(i is None for i in ids):
+        raise UserError(f"the tokenizer has no single token for the space or a digit 1..{n}: this model was not "
+                        "trained on sudoku text (decoderlab tasks train sudoku)")
+    space = ids[0]
+    digits = torch.tensor(ids[1:], device=model.device)
+    prompts = [tokenizer.encode(prompt_text(p.clues), add_special_tokens=False) for p in puzzles]
+    groups: dict[int, list[int]] = {}
+    for k, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(k)
+    moves: list[list[tuple[int, int, int]]] = [[] for _ in puzzles]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for index in groups.values():
+                for first in range(0, len(index), batch_size):
+                    chunk = index[first:first + batch_size]
+                    empties = int((puzzles[chunk[0]].clues == 0).sum())
+                    prompt = torch.tensor([prompts[k] for k in chunk], device=model.device)
+                    found = _beam_moves(model, prompt, empties, space, digits, beam)
+                    for k, m in zip(chunk, found, strict=True):
+                        moves[k] = m
+    finally:
+        model.train(was_training)
+    return summarize([score_moves(p, m) for p, m in zip(puzzles, moves, strict=True)])
+
+
+def _beam_moves(model: Any, prompt: Any, count: int, space: int, digits: Any,
+                beam: int) -> list[list[tuple[int, int, int]]]:
+    """`count` moves for each prompt row [P, T] by beam search of width `beam` over the digits (see
+    `solve_with_model`); returns the best beam's moves per row as (0-based row, 0-based col, value)."""
+    import torch
+
+    P, T = prompt.shape
+    n = digits.shape[0]
+    rows = P * beam
+    cache = model.new_cache(rows, T + 4 * count)
+    model(prompt.repeat_interleave(beam, dim=0), cache=cache, logits_to_keep=1)
+    score = torch.zeros(P, beam, device=prompt.device)
+    score[:, 1:] = -torch.inf  # every beam starts as the same text: expand from the first only
+    chosen = torch.zeros(rows, 3 * count, dtype=torch.long, device=prompt.device)
+    base = (torch.arange(P, device=prompt.device) * beam)[:, None]
+    spaces = torch.full((rows, 1), space, device=prompt.device)
+    for m in range(count):
+        logits = model(spaces, cache=cache, logits_to_keep=1)[:, -1]
+        for j in range(3):
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, digits]  # [rows, n]
+            total = (score.reshape(rows, 1) + logp).reshape(P, beam * n)
+            score, best = total.topk(beam, dim=1)
+            source = (base + best // n).reshape(-1)
+            pick = (best % n).reshape(-1)
+            if beam > 1:
+                cache.keys.copy_(cache.keys[:, source])
+                cache.values.copy_(cache.values[:, source])
+                chosen = chosen[source]
+            chosen[:, 3 * m + j] = pick + 1
+            logits = model(digits[pick][:, None], cache=cache, logits_to_keep=1)[:, -1]
+    best = chosen.reshape(P, beam, count, 3)[:, 0].tolist()  # topk sorts: beam 0 is the most likely
+    return [[(r - 1, c - 1, v) for r, c, v in row] for row in best]
