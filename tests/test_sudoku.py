@@ -282,15 +282,20 @@ def test_line_format_round_trips():
     fills = S.fill_order(p, "row-major")
     line = S.format_line(p.clues, fills)
     prompt = S.prompt_text(p.clues)
-    assert line.startswith(prompt) and prompt.endswith(" >")
-    assert set(line) <= set("1234 >\n") and line.endswith("\n") and line.count("\n") == 1
+    assert line.startswith(prompt) and prompt.endswith(">")
+    assert set(line) <= set(S.alphabet(4)) == set("1234abcdABCD>\n")
+    assert line.endswith("\n") and line.count("\n") == 1
     first = next((r, c) for r in range(4) for c in range(4) if p.clues[r, c])
-    assert line[:3] == f"{first[0] + 1}{first[1] + 1}{p.clues[first]}"
+    assert line[:3] == "abcd"[first[0]] + "ABCD"[first[1]] + str(p.clues[first])
+    assert S.move_text(1, 3, 5) == "bD5" and len(line) == 3 * 16 + 2 == S.text_length(4)
     clues, moves = S.parse_line(line)
     assert (clues == p.clues).all()
     assert moves == [(f.row, f.col, f.value) for f in fills]
-    clues6, _ = S.parse_line("111 >", size=6)
+    clues6, _ = S.parse_line("aA1>", size=6)
     assert clues6.shape == (6, 6)
+    for bad in ("aA1aB>", "aA1>zZ9", "111>"):
+        with pytest.raises(UserError, match="sudoku"):
+            S.parse_line(bad)
 
 
 @pytest.mark.parametrize("order", S.ORDERS)
@@ -301,11 +306,12 @@ def test_write_dataset_splits_and_reads_back(tmp_path, order):
     held = [json.loads(x) for x in paths["heldout"].read_text().splitlines()]
     assert len(train) == 8 and len(held) == 4
     assert all(set(d) == {"prompt", "completion"} for d in train + held)
-    assert all(d["prompt"].endswith(" >") and d["completion"].endswith("\n") for d in train + held)
+    assert all(d["prompt"].endswith(">") and d["completion"].endswith("\n") for d in train + held)
     back = S.read_puzzles(paths["heldout"])
     for a, b in zip(back, puzzles[:4], strict=True):
         assert (a.clues == b.clues).all() and (a.solution == b.solution).all()
-    assert held[0]["prompt"] + held[0]["completion"] == S.format_line(puzzles[0].clues, S.fill_order(puzzles[0], order, seed=0))
+    first = S.format_line(puzzles[0].clues, S.fill_order(puzzles[0], order, seed=0))
+    assert held[0]["prompt"] + held[0]["completion"] == first
     # a training puzzle equal to a held-out one is left out of train
     paths = S.write_dataset(tmp_path / "dup", [*puzzles[:4], puzzles[1], *puzzles[4:]], order, heldout=4)
     assert len(paths["train"].read_text().splitlines()) == 8
@@ -337,7 +343,7 @@ def test_score_moves_hand_made():
     perfect = S.score_moves(PUZZLE, empties)
     assert perfect.solved and perfect.cells_correct == perfect.cells_total == 10
     assert set(perfect.verdicts) == {"correct"}
-    assert S.score_moves(PUZZLE, [f"{r + 1}{c + 1}{v}" for r, c, v in empties]).solved  # text moves too
+    assert S.score_moves(PUZZLE, [S.move_text(r, c, v) for r, c, v in empties]).solved  # text moves too
 
     s = S.score_moves(PUZZLE, [(0, 1, 4)] + empties[1:])  # 4 is already in row 0
     assert s.verdicts[0] == "contradiction" and not s.solved and s.cells_correct == 9
@@ -345,8 +351,8 @@ def test_score_moves_hand_made():
     s = S.score_moves(PUZZLE, [(0, 0, 1)] + empties)  # (0, 0) is a clue
     assert s.verdicts[0] == "refill" and s.solved  # the wrong move does not undo the right ones
 
-    s = S.score_moves(PUZZLE, [(0, 4, 1), (0, 1, 5), (-1, 0, 1), "9x1"] + empties[:3])
-    assert s.verdicts[:4] == ["out_of_range", "out_of_range", "out_of_range", "unparsable"]
+    s = S.score_moves(PUZZLE, [(0, 4, 1), (0, 1, 5), (-1, 0, 1), "9x1", "aB"] + empties[:3])
+    assert s.verdicts[:5] == ["out_of_range", "out_of_range", "out_of_range", "unparsable", "unparsable"]
     assert s.cells_correct == 3 and not s.solved
 
     # (0, 1) = 3 is legal on the grid but wrong; it stays, so the true 3 at (0, 2) now contradicts
@@ -369,17 +375,17 @@ def test_evaluate_greedy_with_callbacks():
         seen.append(text)
         prompt, _, moves = text.partition(">")
         p = solutions[prompt + ">"]
-        done = {(int(m[0]) - 1, int(m[1]) - 1) for m in moves.split()}
+        done = {S.parse_line(">" + moves)[1][k][:2] for k in range(len(moves) // 3)}
         r, c = next((r, c) for r in range(6) for c in range(6) if not p.clues[r, c] and (r, c) not in done)
-        return f"{r + 1}{c + 1}{p.solution[r, c]}"
+        return S.move_text(r, c, p.solution[r, c])
 
     score = S.evaluate_greedy(puzzles, oracle)
     assert score.puzzle_accuracy == 1.0 and score.cell_accuracy == 1.0
     first = [t for t in seen if t.startswith(seen[0])]  # puzzle 0's texts: each move is appended
     assert len(first) == (puzzles[0].clues == 0).sum()
-    assert all(b.startswith(a + " ") and len(b) == len(a) + 4 for a, b in itertools.pairwise(first))
+    assert all(b.startswith(a) and len(b) == len(a) + 3 for a, b in itertools.pairwise(first))
 
-    score = S.evaluate_greedy(puzzles, lambda text: " 111")  # always the same move
+    score = S.evaluate_greedy(puzzles, lambda text: " aA1")  # always the same move
     assert score.puzzle_accuracy == 0.0
     assert score.cell_accuracy < 0.2
 

@@ -1217,6 +1217,117 @@ def suite_kv_retrieval_cmd(
     _write_json(Path(yaml_path).parent / "scores.json", {"model": model, "pairs": pairs, "seed": seed, **results})
 
 
+tasks_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                        help="Reasoning tasks: make their data, train a fresh model on one, score it (sudoku).")
+app.add_typer(tasks_app, name="tasks")
+TASKS = ("sudoku",)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+@tasks_app.command("make")
+def tasks_make_cmd(
+    task: str = typer.Argument(..., help="sudoku"),
+    out: str = typer.Option(..., "--out", help="Folder for train.jsonl and heldout.jsonl."),
+    size: int = typer.Option(6, help="sudoku: 4, 6 (2x3 boxes) or 9."),
+    order: str = typer.Option("solver", help="sudoku: the fill order, solver, row-major or random."),
+    puzzles: int = typer.Option(100_000, help="sudoku: puzzles in all (held-out ones included)."),
+    heldout: int = typer.Option(1000, help="sudoku: the first this many go to heldout.jsonl."),
+    seed: int = typer.Option(0, help="Seed of the puzzles (and of the random order)."),
+) -> None:
+    """Write a task's training and held-out records ({"prompt", "completion"} JSONL, loss on the completion)."""
+    from .tasks import sudoku
+
+    _check_task(task)
+    paths = sudoku.write_dataset(out, sudoku.cached_puzzles(puzzles, size, seed), order, seed=seed, heldout=heldout)
+    console.print("wrote " + ", ".join(f"{p} ({sum(1 for _ in open(p)):,} puzzles)" for p in paths.values()),
+                  highlight=False)
+
+
+@tasks_app.command("train")
+def tasks_train_cmd(
+    task: str = typer.Argument(..., help="sudoku"),
+    out: str = typer.Option(None, "--out", help="Run folder (default runs/TASK)."),
+    size: int = typer.Option(6, help="sudoku: 4, 6 (2x3 boxes) or 9."),
+    order: str = typer.Option("solver", help="sudoku: the fill order, solver, row-major or random."),
+    puzzles: int = typer.Option(100_000, help="sudoku: puzzles generated (cached between runs)."),
+    heldout: int = typer.Option(1000, help="sudoku: puzzles held out for scoring."),
+    layers: int = typer.Option(4, help="Layers of the fresh model."),
+    width: int = typer.Option(256, help="Width of the fresh model (heads of 64)."),
+    time: str = typer.Option(None, "--time", help="Training time, e.g. 10m (default 2m without --steps)."),
+    steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
+    lr: float = typer.Option(None, help="AdamW learning rate of embeddings and head (default 0.01)."),
+    muon_lr: float = typer.Option(None, help="Muon learning rate of the matrices (default 0.03)."),
+    batch_size: int = typer.Option(None, help="Rows per step (default 32)."),
+    seed: int = typer.Option(0, help="Seed of the data and of the model."),
+    score: int = typer.Option(1000, help="At the end, solve this many held-out puzzles greedily (0: none)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train a fresh model on a task (the loss on the answers only), then score it on held-out items.
+
+    Ctrl-C saves a snapshot and exits 130; `--resume` continues it exactly.
+    """
+    from .tasks import sudoku
+    from .training import TrainingInterrupted
+
+    _check_task(task)
+    out = out or f"runs/{task}"
+    settings = {k: v for k, v in dict(time=time, steps=steps, lr=lr, muon_lr=muon_lr, batch_size=batch_size).items()
+                if v is not None}
+    if not resume and "time" not in settings and "steps" not in settings:
+        settings["time"] = "2m"
+    try:
+        result = sudoku.train_model(out, size=size, order=order, puzzles=puzzles, heldout=heldout, seed=seed,
+                                    layers=layers, width=width, resume=resume, overwrite=overwrite,
+                                    progress=progress, **settings)
+    except TrainingInterrupted as e:
+        print(f"interrupted by {e.signal_name} at step {e.step}: saved {e.snapshot}; continue with: "
+              f"decoderlab tasks train {task} --out {out} --resume", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    after = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    console.print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
+                  f"held-out loss {result.val_loss_before:.4f} -> {after}; saved to {result.run_dir}",
+                  highlight=False)
+    if score:
+        _print_sudoku_score(sudoku.evaluate_model(out, count=score), f"{score} held-out puzzles, greedy")
+
+
+@tasks_app.command("eval")
+def tasks_eval_cmd(
+    run: str = typer.Argument(..., help="A run of decoderlab tasks train."),
+    count: int = typer.Option(None, "--count", help="Score the first this many held-out items (default all)."),
+    beam: int = typer.Option(1, help="sudoku: beam width (1 = greedy)."),
+    json_out: str = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
+) -> None:
+    """Score a task run on its held-out items: sudoku's cell and whole-puzzle accuracy (greedy or beam)."""
+    from .tasks import sudoku
+    from .tasks.training import task_info
+
+    info = task_info(run)
+    _check_task(str(info.get("task")))
+    score = sudoku.evaluate_model(run, count=count, beam=beam)
+    _print_sudoku_score(score, f"{score.puzzles} held-out puzzles, " + ("greedy" if beam == 1 else f"beam {beam}"))
+    if json_out:
+        from pathlib import Path
+
+        _write_json(Path(json_out), {"run": run, **{k: info.get(k) for k in ("task", "size", "order")}, "beam": beam,
+                                     "puzzles": score.puzzles, "cell_accuracy": score.cell_accuracy,
+                                     "puzzle_accuracy": score.puzzle_accuracy, "verdicts": score.verdict_counts})
+
+
+def _print_sudoku_score(score, what: str) -> None:
+    verdicts = ", ".join(f"{k} {v:,}" for k, v in sorted(score.verdict_counts.items(), key=lambda kv: -kv[1]))
+    console.print(f"{what}: cell accuracy {score.cell_accuracy:.1%}, puzzles solved {score.puzzle_accuracy:.1%} "
+                  f"(moves: {verdicts})", highlight=False)
+
+
 def _read_text(path, flag: str) -> str:
     """A UTF-8 text file given on the command line, or a one-line error naming the flag."""
     try:

@@ -6,20 +6,23 @@ Sizes: 4x4 (2x2 boxes), 6x6 (2x3 boxes: 2 rows by 3 columns) and 9x9 (3x3 boxes)
 
 Text format (one puzzle per line, every character its own token for a char-level tokenizer):
 
-    <clues> ><fills>\n
+    <clues>><fills>\n
 
-`<clues>` is the given cells in row-major order, each as three digits `rcv` (row, column, value, 1-based),
-separated by single spaces; then ` >`; then each fill as ` rcv` in the chosen order; then a newline, so a
-char-level model learns where a puzzle ends and puzzles stay apart even in unpacked training batches. The
-alphabet is the digits 1..n, space, `>` and newline. Example (6x6, solver order):
+Every cell is three tokens, as in the paper: its row as a lower-case letter (a = row 1), its column as an
+upper-case letter (A = column 1) and its value as a digit, e.g. `bD5` = row 2, column 4, value 5. `<clues>` is
+the given cells in row-major order, then `>`, then the fills in the chosen order, then a newline (the puzzle's
+end). No separators are needed: a move always starts with a row letter. Rows, columns and values get tokens of
+their own (the paper's digits for all three made a 4-layer model here learn several times slower: the model
+must first work out which digit is which). The alphabet is the digits 1..n, the first n letters in both cases,
+`>` and newline. Example (6x6, solver order):
 
-    216 222 251 421 442 524 556 635 643 661 > 545 612 626 341 654 244 ... 453
+    bA6bB2bE1dB1dD2eB4eE6fC5fD3fF1>eD5fA2fB6dA1...\n
 
 The prompt for evaluation is `prompt_text(clues)` (everything up to and including `>`); a model then writes
-the moves one ` rcv` at a time. Orders (`fill_order`): "solver" (the order `solve_logically` fills cells in,
+the moves one `rcv` at a time. Orders (`fill_order`): "solver" (the order `solve_logically` fills cells in,
 as in "Causal Language Modeling Can Elicit Search and Reasoning Capabilities on Logic Puzzles"),
 "row-major", and "random" (a seeded shuffle). `write_dataset` writes `train.jsonl` and `heldout.jsonl`
-(`{"text": line}` per puzzle), the files `decoderlab train` / `decoderlab.data.prepare` read.
+(`{"prompt": clues and ">", "completion": the fills and the newline}` per puzzle: the loss on the moves only).
 
 Generation (`generate_puzzles`): a seeded random backtracking fill gives a solution; clues are then removed
 one at a time in a random order, keeping a removal only while the puzzle still has exactly one solution.
@@ -566,21 +569,25 @@ def fill_order(puzzle: Puzzle, order: str, seed: int = 0) -> list[Fill]:
     return fills
 
 
+ROW_LETTERS = "abcdefghi"
+COLUMN_LETTERS = "ABCDEFGHI"
+
+
 def move_text(row: int, col: int, value: int) -> str:
-    """One move as text: three 1-based digits (0-based row and column in)."""
-    return f"{row + 1}{col + 1}{value}"
+    """One move as text: row letter, column letter, value digit (0-based row and column in): (1, 3, 5) -> "bD5"."""
+    return f"{ROW_LETTERS[row]}{COLUMN_LETTERS[col]}{value}"
 
 
 def prompt_text(clues: np.ndarray) -> str:
-    """The clues as text, ending with ` >`: what a model is given before it writes its moves."""
+    """The clues as text, ending with `>`: what a model is given before it writes its moves."""
     g = _as_grid(clues, "clues")
     n = g.shape[0]
-    return " ".join(move_text(r, c, int(g[r, c])) for r in range(n) for c in range(n) if g[r, c]) + " >"
+    return "".join(move_text(r, c, int(g[r, c])) for r in range(n) for c in range(n) if g[r, c]) + ">"
 
 
 def format_line(clues: np.ndarray, fills: Sequence[Fill], end: str = "\n") -> str:
-    """One training text: the prompt, each fill as ` rcv`, then `end` (a newline: the puzzle's last token)."""
-    return prompt_text(clues) + "".join(" " + move_text(f.row, f.col, f.value) for f in fills) + end
+    """One training text: the prompt, each fill as `rcv`, then `end` (a newline: the puzzle's last token)."""
+    return prompt_text(clues) + "".join(move_text(f.row, f.col, f.value) for f in fills) + end
 
 
 def parse_line(line: str, size: int | None = None) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
@@ -590,9 +597,11 @@ def parse_line(line: str, size: int | None = None) -> tuple[np.ndarray, list[tup
     """
     if ">" not in line:
         raise UserError(f"sudoku line has no '>' between clues and moves: {line[:60]!r}")
-    head, tail = line.split(">", 1)
-    clues = [_parse_move(t) for t in head.split()]
-    moves = [_parse_move(t) for t in tail.split()]
+    head, tail = (part.strip() for part in line.split(">", 1))
+    if len(head) % 3 or len(tail) % 3:
+        raise UserError(f"sudoku line does not split into 3-character moves 'rcv' (e.g. bD5): {line[:60]!r}")
+    clues = [_parse_move(head[i:i + 3]) for i in range(0, len(head), 3)]
+    moves = [_parse_move(tail[i:i + 3]) for i in range(0, len(tail), 3)]
     largest = max((max(r + 1, c + 1, v) for r, c, v in clues + moves), default=0)
     n = size or next((s for s in sorted(BOX_SHAPES) if s >= largest), largest)
     grid = np.zeros((n, n), dtype=np.int8)
@@ -602,13 +611,13 @@ def parse_line(line: str, size: int | None = None) -> tuple[np.ndarray, list[tup
 
 
 def _parse_move(token: str) -> tuple[int, int, int]:
-    if len(token) != 3 or not token.isdigit():
-        raise UserError(f"sudoku move {token!r} is not three digits 'rcv'")
-    return int(token[0]) - 1, int(token[1]) - 1, int(token[2])
+    if len(token) != 3 or token[0] not in ROW_LETTERS or token[1] not in COLUMN_LETTERS or not token[2].isdigit():
+        raise UserError(f"sudoku move {token!r} is not row letter, column letter, value digit (e.g. bD5)")
+    return ROW_LETTERS.index(token[0]), COLUMN_LETTERS.index(token[1]), int(token[2])
 
 
 def record(puzzle: Puzzle, order: str, seed: int = 0) -> dict[str, str]:
-    """One training record: `{"prompt": clues up to " >", "completion": the fills and the newline}` — the shape
+    """One training record: `{"prompt": the clues and ">", "completion": the fills and the newline}` — the shape
     `decoderlab finetune` reads, so the loss falls on the moves only (as in the paper), never on the clues."""
     prompt = prompt_text(puzzle.clues)
     return {"prompt": prompt, "completion": format_line(puzzle.clues, fill_order(puzzle, order, seed))[len(prompt):]}
@@ -698,15 +707,17 @@ def score_moves(puzzle: Puzzle, moves: Iterable[tuple[int, int, int] | str]) -> 
 
 def _as_move(move: tuple[int, int, int] | str) -> tuple[int, int, int]:
     if isinstance(move, str):
-        t = move.strip()
-        return int(t[0]) - 1, int(t[1]) - 1, int(t[2])
+        return _parse_move(move.strip())
     r, c, v = move
     return int(r), int(c), int(v)
 
 
 def _judge(grid: np.ndarray, solution: np.ndarray, move: tuple[int, int, int] | str, n: int) -> str:
-    if isinstance(move, str) and (len(move.strip()) != 3 or not move.strip().isdigit()):
-        return "unparsable"
+    if isinstance(move, str):
+        try:
+            _parse_move(move.strip())
+        except UserError:
+            return "unparsable"
     r, c, v = _as_move(move)
     if not (0 <= r < n and 0 <= c < n and 1 <= v <= n):
         return "out_of_range"
@@ -746,8 +757,8 @@ def evaluate_greedy(puzzles: Sequence[Puzzle], propose: Callable[[str], str] | N
                     propose_batch: Callable[[list[str]], list[str]] | None = None) -> SudokuScore:
     """Let a model solve each puzzle move by move, greedily, and score it.
 
-    `propose(text)` gets the text so far (the prompt, then the moves already made, each as ` rcv`) and returns
-    the next move as `rcv` text (e.g. the first three non-space characters a greedy `decoderlab.generate`
+    `propose(text)` gets the text so far (the prompt, then the moves already made) and returns the next move as
+    `rcv` text (e.g. the first three characters a greedy `decoderlab.generate`
     writes after `text`). It is asked once per empty cell; every move, right or wrong, is appended to the text.
     `propose_batch(texts)` instead answers for all puzzles still being solved at once (one batched decode
     step per move); give exactly one of the two.
@@ -770,7 +781,7 @@ def evaluate_greedy(puzzles: Sequence[Puzzle], propose: Callable[[str], str] | N
         for k, answer in zip(going, answers, strict=True):
             move = answer.strip()
             moves[k].append(move)
-            texts[k] += " " + move
+            texts[k] += move
             left[k] -= 1
     return summarize([score_moves(p, m) for p, m in zip(puzzles, moves, strict=True)])
 
@@ -783,12 +794,12 @@ def solve_with_model(model: Any, tokenizer: Any, puzzles: Sequence[Puzzle], beam
                      batch_size: int = 64) -> SudokuScore:
     """Let a trained model solve each puzzle from its clues, and score its moves (`score_moves`).
 
-    The model writes one move at a time, choosing the cell and the value: the separator before each move is
-    given, and at each of a move's three characters the model's choice is among the digits 1..n (so every
-    move parses; a move that refills a cell or contradicts the grid still counts as wrong). `beam=1` is greedy
-    decoding; `beam=k` keeps the k most likely move sequences (summed log-probabilities of the digits) and
-    plays the best one. Puzzles with the same number of clues share a batch (their prompts have one length,
-    so no padding); decoding uses the KV cache, whose rows follow the beams.
+    The model writes one move at a time, choosing the cell and the value: at each of a move's three tokens its
+    choice is among the tokens of that slot (a row letter, a column letter, a digit 1..n), so every move parses;
+    a move that refills a cell or contradicts the grid still counts as wrong. `beam=1` is greedy decoding;
+    `beam=k` keeps the k most likely move sequences (summed log-probabilities, each slot's renormalised over its
+    tokens) and plays the best one. Puzzles with the same number of clues share a batch (their prompts have one
+    length, so no padding); decoding uses the KV cache, whose rows follow the beams.
     """
     import torch
 
@@ -799,12 +810,12 @@ def solve_with_model(model: Any, tokenizer: Any, puzzles: Sequence[Puzzle], beam
     n = puzzles[0].size
     if any(p.size != n for p in puzzles):
         raise UserError("solve_with_model needs puzzles of one size")
-    ids = [tokenizer.token_to_id(ch) for ch in [" ", *(str(d) for d in range(1, n + 1))]]
-    if any(i is None for i in ids):
-        raise UserError(f"the tokenizer has no single token for the space or a digit 1..{n}: this model was not "
-                        "trained on sudoku text (decoderlab tasks train sudoku)")
-    space = ids[0]
-    digits = torch.tensor(ids[1:], device=model.device)
+    slots = [ROW_LETTERS[:n], COLUMN_LETTERS[:n], "".join(str(d) for d in range(1, n + 1))]
+    ids = [[tokenizer.token_to_id(ch) for ch in chars] for chars in slots]
+    if any(i is None for chars in ids for i in chars):
+        raise UserError(f"the tokenizer has no single token for every character of {''.join(slots)!r}: this model "
+                        "was not trained on sudoku text (decoderlab tasks train sudoku)")
+    slot_ids = torch.tensor(ids, device=model.device)  # [3, n]
     prompts = [tokenizer.encode(prompt_text(p.clues), add_special_tokens=False) for p in puzzles]
     groups: dict[int, list[int]] = {}
     for k, p in enumerate(prompts):
@@ -819,43 +830,143 @@ def solve_with_model(model: Any, tokenizer: Any, puzzles: Sequence[Puzzle], beam
                     chunk = index[first:first + batch_size]
                     empties = int((puzzles[chunk[0]].clues == 0).sum())
                     prompt = torch.tensor([prompts[k] for k in chunk], device=model.device)
-                    found = _beam_moves(model, prompt, empties, space, digits, beam)
-                    for k, m in zip(chunk, found, strict=True):
+                    for k, m in zip(chunk, _beam_moves(model, prompt, empties, slot_ids, beam), strict=True):
                         moves[k] = m
     finally:
         model.train(was_training)
     return summarize([score_moves(p, m) for p, m in zip(puzzles, moves, strict=True)])
 
 
-def _beam_moves(model: Any, prompt: Any, count: int, space: int, digits: Any,
-                beam: int) -> list[list[tuple[int, int, int]]]:
-    """`count` moves for each prompt row [P, T] by beam search of width `beam` over the digits (see
-    `solve_with_model`); returns the best beam's moves per row as (0-based row, 0-based col, value)."""
+def _beam_moves(model: Any, prompt: Any, count: int, slot_ids: Any, beam: int) -> list[list[tuple[int, int, int]]]:
+    """`count` moves for each prompt row [P, T] by beam search of width `beam`, the token of each slot of a move
+    chosen among `slot_ids[slot]` (see `solve_with_model`); returns the best beam's moves per row as (0-based
+    row, 0-based col, value)."""
     import torch
 
     P, T = prompt.shape
-    n = digits.shape[0]
+    n = slot_ids.shape[1]
     rows = P * beam
-    cache = model.new_cache(rows, T + 4 * count)
-    model(prompt.repeat_interleave(beam, dim=0), cache=cache, logits_to_keep=1)
+    cache = model.new_cache(rows, T + 3 * count)
+    logits = model(prompt.repeat_interleave(beam, dim=0), cache=cache, logits_to_keep=1)[:, -1]
     score = torch.zeros(P, beam, device=prompt.device)
     score[:, 1:] = -torch.inf  # every beam starts as the same text: expand from the first only
     chosen = torch.zeros(rows, 3 * count, dtype=torch.long, device=prompt.device)
     base = (torch.arange(P, device=prompt.device) * beam)[:, None]
-    spaces = torch.full((rows, 1), space, device=prompt.device)
-    for m in range(count):
-        logits = model(spaces, cache=cache, logits_to_keep=1)[:, -1]
-        for j in range(3):
-            logp = torch.log_softmax(logits.float(), dim=-1)[:, digits]  # [rows, n]
-            total = (score.reshape(rows, 1) + logp).reshape(P, beam * n)
-            score, best = total.topk(beam, dim=1)
+    for t in range(3 * count):
+        allowed = slot_ids[t % 3]
+        # the slot's distribution: renormalised over the tokens allowed there
+        logp = torch.log_softmax(logits.float()[:, allowed], dim=-1)  # [rows, n]
+        total = (score.reshape(rows, 1) + logp).reshape(P, beam * n)
+        score, best = total.topk(beam, dim=1)
+        pick = (best % n).reshape(-1)
+        if beam > 1:
             source = (base + best // n).reshape(-1)
-            pick = (best % n).reshape(-1)
-            if beam > 1:
-                cache.keys.copy_(cache.keys[:, source])
-                cache.values.copy_(cache.values[:, source])
-                chosen = chosen[source]
-            chosen[:, 3 * m + j] = pick + 1
-            logits = model(digits[pick][:, None], cache=cache, logits_to_keep=1)[:, -1]
+            cache.keys.copy_(cache.keys[:, source])
+            cache.values.copy_(cache.values[:, source])
+            chosen = chosen[source]
+        chosen[:, t] = pick
+        if t + 1 < 3 * count:
+            logits = model(allowed[pick][:, None], cache=cache, logits_to_keep=1)[:, -1]
     best = chosen.reshape(P, beam, count, 3)[:, 0].tolist()  # topk sorts: beam 0 is the most likely
-    return [[(r - 1, c - 1, v) for r, c, v in row] for row in best]
+    return [[(r, c, v + 1) for r, c, v in row] for row in best]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training a model on it (`decoderlab tasks train sudoku`)
+
+
+def cached_puzzles(count: int, size: int = 6, seed: int = 0) -> list[Puzzle]:
+    """`generate_puzzles(count, size, seed, logical=True)`, kept in `$DECODERLAB_CACHE/sudoku` (default
+    ~/.cache/decoderlab) so that runs comparing orders share one set (100 000 6x6 puzzles take about a minute)."""
+    import hashlib
+
+    root = Path(os.environ.get("DECODERLAB_CACHE", Path.home() / ".cache" / "decoderlab")) / "sudoku"
+    key = hashlib.sha1(json.dumps(["logical", size, seed, count]).encode()).hexdigest()[:16]
+    path = root / f"{size}x{size}-{count}-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as saved:
+                return [Puzzle(c, s) for c, s in zip(saved["clues"], saved["solutions"], strict=True)]
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file is made again
+    puzzles = generate_puzzles(count, size, seed, logical=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, clues=np.stack([p.clues for p in puzzles]), solutions=np.stack([p.solution for p in puzzles]))
+    os.replace(tmp, path)
+    return puzzles
+
+
+def alphabet(size: int) -> str:
+    """Every character of the text format for this size: the digits 1..n, the row letters, the column letters,
+    '>' and newline."""
+    box_shape(size)
+    return "".join(str(d) for d in range(1, size + 1)) + ROW_LETTERS[:size] + COLUMN_LETTERS[:size] + ">\n"
+
+
+def text_length(size: int) -> int:
+    """The longest puzzle text in tokens of a char tokenizer: every cell as 3 tokens, then '>' and '\\n'."""
+    return 3 * size * size + 2
+
+
+def training_data(puzzles: Sequence[Puzzle], order: str, seed: int = 0, heldout: int = 1000,
+                  val: int = 200) -> Callable[[Path], dict[str, Path]]:
+    """A data writer for `decoderlab.tasks.training.train_on_task`: `write_dataset` into the folder, plus
+    `val.jsonl` (the first `val` held-out puzzles: the training run's held-out loss)."""
+
+    def write(folder: Path) -> dict[str, Path]:
+        paths = write_dataset(folder, puzzles, order, seed=seed, heldout=heldout)
+        lines = paths["heldout"].read_text().splitlines(keepends=True)[:val]
+        paths["val"] = folder / "val.jsonl"
+        atomic_write_text(paths["val"], "".join(lines))
+        return paths
+
+    return write
+
+
+def train_model(out: str | os.PathLike, size: int = 6, order: str = "solver", puzzles: int = 100_000,
+                heldout: int = 1000, seed: int = 0, layers: int = 4, width: int = 256, resume: bool = False,
+                overwrite: bool = False, progress: bool = True, **overrides: Any):
+    """Train a fresh model in `out` to solve size-`size` puzzles written in `order`, the loss on the moves only.
+
+    The puzzles (`cached_puzzles(puzzles, size, seed)`, the first `heldout` kept out) are the same for every
+    order, so runs that differ only in `order` compare the orders. `overrides` are training settings
+    (`time="10m"`, `steps=`, `lr=`, `batch_size=`, ...; see `decoderlab.tasks.training`). Returns the
+    `FinetuneResult`; `evaluate_model(out)` scores the model on the held-out puzzles.
+    """
+    from decoderlab.tokenizer import Tokenizer
+
+    from .training import Shape, train_on_task
+
+    if order not in ORDERS:
+        raise UserError(f"unknown sudoku order {order!r}; use one of {list(ORDERS)}")
+    if not 1 <= heldout < puzzles:
+        raise UserError(f"--heldout must be at least 1 and below --puzzles ({puzzles}), got {heldout}")
+    info = {"task": "sudoku", "size": size, "order": order, "puzzles": puzzles, "heldout": heldout}
+    tokenizer = Tokenizer.train_char(texts=[alphabet(size)])
+    shape = Shape(layers, width, text_length(size))
+    write = None
+    if not resume:
+        write = training_data(cached_puzzles(puzzles, size, seed), order, seed=seed, heldout=heldout)
+    return train_on_task(out, info, write, tokenizer, shape, resume=resume, overwrite=overwrite,
+                         progress=progress, seed=seed, **overrides)
+
+
+def evaluate_model(run: str | os.PathLike, count: int | None = None, beam: int = 1,
+                   batch_size: int = 64) -> SudokuScore:
+    """Score a `train_model` run on its first `count` held-out puzzles (default: all of them)."""
+    from decoderlab.checkpoint import load
+    from decoderlab.tokenizer import Tokenizer
+
+    from .training import TASK_FOLDER, task_info
+
+    info = task_info(run)
+    if info.get("task") != "sudoku":
+        raise UserError(f"{run} was trained on the {info.get('task')!r} task, not sudoku")
+    held = read_puzzles(Path(run) / TASK_FOLDER / "data" / "heldout.jsonl")
+    if count is not None:
+        if count < 1:
+            raise UserError(f"count must be at least 1, got {count}")
+        held = held[:count]
+    model = load(run)
+    return solve_with_model(model, Tokenizer.from_folder(run), held, beam=beam, batch_size=batch_size)

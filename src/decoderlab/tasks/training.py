@@ -99,7 +99,7 @@ def train_on_task(out: str | os.PathLike, info: dict[str, Any], write_data: Any,
 
             shutil.rmtree(task_dir)
         task_dir.mkdir(parents=True)
-        files = {k: str(v) for k, v in write_data(task_dir / "data").items()}
+        files = {k: str(Path(v).resolve()) for k, v in write_data(task_dir / "data").items()}
         if "train" not in files:
             raise UserError("a task's data writer must return a 'train' file")
         init_model(task_dir / "init", tokenizer, shape, seed=seed)
