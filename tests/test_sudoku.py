@@ -265,6 +265,47 @@ def test_unknown_strategy_size_and_order_are_user_errors():
         S.fill_order(p, "spiral")
 
 
+def _is_single(g: np.ndarray, r: int, c: int, v: int) -> bool:
+    """(r, c) = v is forced by the grid alone: v is the cell's only candidate, or v's only place in a unit."""
+    n = g.shape[0]
+    br, bc = S.box_shape(n)
+
+    def allowed(rr, cc, vv):
+        r0, c0 = rr - rr % br, cc - cc % bc
+        return not g[rr, cc] and vv not in g[rr] and vv not in g[:, cc] and vv not in g[r0:r0 + br, c0:c0 + bc]
+
+    if not allowed(r, c, v):
+        return False
+    if [w for w in range(1, n + 1) if allowed(r, c, w)] == [v]:
+        return True
+    r0, c0 = r - r % br, c - c % bc
+    units = [[(r, k) for k in range(n)], [(k, c) for k in range(n)],
+             [(r0 + i, c0 + j) for i in range(br) for j in range(bc)]]
+    return any([cell for cell in unit if allowed(*cell, v)] == [(r, c)] for unit in units)
+
+
+def test_solver_order_shuffles_within_rounds_and_every_fill_is_forced_when_made():
+    puzzles = S.generate_puzzles(60, 6, seed=4, logical=True)
+    checked = 0
+    for p in puzzles:
+        plain = S.solve_logically(p.clues).fills
+        if any(f.strategy not in S.SINGLE_STRATEGIES for f in plain):
+            continue  # eliminations: forced by candidates, not by the grid alone
+        checked += 1
+        for seed in (0, 1):
+            fills = S.fill_order(p, "solver", seed)
+            assert sorted((f.row, f.col) for f in fills) == sorted((f.row, f.col) for f in plain)
+            rounds = [f.round_index for f in fills]
+            assert rounds == sorted(rounds) == [f.round_index for f in plain]  # rounds stay in order
+            g = p.clues.copy()
+            for f in fills:
+                assert _is_single(g, f.row, f.col, f.value), (f, g)
+                g[f.row, f.col] = f.value
+    assert checked >= 40
+    some = next(p for p in puzzles if len({f.round_index for f in S.solve_logically(p.clues).fills}) < 20)
+    assert S.fill_order(some, "solver", 0) != S.fill_order(some, "solver", 1)
+
+
 def test_three_orders_hold_the_same_moves():
     for k, p in enumerate(S.generate_puzzles(10, 6, seed=4, logical=True)):
         orders = {o: S.fill_order(p, o, seed=k) for o in S.ORDERS}

@@ -258,6 +258,7 @@ class Fill:
     col: int
     value: int
     strategy: str = ""
+    round_index: int = -1  # `solve_logically`'s round that found it (-1: not from the solver)
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,8 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
                             out.append((i, bit, kind, u))
         return out
 
+    rounds = 0
+
     def place(singles: list[tuple[int, int, str, int]], pure: list[int] | None) -> bool:
         """Fill every single found; `pure`: the grid's own candidates, when the singles came from narrowed ones."""
         placed = False
@@ -363,7 +366,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
             values[i] = v
             if pure is not None:  # the candidates whose removal made this a single
                 why = [(i, b) for b in _BITS[full ^ bit]] if u < 0 else [(j, bit) for j in units[u] if j != i]
-            fills.append(Fill(i // n, i % n, v, cause(why, pure, kind) if pure is not None else kind))
+            fills.append(Fill(i // n, i % n, v, cause(why, pure, kind) if pure is not None else kind, rounds))
             placed = True
         return placed
 
@@ -435,6 +438,7 @@ def solve_logically(grid: np.ndarray | Sequence[Sequence[int]],
         return False
 
     while True:
+        rounds += 1
         pure = grid_candidates()
         if not any(pure) and all(values):
             break
@@ -551,8 +555,12 @@ def generate_puzzles(count: int, size: int = 6, seed: int = 0, logical: bool = F
 def fill_order(puzzle: Puzzle, order: str, seed: int = 0) -> list[Fill]:
     """The empty cells of `puzzle` as fills in the given order ("solver", "row-major" or "random").
 
-    "solver" needs a puzzle `solve_logically` finishes (UserError otherwise); the other orders label every
-    fill with an empty strategy. "random" is a shuffle seeded by `seed`.
+    "solver" needs a puzzle `solve_logically` finishes (UserError otherwise). The solver fills, round after
+    round, every single it finds on the grid as it stood at the round's start; each of them stays a single
+    whatever else is filled first, so the order within a round is arbitrary, and it is shuffled here (seeded by
+    `seed`): a model then learns to pick *a* cell the grid already determines, not the solver's scan order
+    (row-major within a round, which depends on where the round started — history the text does not show).
+    The other orders label every fill with an empty strategy. "random" is a shuffle seeded by `seed`.
     """
     if order not in ORDERS:
         raise UserError(f"unknown sudoku order {order!r}; use one of {list(ORDERS)}")
@@ -562,7 +570,15 @@ def fill_order(puzzle: Puzzle, order: str, seed: int = 0) -> list[Fill]:
         if not result.solved:
             raise UserError("this puzzle is not solvable by the logical solver; generate with logical=True "
                             "to use the solver order")
-        return result.fills
+        rng = random.Random(seed)
+        by_round: dict[int, list[Fill]] = {}
+        for f in result.fills:
+            by_round.setdefault(f.round_index, []).append(f)
+        shuffled = []
+        for same_round in by_round.values():
+            rng.shuffle(same_round)
+            shuffled += same_round
+        return shuffled
     fills = [Fill(r, c, int(puzzle.solution[r, c])) for r in range(n) for c in range(n) if not puzzle.clues[r, c]]
     if order == "random":
         random.Random(seed).shuffle(fills)
