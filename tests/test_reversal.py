@@ -316,3 +316,22 @@ def test_bico_refuses_a_tokenizer_without_a_mask_token(bico_run, tmp_path):
     with pytest.raises(UserError, match="needs a tokenizer with a <mask> special token"):
         finetune(str(tmp_path / "init"), data=files["train"], val_data=[files["val"]], out=str(tmp_path / "run"),
                  objective="bico", steps=2, batch_size=2, progress=False, dtype="fp32")
+
+
+def test_write_data_and_a_tiny_experiment_end_to_end(facts, tmp_path):
+    files = R.write_data(facts, "permute", seed=0)(tmp_path / "data")
+    assert R.read_facts(files["facts"]) == list(facts)
+    train = [json.loads(line) for line in open(files["train"])]
+    assert train == R.training_records(facts, "permute", seed=0)
+    val = [json.loads(line)["text"] for line in open(files["val"])]
+    assert val and not set(val) & {r["text"] for r in train}
+    with pytest.raises(UserError, match="cannot read reversal facts"):
+        R.read_facts(tmp_path / "missing.jsonl")
+    rows = R.run_experiment(tmp_path / "exp", arms=["plain", "bico"], time=None, steps=2, per_subset=2, layers=1,
+                            width=64, batch_size=4)
+    assert [(r["arm"], r["subset"], r["direction"]) for r in rows] == [
+        (arm, s, d) for arm in ("plain", "bico") for s in R.SUBSETS for d in R.DIRECTIONS]
+    assert all(r["chance_rank"] == 3.5 and 1 <= r["mean_rank"] <= 6 and r["steps"] == 2 for r in rows)
+    assert "chance rank" in R.format_rows(rows)
+    with pytest.raises(UserError, match="unknown reversal arms"):
+        R.run_experiment(tmp_path / "bad", arms=["plain", "flip"])
