@@ -2,8 +2,9 @@
 
 `FinetuneTrainer` overrides only what differs from training from scratch: where the model and tokenizer come from
 (the base folder, optionally with LoRA adapters), the batches (packed examples with response-only targets), the
-loss (next-token, distillation, TAID, DPO; Bitune's mask) and the validation loss (on held-out responses). The
-schedule, bf16 autocast, exact resume, metrics, loss plot and torchrun come from `Trainer` unchanged.
+loss (next-token, distillation, TAID, DPO, BICO's masked-LM steps; Bitune's mask) and the validation loss (on
+held-out responses). The schedule, bf16 autocast, exact resume, metrics, loss plot and torchrun come from `Trainer`
+unchanged.
 """
 
 from __future__ import annotations
