@@ -220,7 +220,8 @@ def finetune_cmd(
     quantize: str = typer.Option(None, "--quantize", help="QLoRA-style: int8 or int4 frozen base under the LoRA "
                                  "adapters (needs --lora-r)."),
     bitune: bool = typer.Option(None, "--bitune/--no-bitune", help="Prompts attend bidirectionally (Bitune)."),
-    objective: str = typer.Option(None, help="next (default: SFT), distill, taid or dpo."),
+    objective: str = typer.Option(None, help="next (default: SFT), distill, taid, dpo or bico (half the steps "
+                                  "masked-LM with the causal mask lifted; the tokenizer needs <mask>)."),
     teacher: str = typer.Option(None, help="distill / taid: the teacher model (same tokenizer)."),
     temperature: float = typer.Option(None, help="distill: temperature of the KL (default 1)."),
     distill_weight: float = typer.Option(None, help="distill: weight of the KL; the rest goes to next-token loss."),

@@ -17,8 +17,9 @@ from .examples import LOSS_ON
 
 # "next": next-token loss on the trained tokens (SFT); "distill": KL to a teacher's distribution (plus, with
 # distill_weight < 1, the next-token loss); "taid": TAID's adaptive interpolation between student and teacher;
-# "dpo": direct preference optimisation on {"prompt", "chosen", "rejected"} records.
-FINETUNE_OBJECTIVES = ("next", "distill", "taid", "dpo")
+# "dpo": direct preference optimisation on {"prompt", "chosen", "rejected"} records; "bico": half the steps
+# next-token, half masked-LM with the causal mask lifted (`objectives.bico_masked_lm`; the tokenizer needs <mask>).
+FINETUNE_OBJECTIVES = ("next", "distill", "taid", "dpo", "bico")
 
 
 @dataclass
@@ -93,6 +94,8 @@ class FinetuneConfig(TrainConfig):
              "distill_temperature must be positive and distill_weight in [0, 1]")
         need(self.dpo_beta > 0, f"dpo_beta must be positive, got {self.dpo_beta}")
         need(not (self.objective == "dpo" and self.bitune), "--bitune applies to SFT and distillation, not DPO")
+        need(not (self.objective == "bico" and self.bitune), "--objective bico has its own bidirectional steps; "
+                                                            "drop --bitune")
         need(self.quantize in (None, "int8", "int4"), f"--quantize is int8 or int4, got {self.quantize!r}")
         need(not self.quantize or bool(self.lora_r), "--quantize freezes the base in int8/int4: train LoRA "
                                                      "adapters on it (--lora-r 8)")

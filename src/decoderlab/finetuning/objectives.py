@@ -1,4 +1,4 @@
-"""Fine-tuning losses over the trained tokens: next-token, distillation (KL, TAID) and DPO.
+"""Fine-tuning losses over the trained tokens: next-token, distillation (KL, TAID), DPO, and BICO's masked-LM steps.
 
 Every loss takes logits [..., V] and targets [...] (-100 where nothing is trained: [B, T] rows, or the [N] trained
 positions alone when the model computed logits only there) and averages over the trained tokens; a batch without
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,3 +88,43 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     the sequence log-probabilities; also the fraction of pairs whose implicit reward prefers the chosen answer."""
     margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+MASK_TOKEN = "<mask>"
+"""The special token BICO's masked-LM steps put in place of the masked tokens (the tokenizer must have it)."""
+
+BICO_MASK_RATE = 0.15
+_BICO_STREAM = 0xB1C0  # keeps BICO's draws apart from the other (seed, ...) streams of a run
+
+
+@dataclass
+class MaskedLMBatch:
+    """One BICO masked-LM step's batch: `inputs` [B, T] with the chosen tokens replaced by the mask token, `masked`
+    [B, T] bool (the positions trained) and `targets` [B, T] (the original token where masked, else -100)."""
+
+    inputs: torch.Tensor
+    masked: torch.Tensor
+    targets: torch.Tensor
+
+
+def bico_masked_lm(step: int, seed: int) -> bool:
+    """Whether BICO step `step` of a run seeded `seed` is a masked-LM step (else a next-token step): a fair coin
+    drawn from (seed, step) alone, so a resumed run makes the same choices (BICO: 50/50 per batch)."""
+    return bool(np.random.default_rng((seed, step, _BICO_STREAM)).random() < 0.5)
+
+
+def bico_mask(inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor, step: int, seed: int,
+              mask_id: int, rate: float = BICO_MASK_RATE) -> MaskedLMBatch:
+    """Mask `rate` of a whole batch's maskable tokens for a masked-LM step (drawn from (seed, step): the same at
+    resume and whatever the micro-batching; select rows afterwards).
+
+    A token is maskable when it is one the next-token objective trains (the target of the slot before it, in
+    the same example): for {"text"} records every token but the first, for prompt/completion records the
+    completion only, never a prompt token or padding. The masked token is predicted at its own position.
+    """
+    B, T = inputs.shape
+    maskable = torch.zeros(B, T, dtype=torch.bool)
+    maskable[:, 1:] = (targets[:, :-1] != IGNORE_INDEX) & (doc_ids[:, :-1] == doc_ids[:, 1:])
+    draw = np.random.default_rng((seed, step, _BICO_STREAM, 1)).random((B, T)) < rate
+    masked = maskable & torch.from_numpy(draw)
+    return MaskedLMBatch(inputs.masked_fill(masked, mask_id), masked, inputs.masked_fill(~masked, IGNORE_INDEX))

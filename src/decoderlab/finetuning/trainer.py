@@ -2,8 +2,9 @@
 
 `FinetuneTrainer` overrides only what differs from training from scratch: where the model and tokenizer come from
 (the base folder, optionally with LoRA adapters), the batches (packed examples with response-only targets), the
-loss (next-token, distillation, TAID, DPO; Bitune's mask) and the validation loss (on held-out responses). The
-schedule, bf16 autocast, exact resume, metrics, loss plot and torchrun come from `Trainer` unchanged.
+loss (next-token, distillation, TAID, DPO, BICO's masked-LM steps; Bitune's mask) and the validation loss (on
+held-out responses). The schedule, bf16 autocast, exact resume, metrics, loss plot and torchrun come from `Trainer`
+unchanged.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from ..training.resources import check_memory
 from . import bitune
 from .config import FinetuneConfig
 from .examples import Example, PreferencePair, read_examples
-from .objectives import TAIDState, dpo_loss, kl_to_teacher, next_token_loss, sequence_logprobs
+from .objectives import (
+    MASK_TOKEN,
+    TAIDState,
+    bico_mask,
+    bico_masked_lm,
+    dpo_loss,
+    kl_to_teacher,
+    next_token_loss,
+    sequence_logprobs,
+)
 from .packing import RowPlan, SFTBatch, build_batch
 
 MAX_VAL_RECORDS = 500
@@ -268,6 +278,20 @@ class FinetuneTrainer(Trainer):
             n = logps.shape[0] // 2
             ref = self.reference[batch.pairs[rows]].to(self.device)
             return dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.dpo_beta)[0]
+        if cfg.objective == "bico":
+            mask_id = self.tokenizer.token_to_id(MASK_TOKEN)
+            if mask_id is None:
+                raise UserError(f"--objective bico needs a tokenizer with a {MASK_TOKEN} special token (its masked-LM "
+                                "steps replace tokens by it); add one, or use --objective next")
+            if bico_masked_lm(self.step, cfg.seed):
+                # BICO's masked-LM half: the same rows, 15 % of the trained tokens masked, each example attending
+                # to all of itself (the document mask without causal()), loss on the masked tokens at their own
+                # positions.
+                mlm = bico_mask(batch.inputs, batch.targets, batch.doc_ids, self.step, cfg.seed, mask_id)
+                masked = mlm.masked[rows].to(self.device)
+                logits = self.forward(mlm.inputs[rows].to(self.device), positions=batch.positions[rows].to(self.device),
+                                      mask=masks.document(batch.doc_ids[rows].to(self.device)), logits_to_keep=masked)
+                return next_token_loss(logits, mlm.targets[rows].to(self.device)[masked])
         x = batch.inputs[rows].to(self.device)
         y = batch.targets[rows].to(self.device)
         positions, mask = self._layout(batch, rows)
@@ -275,7 +299,7 @@ class FinetuneTrainer(Trainer):
         keep = y != -100
         logits = self.forward(x, positions=positions, mask=mask, logits_to_keep=keep)
         y = y[keep]
-        if cfg.objective == "next":
+        if cfg.objective in ("next", "bico"):
             return next_token_loss(logits, y)
         with torch.no_grad():
             teacher_mask = masks.causal() & masks.document(batch.doc_ids[rows].to(self.device))
