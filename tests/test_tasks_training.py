@@ -136,3 +136,23 @@ def test_tasks_cli_make_train_eval(tmp_path):
                            "unknown sudoku order")]:
         bad = _cli(*args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_tasks_cli_reversal(tmp_path):
+    made = _cli("tasks", "make", "reversal", "--arm", "reverse", "--facts", "3", "--out", str(tmp_path / "data"))
+    assert made.returncode == 0, made.stderr
+    records = [json.loads(x) for x in (tmp_path / "data" / "train.jsonl").read_text().splitlines()]
+    assert records and all(set(r) == {"text"} for r in records)
+    run = tmp_path / "run"
+    trained = _cli("tasks", "train", "reversal", "--arm", "bico", "--facts", "3", "--layers", "1", "--width", "64",
+                   "--steps", "4", "--no-progress", "--out", str(run))
+    assert trained.returncode == 0, trained.stderr
+    assert "n2d" in trained.stdout and "reverse" in trained.stdout and "chance" in trained.stdout
+    assert task_info(run)["arm"] == "bico" and json.loads((run / "train_config.json").read_text())["objective"] \
+        == "bico"
+    scored = _cli("tasks", "eval", str(run), "--json", str(tmp_path / "r.json"))
+    assert scored.returncode == 0, scored.stderr
+    groups = json.loads((tmp_path / "r.json").read_text())["groups"]
+    assert len(groups) == 6 and {g["candidates"] for g in groups} == {9}
+    bad = _cli("tasks", "train", "reversal", "--arm", "sideways", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "unknown reversal arm" in bad.stderr

@@ -1219,9 +1219,10 @@ def suite_kv_retrieval_cmd(
 
 
 tasks_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
-                        help="Reasoning tasks: make their data, train a fresh model on one, score it (sudoku).")
+                        help="Reasoning tasks: make their data, train a fresh model on one, score it (sudoku, "
+                             "reversal).")
 app.add_typer(tasks_app, name="tasks")
-TASKS = ("sudoku",)
+TASKS = ("sudoku", "reversal")
 
 
 def _check_task(task: str) -> None:
@@ -1231,40 +1232,56 @@ def _check_task(task: str) -> None:
 
 @tasks_app.command("make")
 def tasks_make_cmd(
-    task: str = typer.Argument(..., help="sudoku"),
-    out: str = typer.Option(..., "--out", help="Folder for train.jsonl and heldout.jsonl."),
+    task: str = typer.Argument(..., help="sudoku or reversal"),
+    out: str = typer.Option(..., "--out", help="Folder for the JSONL files."),
     size: int = typer.Option(6, help="sudoku: 4, 6 (2x3 boxes) or 9."),
     order: str = typer.Option("solver", help="sudoku: the fill order, solver, row-major or random."),
     puzzles: int = typer.Option(100_000, help="sudoku: puzzles in all (held-out ones included)."),
     heldout: int = typer.Option(1000, help="sudoku: the first this many go to heldout.jsonl."),
-    seed: int = typer.Option(0, help="Seed of the puzzles (and of the random order)."),
+    arm: str = typer.Option("plain", help="reversal: how the facts are written, plain, reverse, permute or bico."),
+    facts: int = typer.Option(100, help="reversal: facts per subset (name->description only, the reverse, both)."),
+    seed: int = typer.Option(0, help="Seed of the puzzles or facts (and of the random orders)."),
 ) -> None:
-    """Write a task's training and held-out records ({"prompt", "completion"} JSONL, loss on the completion)."""
-    from .tasks import sudoku
+    """Write a task's training and held-out records (sudoku: {"prompt", "completion"} JSONL, loss on the moves;
+    reversal: {"text"} sentences, val.jsonl in held-out templates, facts.jsonl)."""
+    from .tasks import reversal, sudoku
 
     _check_task(task)
-    paths = sudoku.write_dataset(out, sudoku.cached_puzzles(puzzles, size, seed), order, seed=seed, heldout=heldout)
-    console.print("wrote " + ", ".join(f"{p} ({sum(1 for _ in open(p)):,} puzzles)" for p in paths.values()),
+    if task == "reversal":
+        if arm not in reversal.ARMS:
+            raise UserError(f"unknown reversal arm {arm!r}; use one of {list(reversal.ARMS)}")
+        paths = reversal.write_data(reversal.make_facts(facts, seed), arm, seed)(out)
+        what = "lines"
+    else:
+        paths = sudoku.write_dataset(out, sudoku.cached_puzzles(puzzles, size, seed), order, seed=seed,
+                                     heldout=heldout)
+        what = "puzzles"
+    console.print("wrote " + ", ".join(f"{p} ({sum(1 for _ in open(p)):,} {what})" for p in paths.values()),
                   highlight=False)
 
 
 @tasks_app.command("train")
 def tasks_train_cmd(
-    task: str = typer.Argument(..., help="sudoku"),
+    task: str = typer.Argument(..., help="sudoku or reversal"),
     out: str = typer.Option(None, "--out", help="Run folder (default runs/TASK)."),
     size: int = typer.Option(6, help="sudoku: 4, 6 (2x3 boxes) or 9."),
     order: str = typer.Option("solver", help="sudoku: the fill order, solver, row-major or random."),
     puzzles: int = typer.Option(100_000, help="sudoku: puzzles generated (cached between runs)."),
     heldout: int = typer.Option(1000, help="sudoku: puzzles held out for scoring."),
+    arm: str = typer.Option("plain", help="reversal: plain, reverse (entity-preserving), permute (semantic "
+                            "chunks) or bico (masked-LM steps with the causal mask lifted)."),
+    facts: int = typer.Option(100, help="reversal: facts per subset."),
     layers: int = typer.Option(4, help="Layers of the fresh model."),
     width: int = typer.Option(256, help="Width of the fresh model (heads of 64)."),
     time: str = typer.Option(None, "--time", help="Training time, e.g. 10m (default 2m without --steps)."),
     steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
-    lr: float = typer.Option(None, help="AdamW learning rate of embeddings and head (default 0.01)."),
-    muon_lr: float = typer.Option(None, help="Muon learning rate of the matrices (default 0.03)."),
+    lr: float = typer.Option(None, help="AdamW learning rate (sudoku: of embeddings and head, default 0.01; "
+                             "reversal: of everything, default 3e-3)."),
+    muon_lr: float = typer.Option(None, help="sudoku: Muon learning rate of the matrices (default 0.03)."),
     batch_size: int = typer.Option(None, help="Rows per step (default 32)."),
     seed: int = typer.Option(0, help="Seed of the data and of the model."),
-    score: int = typer.Option(1000, help="At the end, solve this many held-out puzzles greedily (0: none)."),
+    score: int = typer.Option(1000, help="At the end, score the model: sudoku, this many held-out puzzles solved "
+                              "greedily; reversal, every fact both ways (any number but 0)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
@@ -1273,7 +1290,7 @@ def tasks_train_cmd(
 
     Ctrl-C saves a snapshot and exits 130; `--resume` continues it exactly.
     """
-    from .tasks import sudoku
+    from .tasks import reversal, sudoku
     from .training import TrainingInterrupted
 
     _check_task(task)
@@ -1282,10 +1299,13 @@ def tasks_train_cmd(
                 if v is not None}
     if not resume and "time" not in settings and "steps" not in settings:
         settings["time"] = "2m"
+    common = dict(seed=seed, layers=layers, width=width, resume=resume, overwrite=overwrite, progress=progress)
     try:
-        result = sudoku.train_model(out, size=size, order=order, puzzles=puzzles, heldout=heldout, seed=seed,
-                                    layers=layers, width=width, resume=resume, overwrite=overwrite,
-                                    progress=progress, **settings)
+        if task == "reversal":
+            result = reversal.train_model(out, arm=arm, per_subset=facts, **common, **settings)
+        else:
+            result = sudoku.train_model(out, size=size, order=order, puzzles=puzzles, heldout=heldout, **common,
+                                        **settings)
     except TrainingInterrupted as e:
         print(f"interrupted by {e.signal_name} at step {e.step}: saved {e.snapshot}; continue with: "
               f"decoderlab tasks train {task} --out {out} --resume", file=sys.stderr)
@@ -1296,7 +1316,9 @@ def tasks_train_cmd(
     console.print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
                   f"held-out loss {result.val_loss_before:.4f} -> {after}; saved to {result.run_dir}",
                   highlight=False)
-    if score:
+    if score and task == "reversal":
+        console.print(reversal.evaluate_model(out).table(), highlight=False)
+    elif score:
         _print_sudoku_score(sudoku.evaluate_model(out, count=score), f"{score} held-out puzzles, greedy")
 
 
@@ -1307,12 +1329,23 @@ def tasks_eval_cmd(
     beam: int = typer.Option(1, help="sudoku: beam width (1 = greedy)."),
     json_out: str = typer.Option(None, "--json", help="Also write the scores to this JSON file."),
 ) -> None:
-    """Score a task run on its held-out items: sudoku's cell and whole-puzzle accuracy (greedy or beam)."""
-    from .tasks import sudoku
+    """Score a task run on its held-out items: sudoku's cell and whole-puzzle accuracy (greedy or beam);
+    reversal's exact match and answer rank per subset and direction, with chance baselines."""
+    from .tasks import reversal, sudoku
     from .tasks.training import task_info
 
     info = task_info(run)
     _check_task(str(info.get("task")))
+    if info["task"] == "reversal":
+        result = reversal.evaluate_model(run)
+        console.print(result.table(), highlight=False)
+        if json_out:
+            from pathlib import Path
+
+            _write_json(Path(json_out), {"run": run, "task": "reversal", "arm": info.get("arm"),
+                                         "groups": [{**vars(g), "chance_exact": g.chance_exact,
+                                                     "chance_rank": g.chance_rank} for g in result.groups]})
+        return
     score = sudoku.evaluate_model(run, count=count, beam=beam)
     _print_sudoku_score(score, f"{score.puzzles} held-out puzzles, " + ("greedy" if beam == 1 else f"beam {beam}"))
     if json_out:

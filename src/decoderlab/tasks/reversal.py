@@ -488,6 +488,41 @@ EXPERIMENT = dict(optimizer="adamw", lr=3e-3)
 4 x 256), and a time budget then buys 2.6x fewer steps."""
 
 
+def train_model(out: str | os.PathLike, arm: str = "plain", per_subset: int = 100, seed: int = 0, layers: int = 4,
+                width: int = 256, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                **overrides: Any):
+    """Train a fresh model in `out` on `make_facts(per_subset, seed)` written as the `arm` says (see `ARMS`;
+    "bico" trains with `objective="bico"`). Settings default to `EXPERIMENT` (AdamW 3e-3); `overrides` are
+    training settings (`time=240`, `steps=`, `lr=`, ...). Returns the `FinetuneResult`; `evaluate_model(out)`
+    scores the model on the held-out templates in both directions."""
+    from decoderlab.tasks.training import Shape, train_on_task
+
+    if arm not in ARMS:
+        raise UserError(f"unknown reversal arm {arm!r}; use one of {list(ARMS)}")
+    if per_subset < 1:
+        raise UserError(f"per_subset must be at least 1, got {per_subset}")
+    facts = make_facts(per_subset, seed)
+    info = {"task": "reversal", "arm": arm, "per_subset": per_subset}
+    settings = {**EXPERIMENT, "objective": "bico" if arm == "bico" else "next", **overrides}
+    return train_on_task(out, info, None if resume else write_data(facts, arm, seed), word_tokenizer(),
+                         Shape(layers, width, 64), resume=resume, overwrite=overwrite, progress=progress,
+                         seed=seed, **settings)
+
+
+def evaluate_model(run: str | os.PathLike, rank: bool = True, rank_templates: int | None = 1) -> ReversalScore:
+    """Score a `train_model` run on the facts it was trained on (`evaluate`, held-out templates)."""
+    from decoderlab.checkpoint import load as load_model
+    from decoderlab.tasks.training import TASK_FOLDER, task_info
+    from decoderlab.tokenizer import Tokenizer
+
+    info = task_info(run)
+    if info.get("task") != "reversal":
+        raise UserError(f"{run} was trained on the {info.get('task')!r} task, not reversal")
+    facts = read_facts(Path(run) / TASK_FOLDER / "data" / "facts.jsonl")
+    model = load_model(run, pack=False)
+    return evaluate(model, Tokenizer.from_folder(run), facts, rank=rank, rank_templates=rank_templates)
+
+
 def run_experiment(out_dir: str | os.PathLike, arms: Sequence[str] = ARMS, time: float | None = 240.0,
                    steps: int | None = None, per_subset: int = 100, layers: int = 4, width: int = 256,
                    seed: int = 0, progress: bool = False, overwrite: bool = True,
@@ -496,24 +531,16 @@ def run_experiment(out_dir: str | os.PathLike, arms: Sequence[str] = ARMS, time:
     `steps`), score each on the held-out templates, and return the table rows: one dict per (arm, subset,
     direction) with exact match, top-1 / top-5, mean rank and the chance baselines. Each run is in
     `out_dir/<arm>`; `overrides` are `FinetuneConfig` fields (lr=, batch_size=, ...)."""
-    from decoderlab.checkpoint import load as load_model
-    from decoderlab.tasks.training import Shape, train_on_task
-
     unknown = [a for a in arms if a not in ARMS]
     if unknown or not arms:
         raise UserError(f"unknown reversal arms {unknown}; use some of {list(ARMS)}")
-    facts = make_facts(per_subset, seed)
-    tokenizer = word_tokenizer()
     rows = []
     for arm in arms:
         out = Path(out_dir) / arm
-        info = {"task": "reversal", "arm": arm, "per_subset": per_subset}
         budget = {"time": time} if steps is None else {"steps": steps}
-        settings = {**EXPERIMENT, "objective": "bico" if arm == "bico" else "next", **budget, **overrides}
-        result = train_on_task(out, info, write_data(facts, arm, seed), tokenizer, Shape(layers, width, 64),
-                               progress=progress, seed=seed, overwrite=overwrite, **settings)
-        model = load_model(out, pack=False)
-        score = evaluate(model, tokenizer, facts)
+        result = train_model(out, arm, per_subset=per_subset, seed=seed, layers=layers, width=width,
+                             overwrite=overwrite, progress=progress, **budget, **overrides)
+        score = evaluate_model(out)
         for g in score.groups:
             rows.append({"arm": arm, "subset": g.subset, "direction": g.direction, "trained": g.trained,
                          "exact": g.exact, "top1": g.top1, "top5": g.top5, "mean_rank": g.mean_rank,
