@@ -1,11 +1,17 @@
-"""Reasoning tasks side by side at one budget: Sudoku in solver vs row-major vs random order.
+"""Reasoning tasks side by side at one budget: Sudoku in solver vs row-major vs random order; the reversal curse
+under plain, reverse-augmented, chunk-permuted and BICO training.
 
 Run: .venv/bin/python benchmarks/reasoning_tasks.py sudoku [--size 6] [--time 10m] [--orders solver row-major
-     random] [--puzzles 100000] [--score 1000] [--beam 3] [--layers 4] [--width 256] [--threads 2] [--out DIR]
-Each order trains the same fresh model (`decoderlab.tasks.sudoku.train_model`: the same puzzles, the loss on the
-moves only) for the same time, then solves the same held-out puzzles greedily (and with a beam if asked); prints
-one table: steps, puzzles seen, held-out loss, cell accuracy and puzzles fully solved per order. The runs stay in
---out (default a temporary folder), so `decoderlab tasks eval RUN --beam 5` can score them again.
+     random] [--puzzles 100000] [--score 1000] [--beam 3] [--layers 4] [--width 128] [--threads 1] [--out DIR]
+     .venv/bin/python benchmarks/reasoning_tasks.py reversal [--time 4m] [--arms plain reverse permute bico]
+     [--facts 100] [--layers 4] [--width 256] [--threads 1] [--seed 0] [--out DIR]
+Sudoku: each order trains the same fresh model (`decoderlab.tasks.sudoku.train_model`: the same puzzles, the loss
+on the moves only) for the same time, then solves the same held-out puzzles greedily (and with a beam if asked);
+one table: steps, tokens, held-out loss, cell accuracy and puzzles fully solved per order. Reversal: each arm
+trains a fresh model on the same facts for the same time (`decoderlab.tasks.reversal.run_experiment`); one row
+per (arm, subset, direction): exact match, top-1/top-5 and mean rank of the true answer among all candidates,
+with the chance baseline. The runs stay in --out (default a temporary folder): `decoderlab tasks eval RUN`
+scores them again (e.g. `--beam 5`).
 """
 
 from __future__ import annotations
@@ -50,24 +56,43 @@ def sudoku_table(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def reversal_table(args: argparse.Namespace) -> list[dict]:
+    from decoderlab.tasks import reversal
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="reasoning-"))
+    rows = reversal.run_experiment(out, arms=args.arms, time=args.time, per_subset=args.facts, layers=args.layers,
+                                   width=args.width or 256, seed=args.seed)
+    print(f"\nReversal, {args.facts} facts per subset, {args.layers} layers x {args.width or 256}, {args.time} per "
+          f"arm ({torch.get_num_threads()} threads); runs in {out}")
+    print(reversal.format_rows(rows))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("task", choices=["sudoku"])
+    p.add_argument("task", choices=["sudoku", "reversal"])
+    p.add_argument("--arms", nargs="+", default=["plain", "reverse", "permute", "bico"])
+    p.add_argument("--facts", type=int, default=100, help="reversal: facts per subset")
     p.add_argument("--size", type=int, default=6)
     p.add_argument("--orders", nargs="+", default=list(sudoku.ORDERS))
-    p.add_argument("--time", default="10m")
+    p.add_argument("--time", default=None, help="per order / arm (default 10m for sudoku, 4m for reversal)")
     p.add_argument("--puzzles", type=int, default=100_000)
     p.add_argument("--score", type=int, default=1000, help="held-out puzzles scored")
     p.add_argument("--beam", type=int, nargs="*", default=[], help="beam widths scored besides greedy")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--width", type=int, default=None, help="default 128 for sudoku, 256 for reversal")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    sudoku_table(args)
+    if args.task == "reversal":
+        args.time = args.time or "4m"
+        reversal_table(args)
+    else:
+        args.time, args.width = args.time or "10m", args.width or 128
+        sudoku_table(args)
 
 
 if __name__ == "__main__":

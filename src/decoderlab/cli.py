@@ -1272,7 +1272,8 @@ def tasks_train_cmd(
                             "chunks) or bico (masked-LM steps with the causal mask lifted)."),
     facts: int = typer.Option(100, help="reversal: facts per subset."),
     layers: int = typer.Option(4, help="Layers of the fresh model."),
-    width: int = typer.Option(256, help="Width of the fresh model (heads of 64)."),
+    width: int = typer.Option(None, help="Width of the fresh model, heads of 64 (default: sudoku 128, reversal "
+                              "256)."),
     time: str = typer.Option(None, "--time", help="Training time, e.g. 10m (default 2m without --steps)."),
     steps: int = typer.Option(None, help="Stop after this many optimiser steps."),
     lr: float = typer.Option(None, help="AdamW learning rate (sudoku: of embeddings and head, default 0.01; "
@@ -1299,6 +1300,7 @@ def tasks_train_cmd(
                 if v is not None}
     if not resume and "time" not in settings and "steps" not in settings:
         settings["time"] = "2m"
+    width = width or (256 if task == "reversal" else 128)
     common = dict(seed=seed, layers=layers, width=width, resume=resume, overwrite=overwrite, progress=progress)
     try:
         if task == "reversal":

@@ -941,7 +941,7 @@ def training_data(puzzles: Sequence[Puzzle], order: str, seed: int = 0, heldout:
 
 
 def train_model(out: str | os.PathLike, size: int = 6, order: str = "solver", puzzles: int = 100_000,
-                heldout: int = 1000, seed: int = 0, layers: int = 4, width: int = 256, resume: bool = False,
+                heldout: int = 1000, seed: int = 0, layers: int = 4, width: int = 128, resume: bool = False,
                 overwrite: bool = False, progress: bool = True, **overrides: Any):
     """Train a fresh model in `out` to solve size-`size` puzzles written in `order`, the loss on the moves only.
 
