@@ -284,7 +284,7 @@ def _is_single(g: np.ndarray, r: int, c: int, v: int) -> bool:
     return any([cell for cell in unit if allowed(*cell, v)] == [(r, c)] for unit in units)
 
 
-def test_solver_order_shuffles_within_rounds_and_every_fill_is_forced_when_made():
+def test_solver_order_every_fill_is_forced_when_made_also_shuffled_within_rounds():
     puzzles = S.generate_puzzles(60, 6, seed=4, logical=True)
     checked = 0
     for p in puzzles:
@@ -292,8 +292,8 @@ def test_solver_order_shuffles_within_rounds_and_every_fill_is_forced_when_made(
         if any(f.strategy not in S.SINGLE_STRATEGIES for f in plain):
             continue  # eliminations: forced by candidates, not by the grid alone
         checked += 1
-        for seed in (0, 1):
-            fills = S.fill_order(p, "solver", seed)
+        for seed in (0, 1, None):
+            fills = S.fill_order(p, "solver", seed or 0, shuffle_rounds=seed is not None)
             assert sorted((f.row, f.col) for f in fills) == sorted((f.row, f.col) for f in plain)
             rounds = [f.round_index for f in fills]
             assert rounds == sorted(rounds) == [f.round_index for f in plain]  # rounds stay in order
@@ -303,7 +303,9 @@ def test_solver_order_shuffles_within_rounds_and_every_fill_is_forced_when_made(
                 g[f.row, f.col] = f.value
     assert checked >= 40
     some = next(p for p in puzzles if len({f.round_index for f in S.solve_logically(p.clues).fills}) < 20)
-    assert S.fill_order(some, "solver", 0) != S.fill_order(some, "solver", 1)
+    assert S.fill_order(some, "solver", 0, shuffle_rounds=True) != S.fill_order(some, "solver", 1,
+                                                                                  shuffle_rounds=True)
+    assert S.fill_order(some, "solver", 0) == S.solve_logically(some.clues).fills
 
 
 def test_three_orders_hold_the_same_moves():

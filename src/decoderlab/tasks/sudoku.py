@@ -552,15 +552,14 @@ def generate_puzzles(count: int, size: int = 6, seed: int = 0, logical: bool = F
 # Orders and text
 
 
-def fill_order(puzzle: Puzzle, order: str, seed: int = 0) -> list[Fill]:
+def fill_order(puzzle: Puzzle, order: str, seed: int = 0, shuffle_rounds: bool = False) -> list[Fill]:
     """The empty cells of `puzzle` as fills in the given order ("solver", "row-major" or "random").
 
-    "solver" needs a puzzle `solve_logically` finishes (UserError otherwise). The solver fills, round after
-    round, every single it finds on the grid as it stood at the round's start; each of them stays a single
-    whatever else is filled first, so the order within a round is arbitrary, and it is shuffled here (seeded by
-    `seed`): a model then learns to pick *a* cell the grid already determines, not the solver's scan order
-    (row-major within a round, which depends on where the round started — history the text does not show).
-    The other orders label every fill with an empty strategy. "random" is a shuffle seeded by `seed`.
+    "solver" needs a puzzle `solve_logically` finishes (UserError otherwise); it is the solver's own order.
+    With `shuffle_rounds=True` the fills one solver round found (every single on the grid as it stood at the
+    round's start; each stays forced whatever else is filled first) come in a seeded random order instead of
+    the solver's scan order (row-major within a round). The other orders label every fill with an empty
+    strategy. "random" is a shuffle seeded by `seed`.
     """
     if order not in ORDERS:
         raise UserError(f"unknown sudoku order {order!r}; use one of {list(ORDERS)}")
@@ -570,6 +569,8 @@ def fill_order(puzzle: Puzzle, order: str, seed: int = 0) -> list[Fill]:
         if not result.solved:
             raise UserError("this puzzle is not solvable by the logical solver; generate with logical=True "
                             "to use the solver order")
+        if not shuffle_rounds:
+            return result.fills
         rng = random.Random(seed)
         by_round: dict[int, list[Fill]] = {}
         for f in result.fills:
