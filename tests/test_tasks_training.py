@@ -120,9 +120,11 @@ def test_tasks_cli_make_train_eval(tmp_path):
     assert len((tmp_path / "data" / "heldout.jsonl").read_text().splitlines()) == 10
     run = tmp_path / "run"
     trained = _cli("tasks", "train", "sudoku", "--size", "4", "--puzzles", "200", "--heldout", "20", "--layers", "1",
-                   "--width", "64", "--steps", "6", "--score", "20", "--no-progress", "--out", str(run))
+                   "--width", "64", "--steps", "6", "--score", "20", "--shuffle-rounds", "--no-progress", "--out",
+                   str(run))
     assert trained.returncode == 0, trained.stderr
     assert "20 held-out puzzles, greedy: cell accuracy" in trained.stdout
+    assert task_info(run)["shuffle_rounds"] is True
     again = _cli("tasks", "train", "sudoku", "--size", "4", "--steps", "6", "--out", str(run))
     assert again.returncode == 2 and "already holds a training run" in again.stderr
     assert again.stderr.count("\n") == 1  # one line, no traceback

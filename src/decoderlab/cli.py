@@ -1268,6 +1268,8 @@ def tasks_train_cmd(
     order: str = typer.Option("solver", help="sudoku: the fill order, solver, row-major or random."),
     puzzles: int = typer.Option(100_000, help="sudoku: puzzles generated (cached between runs)."),
     heldout: int = typer.Option(1000, help="sudoku: puzzles held out for scoring."),
+    shuffle_rounds: bool = typer.Option(False, "--shuffle-rounds", help="sudoku, solver order: the fills of each "
+                                        "solver round in a seeded random order (each is forced whatever the order)."),
     arm: str = typer.Option("plain", help="reversal: plain, reverse (entity-preserving), permute (semantic "
                             "chunks) or bico (masked-LM steps with the causal mask lifted)."),
     facts: int = typer.Option(100, help="reversal: facts per subset."),
@@ -1306,8 +1308,8 @@ def tasks_train_cmd(
         if task == "reversal":
             result = reversal.train_model(out, arm=arm, per_subset=facts, **common, **settings)
         else:
-            result = sudoku.train_model(out, size=size, order=order, puzzles=puzzles, heldout=heldout, **common,
-                                        **settings)
+            result = sudoku.train_model(out, size=size, order=order, puzzles=puzzles, heldout=heldout,
+                                        shuffle_rounds=shuffle_rounds, **common, **settings)
     except TrainingInterrupted as e:
         print(f"interrupted by {e.signal_name} at step {e.step}: saved {e.snapshot}; continue with: "
               f"decoderlab tasks train {task} --out {out} --resume", file=sys.stderr)

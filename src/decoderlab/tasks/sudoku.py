@@ -633,15 +633,16 @@ def _parse_move(token: str) -> tuple[int, int, int]:
     return ROW_LETTERS.index(token[0]), COLUMN_LETTERS.index(token[1]), int(token[2])
 
 
-def record(puzzle: Puzzle, order: str, seed: int = 0) -> dict[str, str]:
+def record(puzzle: Puzzle, order: str, seed: int = 0, shuffle_rounds: bool = False) -> dict[str, str]:
     """One training record: `{"prompt": the clues and ">", "completion": the fills and the newline}` — the shape
     `decoderlab finetune` reads, so the loss falls on the moves only (as in the paper), never on the clues."""
     prompt = prompt_text(puzzle.clues)
-    return {"prompt": prompt, "completion": format_line(puzzle.clues, fill_order(puzzle, order, seed))[len(prompt):]}
+    fills = fill_order(puzzle, order, seed, shuffle_rounds=shuffle_rounds)
+    return {"prompt": prompt, "completion": format_line(puzzle.clues, fills)[len(prompt):]}
 
 
 def write_dataset(out_dir: str | os.PathLike, puzzles: Sequence[Puzzle], order: str, seed: int = 0,
-                  heldout: int = 1000) -> dict[str, Path]:
+                  heldout: int = 1000, shuffle_rounds: bool = False) -> dict[str, Path]:
     """Write `train.jsonl` (all but the first `heldout` puzzles) and `heldout.jsonl` (the first `heldout`),
     one `record` per puzzle in the given order. Random orders use `seed + puzzle index` each.
 
@@ -658,7 +659,7 @@ def write_dataset(out_dir: str | os.PathLike, puzzles: Sequence[Puzzle], order: 
     parts = {"heldout": list(enumerate(puzzles[:heldout])),
              "train": [(k, p) for k, p in enumerate(puzzles) if k >= heldout and p.clues.tobytes() not in held]}
     for split, path in paths.items():
-        lines = [json.dumps(record(p, order, seed + k)) for k, p in parts[split]]
+        lines = [json.dumps(record(p, order, seed + k, shuffle_rounds)) for k, p in parts[split]]
         atomic_write_text(path, "".join(line + "\n" for line in lines))
     return paths
 
@@ -926,13 +927,13 @@ def text_length(size: int) -> int:
     return 3 * size * size + 2
 
 
-def training_data(puzzles: Sequence[Puzzle], order: str, seed: int = 0, heldout: int = 1000,
-                  val: int = 200) -> Callable[[Path], dict[str, Path]]:
+def training_data(puzzles: Sequence[Puzzle], order: str, seed: int = 0, heldout: int = 1000, val: int = 200,
+                  shuffle_rounds: bool = False) -> Callable[[Path], dict[str, Path]]:
     """A data writer for `decoderlab.tasks.training.train_on_task`: `write_dataset` into the folder, plus
     `val.jsonl` (the first `val` held-out puzzles: the training run's held-out loss)."""
 
     def write(folder: Path) -> dict[str, Path]:
-        paths = write_dataset(folder, puzzles, order, seed=seed, heldout=heldout)
+        paths = write_dataset(folder, puzzles, order, seed=seed, heldout=heldout, shuffle_rounds=shuffle_rounds)
         lines = paths["heldout"].read_text().splitlines(keepends=True)[:val]
         paths["val"] = folder / "val.jsonl"
         atomic_write_text(paths["val"], "".join(lines))
@@ -943,11 +944,12 @@ def training_data(puzzles: Sequence[Puzzle], order: str, seed: int = 0, heldout:
 
 def train_model(out: str | os.PathLike, size: int = 6, order: str = "solver", puzzles: int = 100_000,
                 heldout: int = 1000, seed: int = 0, layers: int = 4, width: int = 128, resume: bool = False,
-                overwrite: bool = False, progress: bool = True, **overrides: Any):
+                overwrite: bool = False, progress: bool = True, shuffle_rounds: bool = False, **overrides: Any):
     """Train a fresh model in `out` to solve size-`size` puzzles written in `order`, the loss on the moves only.
 
     The puzzles (`cached_puzzles(puzzles, size, seed)`, the first `heldout` kept out) are the same for every
-    order, so runs that differ only in `order` compare the orders. `overrides` are training settings
+    order, so runs that differ only in `order` compare the orders (`shuffle_rounds`: see `fill_order`).
+    `overrides` are training settings
     (`time="10m"`, `steps=`, `lr=`, `batch_size=`, ...; see `decoderlab.tasks.training`). Returns the
     `FinetuneResult`; `evaluate_model(out)` scores the model on the held-out puzzles.
     """
@@ -959,12 +961,14 @@ def train_model(out: str | os.PathLike, size: int = 6, order: str = "solver", pu
         raise UserError(f"unknown sudoku order {order!r}; use one of {list(ORDERS)}")
     if not 1 <= heldout < puzzles:
         raise UserError(f"--heldout must be at least 1 and below --puzzles ({puzzles}), got {heldout}")
-    info = {"task": "sudoku", "size": size, "order": order, "puzzles": puzzles, "heldout": heldout}
+    info = {"task": "sudoku", "size": size, "order": order, "puzzles": puzzles, "heldout": heldout,
+            "shuffle_rounds": shuffle_rounds}
     tokenizer = Tokenizer.train_char(texts=[alphabet(size)])
     shape = Shape(layers, width, text_length(size))
     write = None
     if not resume:
-        write = training_data(cached_puzzles(puzzles, size, seed), order, seed=seed, heldout=heldout)
+        write = training_data(cached_puzzles(puzzles, size, seed), order, seed=seed, heldout=heldout,
+                              shuffle_rounds=shuffle_rounds)
     return train_on_task(out, info, write, tokenizer, shape, resume=resume, overwrite=overwrite,
                          progress=progress, seed=seed, **overrides)
 
