@@ -133,11 +133,14 @@ def test_tasks_cli_make_train_eval(tmp_path):
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["beam"] == 2 and saved["puzzles"] == 5 and 0 <= saved["puzzle_accuracy"] <= 1
     for args, message in [(("tasks", "eval", str(tmp_path / "data")), "not a task run"),
+                          (("tasks", "train", "sudoku", "--layers", "0", "--out", str(tmp_path / "z")), "1 layer"),
+                          (("tasks", "train", "sudoku", "--time", "-3", "--out", str(tmp_path / "z")), "duration"),
                           (("tasks", "train", "chess", "--out", str(tmp_path / "x")), "unknown task"),
                           (("tasks", "train", "sudoku", "--order", "diagonal", "--out", str(tmp_path / "y")),
                            "unknown sudoku order")]:
         bad = _cli(*args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    assert not (tmp_path / "z").exists()  # a refused run writes nothing
 
 
 def test_tasks_cli_reversal(tmp_path):

@@ -967,8 +967,9 @@ def train_model(out: str | os.PathLike, size: int = 6, order: str = "solver", pu
     shape = Shape(layers, width, text_length(size))
     write = None
     if not resume:
-        write = training_data(cached_puzzles(puzzles, size, seed), order, seed=seed, heldout=heldout,
-                              shuffle_rounds=shuffle_rounds)
+        def write(folder: Path) -> dict[str, Path]:  # the puzzles are made only once the settings are checked
+            return training_data(cached_puzzles(puzzles, size, seed), order, seed=seed, heldout=heldout,
+                                 shuffle_rounds=shuffle_rounds)(folder)
     return train_on_task(out, info, write, tokenizer, shape, resume=resume, overwrite=overwrite,
                          progress=progress, seed=seed, **overrides)
 

@@ -82,10 +82,15 @@ def train_on_task(out: str | os.PathLike, info: dict[str, Any], write_data: Any,
     of the from-scratch defaults in `SCRATCH`. With `resume=True` the run in `out` continues exactly.
     Returns the `FinetuneResult`.
     """
+    from ..finetuning.config import FinetuneConfig
     from ..finetuning.trainer import finetune
 
     out = Path(out)
     task_dir = out / TASK_FOLDER
+    settings = {**SCRATCH, **overrides}
+    # Bad settings or shape fail here, before any file is written (not after the data, leaving a half-made run).
+    shape.model_config(tokenizer.vocab_size)
+    FinetuneConfig(base=str(task_dir / "init"), data=["-"], out=str(out), seed=seed, **settings)
     if resume:
         saved = task_info(out)
         files = saved.get("files", {})
@@ -105,7 +110,6 @@ def train_on_task(out: str | os.PathLike, info: dict[str, Any], write_data: Any,
         init_model(task_dir / "init", tokenizer, shape, seed=seed)
         saved = {**info, "shape": vars(shape), "seed": seed, "files": files}
         atomic_write_text(task_dir / TASK_FILE, json.dumps(saved, indent=2) + "\n")
-    settings = {**SCRATCH, **overrides}
     val = files.get("val")
     return finetune(base=str(task_dir / "init"), data=[files["train"]], val_data=[val] if val else None,
                     out=str(out), seed=seed, resume=resume, overwrite=not resume, progress=progress,
