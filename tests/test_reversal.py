@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 
 import pytest
 import torch
+from test_finetune import _interrupt_then_resume  # the same Ctrl-C-then-resume check as SFT and LoRA
 
 from decoderlab.errors import UserError
 from decoderlab.finetuning import MASK_TOKEN, FinetuneConfig, FinetuneTrainer, bico_mask, bico_masked_lm, finetune
@@ -18,7 +18,6 @@ from decoderlab.model import Transformer
 from decoderlab.tasks import reversal as R
 from decoderlab.tasks.training import Shape, init_model
 from decoderlab.tokenizer import Tokenizer
-from decoderlab.training import TrainingInterrupted
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -291,19 +290,7 @@ def test_bico_run_resumes_exactly(bico_run, tmp_path, monkeypatch):
     finetune(progress=False, cfg=_config(bico_run, tmp_path / "straight"))
     straight = _losses(tmp_path / "straight")
     trainer = FinetuneTrainer(_config(bico_run, tmp_path / "cut", save_interval=3), progress=False)
-    opt = trainer.optimizers[0]
-    step = opt.step
-
-    def signalled(*args, **kwargs):
-        if trainer.step == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(*args, **kwargs)
-
-    monkeypatch.setattr(opt, "step", signalled)
-    with pytest.raises(TrainingInterrupted):
-        trainer.run()
-    monkeypatch.undo()
-    finetune(out=str(tmp_path / "cut"), resume=True, progress=False)
+    _interrupt_then_resume(trainer, 4, monkeypatch)
     assert _losses(tmp_path / "cut") == straight and len(straight) == 8
     assert {bico_masked_lm(s, 0) for s in range(8)} == {True, False}  # both halves ran
 
