@@ -19,6 +19,9 @@ POSITIONS = ("learned", "rope", "none")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "relu2")
 # The Hugging Face families a config can be saved as (decoderlab.hf maps them).
 HF_FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
+# What a model was trained to predict: the next token (a causal LM), masked tokens (BERT-style MLM) or masked
+# tokens at every noise level (a masked diffusion LM, LLaDA).
+MODEL_OBJECTIVES = ("causal", "mlm", "diffusion")
 
 
 @dataclass
@@ -60,6 +63,13 @@ class ModelConfig:
     n_future: int = 0
     dropout: float = 0.0
     init_std: float = 0.02
+    # The training objective (`MODEL_OBJECTIVES`). An "mlm" or "diffusion" model predicts the tokens standing at
+    # `mask_token_id` slots; with `shift_logits` (a model adapted from a causal one, DiffuLLaMA-style) slot i's
+    # logits predict token i + 1, else token i. `bidirectional` lifts the causal mask when no mask is given.
+    objective: str = "causal"
+    bidirectional: bool = False
+    shift_logits: bool = False
+    mask_token_id: int | None = None
     # Which Hugging Face family this maps to on save ("gpt2", "llama", "qwen2", "mistral"), or None
     # for a decoderlab-only variant (saved with our own config.json).
     hf_family: str | None = None
@@ -86,9 +96,11 @@ class ModelConfig:
             need(_is_number(value), f"{name} must be a finite number, got {value!r}")
         need(self.logit_softcap is None or _is_number(self.logit_softcap) and self.logit_softcap > 0,
              f"logit_softcap must be a positive number or None, got {self.logit_softcap!r}")
-        for name in ("norm_bias", "bias_qkv", "bias_attn_out", "bias_mlp", "tie_embeddings", "qk_norm"):
+        for name in ("norm_bias", "bias_qkv", "bias_attn_out", "bias_mlp", "tie_embeddings", "qk_norm",
+                     "bidirectional", "shift_logits"):
             need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("activation", ACTIVATIONS)):
+        for name, choices in (("norm", NORMS), ("positions", POSITIONS), ("activation", ACTIVATIONS),
+                              ("objective", MODEL_OBJECTIVES)):
             value = getattr(self, name)
             need(isinstance(value, str) and value in choices,
                  f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
@@ -124,6 +136,15 @@ class ModelConfig:
         need(eos is None or _is_int(eos) or isinstance(eos, list) and all(_is_int(t) for t in eos),
              f"eos_token_id must be a token id, a list of them or None, got {eos!r}")
         need(isinstance(self.extra, dict), f"extra must be a dict, got {type(self.extra).__name__}")
+        need(self.mask_token_id is None or _is_int(self.mask_token_id) and 0 <= self.mask_token_id < self.vocab_size,
+             f"mask_token_id must be a token id below vocab_size={self.vocab_size} or None, got {self.mask_token_id!r}")
+        if self.objective == "causal":
+            need(not self.bidirectional and not self.shift_logits,
+                 "a causal model (objective='causal') attends causally and always predicts the next token; "
+                 "bidirectional and shift_logits are for objective 'mlm' or 'diffusion'")
+        else:
+            need(self.mask_token_id is not None, f"objective={self.objective!r} needs mask_token_id (the id of the "
+                                                 "token standing for a masked slot)")
 
     # Resolved shape values (the `None` defaults filled in).
     @property

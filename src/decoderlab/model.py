@@ -613,7 +613,9 @@ class Transformer(nn.Module):
                 dense = dense & masks.window(window).materialize(*slots(), device=device)
         else:
             if mask is None:
-                mask = masks.causal()
+                if self.config.bidirectional and window is None:
+                    return _AttnPlan(None, False, eager)  # every slot sees every slot: no mask at all
+                mask = masks.full() if self.config.bidirectional else masks.causal()
             if window is not None and past + T > window:
                 mask = mask & masks.window(window)
             if mask.is_causal:

@@ -35,7 +35,7 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 #: The special-token roles this class tracks, named as in transformers' tokenizer_config.json.
-SPECIAL_TOKEN_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+SPECIAL_TOKEN_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token")
 
 # When a trained tokenizer's special tokens carry one of these well-known names they get the role without the
 # caller having to say so. "<|endoftext|>" is both bos and eos, as in GPT-2.
@@ -52,6 +52,7 @@ _ROLE_GUESSES: dict[str, tuple[str, ...]] = {
     "eos_token": ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|end_of_text|>"),
     "pad_token": ("<pad>", "<|pad|>", "[PAD]", "<|padding|>"),
     "unk_token": ("<unk>", "<|unk|>", "[UNK]"),
+    "mask_token": ("<mask>", "<|mask|>", "[MASK]"),
 }
 
 # transformers writes int(1e30) as model_max_length when the length is unknown.
@@ -242,7 +243,7 @@ class Tokenizer:
                 f"unknown special-token roles {unknown}; expected some of {list(SPECIAL_TOKEN_ROLES)}"
             )
         self._tk = backend
-        #: role ("bos_token", "eos_token", "pad_token", "unk_token") -> token string; only the roles present.
+        #: role ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token") -> token; only the roles present.
         self.special_tokens: dict[str, str] = special_tokens
         #: The Jinja template `apply_chat_template` renders by default; None if the tokenizer has none.
         self.chat_template: str | None = chat_template
@@ -633,6 +634,11 @@ class Tokenizer:
     @property
     def unk_id(self) -> int | None:
         return self._role_id("unk_token")
+
+    @property
+    def mask_id(self) -> int | None:
+        """The id standing for a masked slot (masked-LM and diffusion models), or None."""
+        return self._role_id("mask_token")
 
     # ------------------------------------------------------------------ chat
 

@@ -103,10 +103,26 @@ def from_hf_config(data: dict[str, Any]) -> ModelConfig:
     _warn_foreign(data, family)
     common = dict(hf_family=family, init_std=fields.number("initializer_range", positive=False),
                   bos_token_id=fields.token_ids("bos_token_id", many=False),
-                  eos_token_id=fields.token_ids("eos_token_id", many=True))
+                  eos_token_id=fields.token_ids("eos_token_id", many=True), **_objective_fields(data))
     if family == "gpt2":
         return _gpt2(fields, common)
     return _llama_like(fields, family, common)
+
+
+# A masked (MLM or diffusion) model saved in a Hugging Face family keeps its objective under this key;
+# transformers ignores it (and would run the weights as a causal LM).
+OBJECTIVE_KEY = "decoderlab_objective"
+_OBJECTIVE_FIELDS = ("objective", "bidirectional", "shift_logits", "mask_token_id")
+
+
+def _objective_fields(data: dict[str, Any]) -> dict[str, Any]:
+    record = data.get(OBJECTIVE_KEY)
+    if record is None:
+        return {}
+    if not isinstance(record, dict) or set(record) - set(_OBJECTIVE_FIELDS):
+        raise ConfigError(f"config.json field {OBJECTIVE_KEY!r} must be an object with some of "
+                          f"{', '.join(_OBJECTIVE_FIELDS)}, got {_show(record)}")
+    return dict(record)
 
 
 def _gpt2(f: _Fields, common: dict[str, Any]) -> ModelConfig:
@@ -328,6 +344,8 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
                            "initializer_range": config.init_std, "torch_dtype": "float32",
                            # Written even when None: the classes' defaults differ by family.
                            "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if config.objective != "causal":
+        out[OBJECTIVE_KEY] = {name: getattr(config, name) for name in _OBJECTIVE_FIELDS}
     if family == "gpt2":
         out.update(n_layer=config.n_layers, n_head=config.n_heads, n_embd=config.d_model,
                    n_inner=config.d_mlp, n_positions=config.context_length,
