@@ -147,7 +147,7 @@ def test_diffusion_nll_bound_is_lower_for_a_model_that_fits_the_data():
     x = torch.randint(0, 39, (2, 12))
 
     class Oracle(torch.nn.Module):
-        def forward(self, ids, mask=None):
+        def forward(self, ids, positions=None, mask=None):
             return F.one_hot(x, 40).float() * 50
 
     oracle = diffusion_nll(Oracle(), x, 39, samples=4)

@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 
@@ -107,8 +108,12 @@ def train(
     dtype: str = typer.Option(None, help="auto (default: bf16 where the device runs it natively, GPUs and "
                               "AVX-512 CPUs; else fp32), bf16 or fp32."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
-    objective: str = typer.Option(None, help="next (default), mtp or prefix."),
+    objective: str = typer.Option(None, help="next (default), mtp, prefix, mlm (BERT-style masked LM) or diffusion "
+                                  "(masked diffusion LM); mlm and diffusion lift the causal mask."),
     n_future: int = typer.Option(None, help="mtp: number of extra future-token heads."),
+    switch_to: str = typer.Option(None, help="Continue a next-token run with mlm or diffusion from --switch-at on "
+                                  "(CLM -> MLM)."),
+    switch_at: float = typer.Option(None, help="--switch-to: the fraction of the run where it switches (default 0.5)."),
     eval_interval: int = typer.Option(None, help="Evaluate every N steps (default: ten times per run)."),
     eval_tasks: str = typer.Option(None, help="lm-eval tasks to run at every evaluation, logged in metrics.jsonl: "
                                    "names, task YAML files or folders, comma-separated (needs decoderlab[eval])."),
@@ -143,7 +148,8 @@ def train(
                  tokens=tokens, out=out, preset=preset, model=model or None, context_length=context,
                  batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
                  schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype, compile=compile,
-                 objective=objective, n_future=n_future, eval_interval=eval_interval, save_interval=save_interval,
+                 objective=objective, n_future=n_future, switch_to=switch_to, switch_at=switch_at,
+                 eval_interval=eval_interval, save_interval=save_interval,
                  eval_tasks=eval_tasks, eval_limit=eval_limit,
                  log_interval=log_interval, keep_last=keep_last, seed=seed, device=device,
                  fsdp=fsdp, sample_tokens=sample_tokens)
@@ -176,7 +182,8 @@ def train(
     if not main_rank:
         return
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-    bpb = f"{result.val_bits_per_byte:.3f}" if result.val_bits_per_byte is not None else "n/a"
+    bpb = "n/a" if result.val_bits_per_byte is None or math.isnan(result.val_bits_per_byte) else (
+        f"{result.val_bits_per_byte:.3f}")
     console.print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
                   f"val loss {val} (bits/byte {bpb}); saved to {result.run_dir}")
     if cfg.sample_tokens:

@@ -128,7 +128,8 @@ def annealed_attention(progress: float, doc_ids: torch.Tensor, generator: torch.
 
 @torch.no_grad()
 def diffusion_nll(model, tokens: torch.Tensor, mask_id: int, *, samples: int = 8, seed: int = 0,
-                  shift: bool = False, mask=None, maskable: torch.Tensor | None = None) -> torch.Tensor:
+                  shift: bool = False, mask=None, positions: torch.Tensor | None = None,
+                  maskable: torch.Tensor | None = None) -> torch.Tensor:
     """Monte Carlo estimate of masked diffusion's bound on the NLL, summed per row [B] in nats:
     -log p(x) <= E_t [ (1 / t) sum over masked tokens of -log p(token | noised x) ], with stratified t over
     `samples` draws (fixed `seed`: the same noise for every model compared). Divide by the maskable tokens for
@@ -140,7 +141,7 @@ def diffusion_nll(model, tokens: torch.Tensor, mask_id: int, *, samples: int = 8
     for s in range(samples):
         t = ((s + offsets) / samples).clamp(min=1e-4)  # stratified: one t per stratum, lower variance
         noised = diffusion_noise(tokens, mask_id, gen, maskable=maskable, t=t, shift=shift, eps=0.0)
-        logits = model(noised.inputs, mask=mask)
+        logits = model(noised.inputs, positions=positions, mask=mask)
         if shift:
             logits, targets, trained = logits[:, :-1], noised.targets[:, 1:], noised.trained[:, 1:]
         else:

@@ -16,12 +16,14 @@ from ..errors import UserError
 
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("wsd", "cosine", "constant")
-OBJECTIVES = ("next", "mtp", "prefix")
+OBJECTIVES = ("next", "mtp", "prefix", "mlm", "diffusion")
+# Objectives trained on tokens replaced by a mask token, with the causal mask lifted (decoderlab.masked).
+MASKED_OBJECTIVES = ("mlm", "diffusion")
 DTYPES = ("auto", "bf16", "fp32")
 # Changing these on --resume would make the run a different run.
 FROZEN_ON_RESUME = ("data", "tokenizer", "vocab_size", "preset", "model", "seed", "objective", "n_future",
-                    "batch_size", "context_length", "optimizer", "lr", "muon_lr", "betas", "weight_decay",
-                    "schedule", "warmup", "decay", "lr_floor", "packed", "fsdp")
+                    "switch_to", "switch_at", "batch_size", "context_length", "optimizer", "lr", "muon_lr", "betas",
+                    "weight_decay", "schedule", "warmup", "decay", "lr_floor", "packed", "fsdp")
 # The run's budget: frozen in its schedule; on resume only `--extend` takes new values (for the extra training).
 BUDGET = ("steps", "tokens", "time")
 
@@ -75,6 +77,10 @@ class TrainConfig:
     n_future: int = 0  # mtp: extra future-token heads (predicting t+2 ..)
     mtp_weight: float = 0.5  # mtp: weight of the first extra head; halves for each further head
     prefix_max: float = 0.5  # prefix: prefix length drawn uniformly up to this fraction of the context
+    # A two-phase run (e.g. CLM -> MLM): `objective` until `switch_at` (a fraction of the run's steps), then
+    # `switch_to` (mlm or diffusion), the model then predicting each masked token from the slot before it.
+    switch_to: str | None = None
+    switch_at: float = 0.5
     packed: bool = True
     # When to stop (the first reached); with none given, `time` defaults to 2 minutes.
     steps: int | None = None
@@ -125,6 +131,12 @@ class TrainConfig:
         need(not (self.fsdp and self.optimizer == "muon"),
              "Muon needs whole matrices, which FSDP shards; use --optimizer adamw with --fsdp (or DDP)")
         need(self.objective != "mtp" or self.n_future >= 1, "--objective mtp needs --n-future 1 or more")
+        need(self.switch_to is None or self.switch_to in MASKED_OBJECTIVES,
+             f"--switch-to must be one of {', '.join(MASKED_OBJECTIVES)}, got {self.switch_to!r}")
+        need(self.switch_to is None or self.objective in ("next", "prefix"),
+             f"--switch-to continues a next-token (or prefix) run with a masked objective; --objective "
+             f"{self.objective} cannot switch")
+        need(0 < self.switch_at < 1, f"--switch-at is a fraction of the run in (0, 1), got {self.switch_at}")
         if isinstance(self.eval_tasks, str):
             self.eval_tasks = [t for t in self.eval_tasks.split(",") if t.strip()]
         need(not (self.eval_tasks and self.fsdp), "--eval-tasks runs the model on one process, which FSDP shards; "
@@ -155,8 +167,14 @@ RECIPE = dict(n_layers=2, n_heads=4, d_model=256, d_mlp=688, norm="rmsnorm", pos
               hf_family=None)
 
 
-def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The model to train: a preset or the recipe, sized to the vocabulary, with the overrides applied."""
+def uses_mask_token(cfg: TrainConfig) -> bool:
+    """Whether the run trains on masked tokens at some point (its tokenizer then gains a mask token)."""
+    return cfg.objective in MASKED_OBJECTIVES or cfg.switch_to is not None
+
+
+def resolve_model_config(cfg: TrainConfig, vocab_size: int, mask_token_id: int | None = None) -> ModelConfig:
+    """The model to train: a preset or the recipe, sized to the vocabulary, with the overrides applied
+    (`mask_token_id`: the run's mask token, for masked objectives)."""
     if cfg.preset is not None:
         base = ModelConfig.preset(cfg.preset)
     else:
@@ -166,7 +184,12 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
         changes["context_length"] = cfg.context_length
     if cfg.objective == "mtp":
         changes["n_future"] = cfg.n_future
+    if cfg.objective in MASKED_OBJECTIVES:
+        if mask_token_id is None:
+            raise UserError(f"--objective {cfg.objective} needs a tokenizer with a mask token")
+        changes.update(objective=cfg.objective, bidirectional=True, mask_token_id=mask_token_id)
     if base.hf_family is not None and any(k not in ("vocab_size", "context_length", "n_layers", "n_heads",
-                                                    "d_model", "d_mlp", "dropout") for k in changes):
+                                                    "d_model", "d_mlp", "dropout", "objective",
+                                                    "bidirectional", "mask_token_id") for k in changes):
         changes["hf_family"] = None  # an architecture change leaves the HF family
     return base.replace(**changes)

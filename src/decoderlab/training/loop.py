@@ -33,11 +33,13 @@ from ..atomic import atomic_write_text
 from ..checkpoint import save as save_model
 from ..data import Batch, PreparedData, describe_change, fingerprint, get_batch, input_stats, iter_eval_batches, prepare
 from ..errors import UserError
+from ..finetuning.objectives import MASK_TOKEN
+from ..masked import Noised, diffusion_nll, diffusion_noise, masked_loss, mlm_noise, scored_slots
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import distributed as dist
 from . import snapshot as snap
-from .config import BUDGET, TrainConfig, parse_duration, resolve_model_config
+from .config import BUDGET, MASKED_OBJECTIVES, TrainConfig, parse_duration, resolve_model_config, uses_mask_token
 from .optim import build_optimizers, lr_factor
 from .resources import check_memory
 from .runfolder import RUN_CONFIG, check_out_folder
@@ -55,6 +57,8 @@ DEFAULT_CORPUS_VAL_FRACTION = 0.02
 # CALIBRATION_STEPS steps after the first (which pays one-off costs: allocation, compilation): from then on it is
 # a run of that many steps, and resumes exactly.
 CALIBRATION_FRACTION = 0.05
+# Monte Carlo draws of the noise level per validation batch for diffusion's NLL bound (stratified).
+EVAL_DIFFUSION_SAMPLES = 4
 CALIBRATION_STEPS = 3
 
 
@@ -138,7 +142,8 @@ class Trainer:
                                 ) from None
             self._check_extension(state["step"], extend)
         self.data, self.data_files = self._prepare_data(snapshot, state, allow_data_change)
-        self.tokenizer = self.data.tokenizer
+        self.tokenizer = self._run_tokenizer(self.data.tokenizer)
+        self.switch_step: int | None = None  # the step a --switch-to run changed objective at
         self.raw_model = self._build_model()
         self.model_config = self.raw_model.config
         self.model = dist.wrap(self.raw_model, self.ctx, fsdp=cfg.fsdp)
@@ -175,17 +180,43 @@ class Trainer:
         if self.ctx.is_main:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
+    def _run_tokenizer(self, data_tokenizer: Tokenizer) -> Tokenizer:
+        """The run's tokenizer: the data's, plus a mask token (the next free id) for masked objectives."""
+        if uses_mask_token(self.cfg):
+            return data_tokenizer.with_special_token(MASK_TOKEN, "mask_token")
+        return data_tokenizer
+
+    def objective(self) -> str:
+        """The objective of the current step (a --switch-to run changes it once, at --switch-at)."""
+        return self.cfg.objective if self.switch_step is None else self.cfg.switch_to
+
+    def _follow_objective(self) -> None:
+        """At a --switch-to run's switch: the model becomes a masked model predicting each masked token from the
+        slot before it (it was trained to predict the next token); the best validation loss starts afresh."""
+        cfg = self.cfg
+        if cfg.switch_to is None or self.switch_step is not None or self.progress_fraction() < cfg.switch_at:
+            return
+        self.switch_step = self.step
+        self.best_val = None
+        self._note(f"step {self.step}: switching from --objective {cfg.objective} to {cfg.switch_to}")
+        self._apply_switch()
+
+    def _apply_switch(self) -> None:
+        config = self.raw_model.config.replace(objective=self.cfg.switch_to, bidirectional=True, shift_logits=True,
+                                               mask_token_id=self.tokenizer.mask_id)
+        self.raw_model.config = self.model_config = config
+
     def _check_memory_early(self) -> None:
         """Refuse what cannot fit before touching any folder or data (the vocabulary is not known yet: a lower
         bound)."""
         cfg = self.cfg
         vocab_floor = 257 if cfg.tokenizer == "bpe" else 1
-        check_memory(cfg, resolve_model_config(cfg, vocab_floor), self.device, self.ctx.world_size)
+        check_memory(cfg, resolve_model_config(cfg, vocab_floor, mask_token_id=0), self.device, self.ctx.world_size)
 
     def _build_model(self) -> Transformer:
         """The model this run trains, on the run's device: here a fresh one of the configured shape."""
         cfg = self.cfg
-        config = resolve_model_config(cfg, self.tokenizer.vocab_size)
+        config = resolve_model_config(cfg, self.tokenizer.vocab_size, mask_token_id=self.tokenizer.mask_id)
         self.data.check_context(config.context_length)
         check_memory(cfg, config, self.device, self.ctx.world_size)
         torch.manual_seed(cfg.seed)
@@ -270,7 +301,7 @@ class Trainer:
                 cached = PreparedData.load(folder)
                 same = (cached.meta.get("fingerprint") == fingerprint(cfg.data, cfg.tokenizer, cfg.vocab_size,
                                                                       val_fraction=val_fraction)
-                        and cached.tokenizer.backend.to_str() == tok.backend.to_str())
+                        and self._run_tokenizer(cached.tokenizer).backend.to_str() == tok.backend.to_str())
                 if same:
                     return cached, files
         folder = data_cache_dir(cfg, tok)
@@ -333,6 +364,7 @@ class Trainer:
     def train_step(self) -> float:
         cfg, ctx = self.cfg, self.ctx
         t0 = time.perf_counter()
+        self._follow_objective()
         factor = self.lr_factor()
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -377,6 +409,9 @@ class Trainer:
         if _crosses_documents(batch, rows):
             positions = batch.positions[rows].to(self.device)
             mask = masks.causal() & masks.document(batch.doc_ids[rows].to(self.device))
+        objective = self.objective()
+        if objective in MASKED_OBJECTIVES:
+            return self._masked_loss(batch, rows, objective)
         if cfg.objective == "prefix":
             T = x.shape[1]
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
@@ -397,10 +432,91 @@ class Trainer:
                 weight /= 2
         return loss
 
+    def _masked_loss(self, batch: Batch, rows: slice | list[int], objective: str) -> torch.Tensor:
+        """MLM or masked-diffusion loss on `rows`. The noise is drawn for the whole batch from (seed, step), so a
+        resumed run and any micro-batching see the same; documents packed in a row do not see each other."""
+        cfg, config = self.cfg, self.raw_model.config
+        shift = config.shift_logits
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        maskable = None
+        if shift:  # slot i predicts slot i + 1: only within a document
+            maskable = torch.zeros_like(batch.inputs, dtype=torch.bool)
+            maskable[:, 1:] = batch.doc_ids[:, 1:] == batch.doc_ids[:, :-1]
+        if objective == "diffusion":
+            noised = diffusion_noise(batch.inputs, config.mask_token_id, gen, maskable=maskable, shift=shift)
+        else:
+            noised = mlm_noise(batch.inputs, config.mask_token_id, config.vocab_size, gen, maskable=maskable,
+                               shift=shift)
+        # The rows at hand, normalised as the next-token loss is (over their own tokens): diffusion per maskable
+        # token, MLM per chosen token.
+        if objective == "mlm":
+            count = (noised.targets[rows] != -100).sum()
+        elif maskable is not None:
+            count = maskable[rows].sum()
+        else:
+            count = torch.tensor(noised.inputs[rows].numel())
+        noised = Noised(*(t[rows].to(self.device, non_blocking=True) for t in
+                          (noised.inputs, noised.targets, noised.weights)), count=count.to(self.device))
+        positions, mask = None, masks.full()
+        if _crosses_documents(batch, rows):
+            positions = batch.positions[rows].to(self.device)
+            mask = masks.document(batch.doc_ids[rows].to(self.device))
+        logits = self.forward(noised.inputs, positions=positions, mask=mask,
+                              logits_to_keep=scored_slots(noised, shift))
+        return masked_loss(logits, noised, shift)
+
+    def _evaluate_masked(self, objective: str) -> tuple[float, float]:
+        """Validation for masked objectives, with fixed noise (the same at every evaluation): diffusion's bound on
+        the NLL per token (and in bits per byte: a bound on the compression rate), or MLM's loss on its masked
+        tokens."""
+        model, config = self.raw_model, self.raw_model.config
+        shift = config.shift_logits
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(iter_eval_batches(self.data.val, 64, self.model_config.context_length)):
+            if self.cfg.eval_batches is not None and i >= self.cfg.eval_batches:
+                break
+            if i % self.ctx.world_size != self.ctx.rank:
+                continue
+            x = batch.inputs.to(self.device)
+            mask, positions = masks.full(), None
+            if _crosses_documents(batch, slice(None)):
+                positions = batch.positions.to(self.device)
+                mask = masks.document(batch.doc_ids.to(self.device))
+            maskable = torch.ones_like(x, dtype=torch.bool)
+            if shift:
+                maskable[:, 0] = False
+                maskable[:, 1:] = (batch.doc_ids[:, 1:] == batch.doc_ids[:, :-1]).to(self.device)
+            with self.autocast:
+                if objective == "diffusion":
+                    total += diffusion_nll(model, x, config.mask_token_id, samples=EVAL_DIFFUSION_SAMPLES, seed=i,
+                                           shift=shift, mask=mask, positions=positions, maskable=maskable).sum()
+                    count += maskable.sum()
+                else:
+                    gen = torch.Generator().manual_seed(i)
+                    noised = mlm_noise(x, config.mask_token_id, config.vocab_size, gen, maskable=maskable, shift=shift)
+                    logits = model(noised.inputs, positions=positions, mask=mask,
+                                   logits_to_keep=scored_slots(noised, shift))
+                    n = (noised.targets != -100).sum()
+                    total += masked_loss(logits, noised, shift).double() * n
+                    count += n
+        total, count = dist.sum(total, self.ctx), dist.sum(count, self.ctx)
+        loss = float(total / count.clamp(min=1))
+        bpb = (self.data.val.bits_per_byte(float(total)) if objective == "diffusion" and self.cfg.eval_batches is None
+               else math.nan)
+        return loss, bpb
+
     @torch.inference_mode()
     def evaluate(self) -> tuple[float, float]:
         """(mean loss in nats per token, bits per byte) over the validation split."""
         model, cfg = self.raw_model, self.cfg
+        objective = self.objective()
+        if objective in MASKED_OBJECTIVES:
+            model.eval()
+            try:
+                return self._evaluate_masked(objective)
+            finally:
+                model.train()
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -569,7 +685,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device).tolist()
         return {"step": self.step, "tokens": self.tokens, "train_seconds": self.train_seconds,
                 "best_val": self.best_val, "last_val": self.last_val, "rng": rng,
-                "schedule": self.schedule.to_dict(), "data_files": self.data_files,
+                "schedule": self.schedule.to_dict(), "data_files": self.data_files, "switch_step": self.switch_step,
                 "train_config": self.cfg.to_dict()}
 
     def save(self, best: bool) -> None:
@@ -625,6 +741,9 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.train_seconds = float(state["train_seconds"])
         self.best_val, self.last_val = state.get("best_val"), state.get("last_val")
+        self.switch_step = state.get("switch_step")
+        if self.switch_step is not None:
+            self._apply_switch()
         try:
             torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
             if self.device.type == "cuda" and "cuda" in state["rng"]:
