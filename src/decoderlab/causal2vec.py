@@ -112,8 +112,10 @@ class Causal2VecConfig:
 
     encoder_layers: blocks of the bidirectional encoder. encoder_width: its width; None = the decoder's, and then
     the encoder starts as a copy of the decoder's embeddings and first `encoder_layers` blocks (a warm start that
-    already reads the tokens), else it starts random. max_tokens: texts are cut to this many tokens, for the
-    encoder and the decoder alike. temperature: InfoNCE's. lora_r > 0 trains LoRA adapters (rank r, `lora_alpha`)
+    already reads the tokens), else it starts random. max_tokens: texts are cut to this many tokens.
+    decoder_tokens: the decoder reads only the first this-many of them (the encoder reads all): the paper's
+    shortening of the decoder's input, cheaper to train and run; None = the decoder reads the whole text.
+    temperature: InfoNCE's. lora_r > 0 trains LoRA adapters (rank r, `lora_alpha`)
     on the decoder's attention too. The `base_*` fields record the decoder the head was trained on.
     """
 
@@ -121,6 +123,7 @@ class Causal2VecConfig:
     encoder_width: int | None = None
     encoder_heads: int | None = None
     max_tokens: int = 128
+    decoder_tokens: int | None = None
     temperature: float = 0.05
     lora_r: int = 0
     lora_alpha: float = 16.0
@@ -134,6 +137,10 @@ class Causal2VecConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"causal2vec {name} must be a positive integer, got {value!r}")
+        if self.decoder_tokens is not None and (isinstance(self.decoder_tokens, bool) or
+                                                not isinstance(self.decoder_tokens, int) or self.decoder_tokens < 1):
+            raise UserError(f"causal2vec decoder_tokens must be a positive integer or None, got "
+                            f"{self.decoder_tokens!r}")
         if self.encoder_width is not None and (not isinstance(self.encoder_width, int) or self.encoder_width < 1):
             raise UserError(f"causal2vec encoder_width must be a positive integer, got {self.encoder_width!r}")
         if not isinstance(self.temperature, int | float) or not self.temperature > 0:
@@ -218,7 +225,9 @@ class Causal2Vec(nn.Module):
         device = model.device
         ctx = self.contextual(rows)
         slot = len(bos)
-        full = [[*bos, 0, *r, *eos] for r in rows]  # id 0 in the contextual slot: its embedding is replaced
+        cut = self.config.decoder_tokens
+        # Id 0 in the contextual slot: its embedding is replaced.
+        full = [[*bos, 0, *(r if cut is None else r[:cut]), *eos] for r in rows]
         ids, valid, positions, offset = _pad(full, device, padding_side)
         b = torch.arange(len(rows), device=device)
         x = model.embed(ids)

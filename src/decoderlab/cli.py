@@ -613,6 +613,7 @@ def embed_train_cmd(
     lr: float = typer.Option(1e-3, help="AdamW learning rate."),
     encoder_layers: int = typer.Option(2, help="Blocks of the bidirectional encoder."),
     max_tokens: int = typer.Option(128, help="Texts are cut to this many tokens."),
+    decoder_tokens: int = typer.Option(None, help="The decoder reads only the first N of them (default: all)."),
     temperature: float = typer.Option(0.05, help="InfoNCE temperature."),
     lora_r: int = typer.Option(0, help="LoRA rank on the decoder (0: decoder frozen)."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -643,8 +644,8 @@ def embed_train_cmd(
                 raise UserError(f"--pairs line {n} is not a JSON object with \"query\" and \"document\"") from None
     model = decoderlab.load(path)
     tok = decoderlab.Tokenizer.from_folder(path)
-    config = Causal2VecConfig(encoder_layers=encoder_layers, max_tokens=max_tokens, temperature=temperature,
-                              lora_r=lora_r)
+    config = Causal2VecConfig(encoder_layers=encoder_layers, max_tokens=max_tokens, decoder_tokens=decoder_tokens,
+                              temperature=temperature, lora_r=lora_r)
     result = train_causal2vec(model, tok, data, config, steps=steps, time=time, batch_size=batch_size, lr=lr,
                               seed=seed, bf16=bf16, base_model=str(Path(path).resolve()), out=out)
     first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
