@@ -147,7 +147,8 @@ def main() -> None:
     parser.add_argument("--c2v-time", default="240s", help="Causal2Vec head training time (cached)")
     parser.add_argument("--c2v-layers", type=int, default=1, help="Causal2Vec encoder blocks")
     parser.add_argument("--c2v-lora", type=int, default=0, help="Causal2Vec LoRA rank on the decoder (0: frozen)")
-    parser.add_argument("--c2v-decoder-tokens", type=int, default=32, help="Causal2Vec: the decoder reads only this many tokens")
+    parser.add_argument("--c2v-decoder-tokens", type=int, default=32,
+                        help="Causal2Vec: the decoder reads only this many tokens (the encoder all)")
     parser.add_argument("--c2v-batch", type=int, default=32, help="Causal2Vec pairs per training step")
     parser.add_argument("--c2v-lr", type=float, default=2e-3, help="Causal2Vec AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -117,10 +117,10 @@ def test_training_lowers_loss_and_beats_an_untrained_head_on_held_out_pairs():
     assert mrr1 > mrr0 + 0.3, (mrr0, mrr1)  # measured: 0.11 -> 0.92
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_batch_equals_alone_with_left_and_right_padding(kind):
+@pytest.mark.parametrize("kind,decoder_tokens", [("llama", None), ("gpt2", None), ("llama", 4)])
+def test_batch_equals_alone_with_left_and_right_padding(kind, decoder_tokens):
     model = _model(kind)
-    head = _head(model)
+    head = _head(model, decoder_tokens=decoder_tokens)
     alone = torch.cat([decoderlab.embed(model, [t], TOK, "causal2vec", head=head) for t in TEXTS])
     assert alone.shape == (len(TEXTS), 64) and alone.dtype == torch.float32
     assert torch.allclose(alone.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-5)
@@ -129,13 +129,15 @@ def test_batch_equals_alone_with_left_and_right_padding(kind):
         assert (batched - alone).abs().max() <= 1e-5, side
 
 
-def test_embedding_is_contextual_token_and_last_token_states():
+@pytest.mark.parametrize("decoder_tokens", [None, 5])
+def test_embedding_is_contextual_token_and_last_token_states(decoder_tokens):
     model = _model("gpt2")
-    head = _head(model)
+    head = _head(model, decoder_tokens=decoder_tokens)
     text = TEXTS[1]
     ids = TOK.encode(text, add_special_tokens=False)
     with torch.no_grad():
-        ctx = head.contextual([ids])
+        ctx = head.contextual([ids])  # the encoder reads the whole text, the decoder its first decoder_tokens
+        ids = ids[:decoder_tokens]
         x = model.embed(torch.tensor([[0] + ids])) + model.pos_embed(torch.arange(len(ids) + 1))
         x[0, 0] = ctx[0] + model.pos_embed.weight[0]  # the contextual token gets its position like any token
         h = model(None, residual=x, hidden_states=True).hidden_states[-1][0]
