@@ -1,12 +1,16 @@
-"""Code retrieval with training-free sentence embeddings: docstring -> function body, MRR@10 per pooling.
+"""Code retrieval with sentence embeddings: docstring -> function body, MRR@10 per pooling (training-free, Causal2Vec).
 
 Run: .venv/bin/python benchmarks/embed_eval.py [--model DIR] [--time 60s] [--context 256] [--pairs 500]
-     [--batch-size 32] [--repeats 1] [--threads 1] [--dtype fp32|bf16] [--cache DIR]
+     [--batch-size 32] [--repeats 1] [--threads 1] [--dtype fp32|bf16] [--cache DIR] [--c2v-time 180s]
 A retrieval task from real data with no download: from the default corpus (the Python standard library,
 `decoderlab.data.default_corpus_files()`), every function or method with a docstring of at least a few words and at
 least two statements after it gives a pair (query = the docstring, whitespace collapsed; document = the body with
-the docstring removed, dedented). A fixed-seed sample of --pairs pairs (distinct queries, distinct documents) is
-embedded with every pooling of `decoderlab.embeddings.POOLINGS`; each query ranks all documents by cosine similarity and
+the docstring removed, dedented; `decoderlab.causal2vec.function_pairs`). Files are split train / eval by a hash of
+their path (`corpus_split`, one in five held out); the evaluated pairs come from the eval files only, and the
+Causal2Vec head is trained (--c2v-time, cached under --cache) on the train files' pairs only, so it never sees an
+evaluated pair or anything else from its file. A fixed-seed sample of --pairs eval pairs (distinct queries,
+distinct documents) is embedded with every pooling of `decoderlab.embeddings.ALL_POOLINGS`; each query ranks all
+documents by cosine similarity and
 we report MRR@10 and Recall@1 of its own body, the random-ranking expectation (exact: H_10 / N and 1 / N, with the
 standard deviation of MRR@10 over N independent random rankings, to tell signal from noise), and
 embedding throughput (queries + documents per second, median of --repeats, after a one-batch warm-up).
@@ -20,23 +24,21 @@ recipe's 2048 tokens per step), cached under --cache by those settings and reuse
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
+import hashlib
 import math
 import random
 import statistics
 import tempfile
-import textwrap
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 import decoderlab
+from decoderlab.causal2vec import Causal2VecConfig, function_pairs, load_causal2vec, train_causal2vec
 from decoderlab.data import default_corpus_files
-from decoderlab.embeddings import ECHO_INSTRUCTION, POOLINGS, PROMPT_EOL, embed
+from decoderlab.embeddings import ALL_POOLINGS, ECHO_INSTRUCTION, PROMPT_EOL, embed
 from decoderlab.errors import UserError
 
 RECIPE_TOKENS_PER_STEP = 32 * 64  # the default recipe's batch x context
@@ -54,36 +56,12 @@ def trained(cache: Path, time_budget: str, context: int) -> Path:
     return out
 
 
-def function_pairs(files: list[Path], min_doc_words: int = 3) -> Iterator[tuple[str, str]]:
-    """(docstring, body without the docstring) of each documented function with two or more further statements."""
-    for path in sorted(files, key=str):
-        source = path.read_text(encoding="utf-8", errors="replace")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # invalid escape sequences and the like in old files
-                tree = ast.parse(source)
-        except (SyntaxError, ValueError):
-            continue
-        lines = source.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) or len(node.body) < 3:
-                continue
-            doc = ast.get_docstring(node, clean=True)
-            first, second = node.body[0], node.body[1]
-            if not doc or second.lineno <= first.end_lineno:  # no docstring, or code on its last line
-                continue
-            query = " ".join(doc.split())
-            # The lines after the docstring's last line, up to the function's end (comments and decorators kept).
-            body = textwrap.dedent("\n".join(lines[first.end_lineno:node.end_lineno])).strip()
-            if len(query.split()) >= min_doc_words and len(body) >= 20:
-                yield query, body
-
-
 def text_budget(tok: decoderlab.Tokenizer, context: int, poolings: list[str]) -> int:
     """The most tokens a text may have so that it fits `context` under every pooling's template (see embed.py)."""
     bos = 0 if tok.bos_id is None else 1
     prompt = len(tok.encode(PROMPT_EOL[0])) + len(tok.encode(PROMPT_EOL[1]))
     overhead = {"prompt-eol": (prompt, 1), "token-prepending": (prompt + 1, 1),
+                "causal2vec": (3 - (tok.bos_id is not None), 1),  # BOS, contextual token, EOS: 3 slots kept
                 "echo": (len(tok.encode(f"Instruct: {ECHO_INSTRUCTION}\nQuery: ")) + len(tok.encode("\nQuery again: ")),
                          2)}
     return min((context - bos - overhead.get(p, (0, 1))[0]) // overhead.get(p, (0, 1))[1] for p in poolings)
@@ -103,9 +81,11 @@ def truncate(tok: decoderlab.Tokenizer, text: str, budget: int) -> str | None:
     return text or None
 
 
-def sample_pairs(tok: decoderlab.Tokenizer, n: int, budget: int, seed: int) -> tuple[list[str], list[str], int]:
-    """`n` truncated pairs drawn with a fixed seed, queries and documents each distinct; also the candidate count."""
-    candidates = list(function_pairs(default_corpus_files()))
+def sample_pairs(tok: decoderlab.Tokenizer, n: int | None, budget: int, seed: int,
+                 split: str = "eval") -> tuple[list[str], list[str], int]:
+    """`n` (None: all) truncated pairs of the `split` files drawn with a fixed seed, queries and documents each
+    distinct; also the candidate count."""
+    candidates = list(function_pairs(default_corpus_files(), split=split))
     random.Random(seed).shuffle(candidates)
     queries, docs, seen_q, seen_d = [], [], set(), set()
     for query, body in candidates:
@@ -119,6 +99,31 @@ def sample_pairs(tok: decoderlab.Tokenizer, n: int, budget: int, seed: int) -> t
         if len(queries) == n:
             break
     return queries, docs, len(candidates)
+
+
+def c2v_head(cache: Path, folder: Path, model: decoderlab.Transformer, tok: decoderlab.Tokenizer, budget: int,
+             args: argparse.Namespace):
+    """A Causal2Vec head for this decoder trained on the train split's pairs for --c2v-time, cached by the decoder's
+    weights and the settings; loaded onto `model`."""
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12] \
+        if (folder / "model.safetensors").is_file() else hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+    key = (f"c2v-{digest}-{args.c2v_time}-tok{budget}-L{args.c2v_layers}-d{args.c2v_decoder_tokens}-r{args.c2v_lora}"
+           f"-b{args.c2v_batch}-lr{args.c2v_lr}-s{args.seed}")
+    out = cache / key
+    if not (out / "causal2vec.json").is_file():
+        queries, docs, _ = sample_pairs(tok, None, budget, args.seed, split="train")
+        print(f"training Causal2Vec head {out} on {len(queries)} train-split pairs for {args.c2v_time} ...", flush=True)
+        config = Causal2VecConfig(encoder_layers=args.c2v_layers, max_tokens=budget, lora_r=args.c2v_lora,
+                                  decoder_tokens=args.c2v_decoder_tokens)
+        result = train_causal2vec(model, tok, list(zip(queries, docs, strict=True)), config, time=args.c2v_time,
+                                  batch_size=args.c2v_batch, lr=args.c2v_lr, seed=args.seed,
+                                  bf16=args.dtype == "bf16", base_model=str(folder), out=out)
+        print(f"  {result.steps} steps in {result.seconds:.0f}s, InfoNCE {result.losses[0]:.3f} -> "
+              f"{statistics.mean(result.losses[-10:]):.3f} (mean of the last 10)", flush=True)
+        if args.c2v_lora:  # the adapters went onto `model` in place: evaluate on a fresh copy, as a user would
+            model = decoderlab.load(folder, dtype=torch.float32).eval()
+            return load_causal2vec(out, model), model
+    return load_causal2vec(out, model), model
 
 
 def retrieval_scores(q: torch.Tensor, d: torch.Tensor, k: int = 10) -> tuple[float, float]:
@@ -138,7 +143,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair sample")
     parser.add_argument("--max-tokens", type=int, help="cap on tokens per text (default: what fits the context)")
-    parser.add_argument("--poolings", nargs="+", default=list(POOLINGS), choices=POOLINGS)
+    parser.add_argument("--poolings", nargs="+", default=list(ALL_POOLINGS), choices=ALL_POOLINGS)
+    parser.add_argument("--c2v-time", default="240s", help="Causal2Vec head training time (cached)")
+    parser.add_argument("--c2v-layers", type=int, default=1, help="Causal2Vec encoder blocks")
+    parser.add_argument("--c2v-lora", type=int, default=0, help="Causal2Vec LoRA rank on the decoder (0: frozen)")
+    parser.add_argument("--c2v-decoder-tokens", type=int, default=32,
+                        help="Causal2Vec: the decoder reads only this many tokens (the encoder all)")
+    parser.add_argument("--c2v-batch", type=int, default=32, help="Causal2Vec pairs per training step")
+    parser.add_argument("--c2v-lr", type=float, default=2e-3, help="Causal2Vec AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -156,6 +168,11 @@ def main() -> None:
     if budget < 1:
         raise SystemExit(f"context {model.config.context_length} leaves no room for text under every template")
     queries, docs, n_candidates = sample_pairs(tok, args.pairs, budget, args.seed)
+    head, plain_model = None, model
+    if "causal2vec" in args.poolings:
+        head, c2v_model = c2v_head(Path(args.cache), folder, model, tok, budget, args)
+    else:
+        c2v_model = model
     n = len(queries)
     texts = queries + docs
     lengths = [len(tok.encode(t)) for t in texts]
@@ -164,7 +181,8 @@ def main() -> None:
     print(f"model: {folder}")
     print(f"  {model.num_params() / 1e6:.2f}M parameters, {model.config.n_layers} layers, width "
           f"{model.config.d_model}, vocab {model.config.vocab_size}, context {model.config.context_length}")
-    print(f"pairs: {n} of {n_candidates} candidates (seed {args.seed}); texts cut to {budget} tokens; mean tokens "
+    print(f"pairs: {n} of {n_candidates} eval-split candidates (seed {args.seed}); texts cut to {budget} tokens; "
+          "mean tokens "
           f"query {statistics.mean(lengths[:n]):.0f}, document {statistics.mean(lengths[n:]):.0f}")
     print(f"dtype: {'bf16 autocast' if args.dtype == 'bf16' else 'fp32'}, {torch.get_num_threads()} thread(s), "
           f"batch {args.batch_size}; texts/s over all {2 * n} texts (queries + documents), median of {args.repeats}")
@@ -178,7 +196,9 @@ def main() -> None:
     for pooling in args.poolings:
         def run(batch: list[str], pooling: str = pooling) -> torch.Tensor:
             with autocast:
-                return embed(model, batch, tok, pooling, batch_size=args.batch_size, bos_id=tok.bos_id)
+                if pooling == "causal2vec":
+                    return embed(c2v_model, batch, tok, pooling, batch_size=args.batch_size, head=head)
+                return embed(plain_model, batch, tok, pooling, batch_size=args.batch_size, bos_id=tok.bos_id)
 
         run(texts[:args.batch_size])  # warm-up: first-call allocations and kernel selection
         times, emb = [], None

@@ -8,6 +8,7 @@ hidden by them.
 
 from . import accel, data, embeddings, evaluate, finetuning, generation, interp, masks, pine, tasks, training
 from .cache import KVCache
+from .causal2vec import Causal2Vec, Causal2VecConfig, load_causal2vec, save_causal2vec, train_causal2vec
 from .checkpoint import load, read_config, save
 from .config import PRESETS, ModelConfig
 from .embeddings import Encoder, embed
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "Causal2Vec",
+    "Causal2VecConfig",
     "CheckpointError",
     "ConfigError",
     "Encoder",
@@ -48,6 +51,7 @@ __all__ = [
     "counterfactual",
     "accel",
     "apply_lora",
+    "causal2vec",
     "data",
     "embeddings",
     "embed",
@@ -60,12 +64,15 @@ __all__ = [
     "stream",
     "tasks",
     "train",
+    "train_causal2vec",
     "training",
     "load",
     "load_adapter",
+    "load_causal2vec",
     "lora_parameters",
     "merge_lora",
     "save_adapter",
+    "save_causal2vec",
     "masks",
     "perplexity",
     "pine",

@@ -570,12 +570,15 @@ def embed_cmd(
     path: str = typer.Argument(..., help="A checkpoint or run folder (with its tokenizer)."),
     input_path: str = typer.Option(..., "--input", "-i", help="Text file, one text per line (blank lines skipped)."),
     output: str = typer.Option(..., "--output", "-o", help="Where to write the [N, d] float32 .npy array."),
-    pooling: str = typer.Option("mean", help="last, mean, prompt-eol, echo, token-prepending or bidirectional."),
+    pooling: str = typer.Option("mean", help="last, mean, prompt-eol, echo, token-prepending, bidirectional or "
+                                "causal2vec (needs --head)."),
     layer: int = typer.Option(None, help="Hidden state to pool (default: final output; token-prepending: its "
                               "early-exit layer)."),
     batch_size: int = typer.Option(32, help="Texts per forward pass."),
     padding_side: str = typer.Option("left", help="left or right (results agree; left is the usual choice)."),
     normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise each vector."),
+    head: str = typer.Option(None, "--head", help="Causal2Vec head folder (from embed-train) for --pooling "
+                             "causal2vec."),
 ) -> None:
     """Embed the lines of a text file into an .npy array of sentence vectors."""
     from pathlib import Path
@@ -597,12 +600,64 @@ def embed_cmd(
     model = decoderlab.load(path)
     tok = decoderlab.Tokenizer.from_folder(path)
     vectors = embed(model, texts, tok, pooling, batch_size=batch_size, layer=layer, padding_side=padding_side,
-                    normalize=normalize)
+                    normalize=normalize, head=head)
     try:
         atomic_write(target, lambda f: np.save(f, vectors.numpy()))
     except OSError as e:
         raise UserError(f"cannot write --output {output!r} ({e.strerror or e})") from None
     console.print(f"{len(texts)} texts -> {target} {tuple(vectors.shape)} ({pooling})", highlight=False)
+
+
+@app.command("embed-train")
+def embed_train_cmd(
+    path: str = typer.Argument(..., help="The decoder: a checkpoint or run folder (with its tokenizer)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder to write the Causal2Vec head to."),
+    pairs: str = typer.Option(None, "--pairs", help="JSONL file of {\"query\": ..., \"document\": ...} pairs; "
+                              "default: docstring/function pairs of the stdlib's training split."),
+    time: str = typer.Option(None, "--time", help="Training time budget, e.g. 60s, 3m."),
+    steps: int = typer.Option(None, "--steps", help="Step budget (default 200 if no --time)."),
+    batch_size: int = typer.Option(32, help="Pairs per step (in-batch negatives)."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate."),
+    encoder_layers: int = typer.Option(2, help="Blocks of the bidirectional encoder."),
+    max_tokens: int = typer.Option(128, help="Texts are cut to this many tokens."),
+    decoder_tokens: int = typer.Option(None, help="The decoder reads only the first N of them (default: all)."),
+    temperature: float = typer.Option(0.05, help="InfoNCE temperature."),
+    lora_r: int = typer.Option(0, help="LoRA rank on the decoder (0: decoder frozen)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast."),
+) -> None:
+    """Train a Causal2Vec embedding head for a decoder (for `embed --pooling causal2vec --head DIR`)."""
+    import json as _json
+    from pathlib import Path
+
+    import decoderlab
+
+    from .causal2vec import Causal2VecConfig, function_pairs, train_causal2vec
+
+    if pairs is None:
+        data = list(function_pairs(split="train"))
+    else:
+        source = Path(pairs)
+        if not source.is_file():
+            raise UserError(f"--pairs {pairs!r} is not a file")
+        data = []
+        for n, line in enumerate(_read_text(source, "--pairs").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = _json.loads(line)
+                data.append((str(row["query"]), str(row["document"])))
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"--pairs line {n} is not a JSON object with \"query\" and \"document\"") from None
+    model = decoderlab.load(path)
+    tok = decoderlab.Tokenizer.from_folder(path)
+    config = Causal2VecConfig(encoder_layers=encoder_layers, max_tokens=max_tokens, decoder_tokens=decoder_tokens,
+                              temperature=temperature, lora_r=lora_r)
+    result = train_causal2vec(model, tok, data, config, steps=steps, time=time, batch_size=batch_size, lr=lr,
+                              seed=seed, bf16=bf16, base_model=str(Path(path).resolve()), out=out)
+    first, last = result.losses[0], sum(result.losses[-10:]) / len(result.losses[-10:])
+    console.print(f"{result.steps} steps in {result.seconds:.0f}s on {result.pairs} pairs: InfoNCE {first:.3f} -> "
+                  f"{last:.3f}; head -> {out}", highlight=False)
 
 
 @app.command("pine")

@@ -1,5 +1,6 @@
 """Sentence embeddings from a decoder-only `Transformer`, training-free: last-token, mean, PromptEOL,
-echo, token prepending and bidirectional (mask lifted) pooling, batched with left or right padding.
+echo, token prepending and bidirectional (mask lifted) pooling, batched with left or right padding; and the
+trained Causal2Vec head (`pooling="causal2vec", head=...`, decoderlab.causal2vec).
 
 `embed(model, texts, tokenizer, pooling=...)` returns a float32 tensor [N, d]; `Encoder` wraps it with a
 sentence-transformers-style `encode`. See PAPERS.md, "Sentence embeddings from a decoder-only model".
@@ -7,6 +8,7 @@ sentence-transformers-style `encode`. See PAPERS.md, "Sentence embeddings from a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,12 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import masks
+from . import causal2vec, masks
+from .causal2vec import Causal2Vec
 from .errors import UserError
 from .model import Transformer
 from .tokenizer import Tokenizer
 
 POOLINGS = ("last", "mean", "prompt-eol", "echo", "token-prepending", "bidirectional")
+# Poolings that need a trained head (`head=`): Causal2Vec (decoderlab.causal2vec).
+TRAINED_POOLINGS = ("causal2vec",)
+ALL_POOLINGS = POOLINGS + TRAINED_POOLINGS
 
 PROMPT_EOL = ('This sentence : "', '" means in one word:"')
 ECHO_INSTRUCTION = "Rewrite the sentence"
@@ -105,6 +111,7 @@ def embed(
     placeholder_id: int | None = None,
     prepend_layers: int | None = None,
     bos_id: int | None = None,
+    head: Causal2Vec | str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """Embeddings [N, d] (float32, L2-normalised unless `normalize=False`) of `texts`.
 
@@ -118,9 +125,11 @@ def embed(
     tokens: positions count real tokens only and the padding mask hides pad keys.
     bos_id: prepended to every sequence; None: whatever the tokenizer puts before a text (Llama's BOS, nothing
         for GPT-2), as transformers' tokenizer does. Never pooled by mean/echo.
+    head: for pooling "causal2vec", the trained head (a `decoderlab.causal2vec.Causal2Vec` or the folder
+        `save_causal2vec` wrote): vectors [N, 2 d], the contextual token's and the last token's final states.
     """
-    if pooling not in POOLINGS:
-        raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    if pooling not in ALL_POOLINGS:
+        raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(ALL_POOLINGS)}")
     if padding_side not in ("left", "right"):
         raise UserError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if isinstance(texts, str):
@@ -135,6 +144,13 @@ def embed(
             raise UserError(f"text #{i} is empty; there is nothing to embed")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size must be a positive int, got {batch_size!r}")
+    if pooling == "causal2vec":
+        if layer is not None:
+            raise UserError("pooling 'causal2vec' reads the final hidden states; leave out layer")
+        return causal2vec.embed_texts(causal2vec.resolve_head(head, model), model, texts, tokenizer,
+                                      batch_size=batch_size, padding_side=padding_side, normalize=normalize)
+    if head is not None:
+        raise UserError(f"head= is for pooling 'causal2vec'; pooling {pooling!r} is training-free")
     n_layers = model.config.n_layers
     k, exit_layer = token_prepending_layers(n_layers)
     if prepend_layers is not None:
@@ -217,8 +233,10 @@ class Encoder:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, pooling: str = "mean", layer: int | None = None,
                  padding_side: str = "left", **options) -> None:
-        if pooling not in POOLINGS:
-            raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if pooling not in ALL_POOLINGS:
+            raise UserError(f"unknown pooling {pooling!r}; choose one of {', '.join(ALL_POOLINGS)}")
+        if pooling == "causal2vec":  # a head folder is loaded once, not at every encode
+            options["head"] = causal2vec.resolve_head(options.get("head"), model)
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.layer, self.padding_side, self.options = pooling, layer, padding_side, options
 
