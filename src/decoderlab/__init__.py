@@ -21,6 +21,7 @@ from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
 from .training import TrainConfig, TrainResult, train
+from .vocab import add_mask_token
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "UserError",
     "counterfactual",
     "accel",
+    "add_mask_token",
     "apply_lora",
     "data",
     "embeddings",
