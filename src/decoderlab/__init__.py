@@ -22,6 +22,7 @@ from .masks import Mask
 from .model import ModelOutput, Transformer
 from .tokenizer import Tokenizer
 from .training import TrainConfig, TrainResult, train
+from .vocab import add_mask_token
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = [
     "UserError",
     "counterfactual",
     "accel",
+    "add_mask_token",
     "apply_lora",
     "causal2vec",
     "data",

@@ -227,8 +227,11 @@ def finetune_cmd(
     quantize: str = typer.Option(None, "--quantize", help="QLoRA-style: int8 or int4 frozen base under the LoRA "
                                  "adapters (needs --lora-r)."),
     bitune: bool = typer.Option(None, "--bitune/--no-bitune", help="Prompts attend bidirectionally (Bitune)."),
-    objective: str = typer.Option(None, help="next (default: SFT), distill, taid, dpo or bico (half the steps "
-                                  "masked-LM with the causal mask lifted; the tokenizer needs <mask>)."),
+    objective: str = typer.Option(None, help="next (default: SFT), distill, taid, dpo, bico (half the steps "
+                                  "masked-LM with the causal mask lifted; the tokenizer needs <mask>) or diffusion "
+                                  "(adapt a causal model to masked diffusion; adds <mask> where missing)."),
+    anneal_steps: int = typer.Option(None, "--anneal-steps", help="diffusion: optimiser steps over which the "
+                                     "attention goes from causal to full (default: the first half of the run)."),
     teacher: str = typer.Option(None, help="distill / taid: the teacher model (same tokenizer)."),
     temperature: float = typer.Option(None, help="distill: temperature of the KL (default 1)."),
     distill_weight: float = typer.Option(None, help="distill: weight of the KL; the rest goes to next-token loss."),
@@ -264,7 +267,7 @@ def finetune_cmd(
                  lr=lr, batch_size=batch_size, grad_accum=grad_accum, context_length=context, packed=packing,
                  loss_on=loss_on, chat_template=chat_template, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, lora_targets=lora_targets, quantize=quantize, bitune=bitune,
-                 objective=objective,
+                 objective=objective, anneal_steps=anneal_steps,
                  teacher=teacher, distill_temperature=temperature, distill_weight=distill_weight, dpo_beta=dpo_beta,
                  optimizer=optimizer, schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype,
                  eval_interval=eval_interval, save_interval=save_interval, log_interval=log_interval, seed=seed,
@@ -296,6 +299,10 @@ def finetune_cmd(
     after = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     console.print(f"fine-tuned {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds:.1f}s; "
                   f"held-out loss {before} -> {after}; saved to {result.run_dir}")
+    if cfg.objective == "diffusion":  # the causal decoder does not apply; the held-out loss is LLaDA's
+        console.print("[dim]held-out loss: masked diffusion's (1/t-weighted, per trained token); sample with the "
+                      "diffusion sampler[/dim]", highlight=False)
+        return
     examples = [e for e in result.held_out if hasattr(e, "prompt_length") and e.prompt_length > 0][:SCORED]
     if not examples or not (cfg.show or score):
         return

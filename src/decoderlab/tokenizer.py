@@ -607,6 +607,21 @@ class Tokenizer:
             [self._id_list(ids) for ids in batch], skip_special_tokens=skip_special_tokens
         )
 
+    def add_special_token(self, token: str, role: str | None = None) -> int:
+        """Add `token` as a special token (matched whole in text, never split) unless the vocabulary has it, give
+        it `role` (one of SPECIAL_TOKEN_ROLES) if asked, and return its id. A new token takes the next free id."""
+        if not isinstance(token, str) or not token:
+            raise UserError(f"a special token must be a non-empty string, got {token!r}")
+        if role is not None and role not in SPECIAL_TOKEN_ROLES:
+            raise UserError(f"unknown special-token role {role!r}; expected one of {list(SPECIAL_TOKEN_ROLES)}")
+        if self._tk.token_to_id(token) is None:
+            self._tk.add_special_tokens([token])
+            self._literal = None  # the cached copies predate the new token
+            self._added = None
+        if role is not None:
+            self.special_tokens[role] = token
+        return self._tk.token_to_id(token)
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string (special tokens included), or None if the vocabulary lacks it."""
         return self._tk.token_to_id(token)

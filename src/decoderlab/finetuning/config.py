@@ -18,8 +18,10 @@ from .examples import LOSS_ON
 # "next": next-token loss on the trained tokens (SFT); "distill": KL to a teacher's distribution (plus, with
 # distill_weight < 1, the next-token loss); "taid": TAID's adaptive interpolation between student and teacher;
 # "dpo": direct preference optimisation on {"prompt", "chosen", "rejected"} records; "bico": half the steps
-# next-token, half masked-LM with the causal mask lifted (`objectives.bico_masked_lm`; the tokenizer needs <mask>).
-FINETUNE_OBJECTIVES = ("next", "distill", "taid", "dpo", "bico")
+# next-token, half masked-LM with the causal mask lifted (`objectives.bico_masked_lm`; the tokenizer needs <mask>);
+# "diffusion": adapt a causal model to masked diffusion (`finetuning.diffusion`: shifted logits, the attention
+# annealed from causal to full, LLaDA's 1/t-weighted loss; a <mask> token added where the tokenizer has none).
+FINETUNE_OBJECTIVES = ("next", "distill", "taid", "dpo", "bico", "diffusion")
 
 
 @dataclass
@@ -29,7 +31,7 @@ class FinetuneConfig(TrainConfig):
     frozen_on_resume: ClassVar[tuple[str, ...]] = FROZEN_ON_RESUME + (
         "base", "val_data", "val_fraction", "loss_on", "chat_template", "bitune", "lora_r", "lora_alpha",
         "lora_dropout", "lora_targets", "quantize", "teacher", "distill_temperature", "distill_weight", "dpo_beta",
-        "epochs")
+        "epochs", "anneal_steps")
 
     # The fine-tuning defaults (fields of TrainConfig given other values).
     optimizer: str = "adamw"
@@ -57,6 +59,8 @@ class FinetuneConfig(TrainConfig):
     distill_temperature: float = 1.0
     distill_weight: float = 1.0  # distill: weight of the KL term; 1 - weight goes to the next-token loss
     dpo_beta: float = 0.1
+    # diffusion: optimiser steps over which the attention goes from causal to full (None: the first half of the run)
+    anneal_steps: int | None = None
     show: int = 3  # held-out examples generated at the end (CLI)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,13 @@ class FinetuneConfig(TrainConfig):
         need(not self.quantize or bool(self.lora_r), "--quantize freezes the base in int8/int4: train LoRA "
                                                      "adapters on it (--lora-r 8)")
         need(not (self.fsdp and self.lora_r), "LoRA with FSDP is not supported; use DDP (--ddp)")
+        need(self.anneal_steps is None or isinstance(self.anneal_steps, int) and not isinstance(
+            self.anneal_steps, bool) and self.anneal_steps >= 1,
+             f"--anneal-steps must be a whole number of steps, at least 1, got {self.anneal_steps!r}")
+        need(self.anneal_steps is None or self.objective == "diffusion",
+             "--anneal-steps is for --objective diffusion (the attention annealed from causal to full)")
+        need(not (self.objective == "diffusion" and (self.lora_r or self.bitune)),
+             "--objective diffusion trains the whole model with its own attention schedule; drop --lora-r / --bitune")
         need(self.show >= 0, f"--show must be 0 or more, got {self.show}")
         super().__post_init__()
 

@@ -22,11 +22,14 @@ from ..checkpoint import load as load_model
 from ..checkpoint import read_config
 from ..data import describe_change, input_files, input_stats
 from ..errors import UserError
+from ..masked import Noised, masked_loss
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..training import Trainer, TrainResult
 from ..training.resources import check_memory
+from ..vocab import MaskToken, ensure_mask_token, fit_token_row
 from . import bitune
+from . import diffusion as adapt
 from .config import FinetuneConfig
 from .examples import Example, PreferencePair, read_examples
 from .objectives import (
@@ -43,6 +46,8 @@ from .packing import RowPlan, SFTBatch, build_batch
 
 MAX_VAL_RECORDS = 500
 EVAL_ROWS = 16  # rows per evaluation forward
+# diffusion: noise draws per held-out row (stratified t), so that the held-out loss is a steady estimate
+DIFFUSION_EVAL_DRAWS = 4
 
 
 @dataclass
@@ -106,12 +111,29 @@ class FinetuneTrainer(Trainer):
         self.taid = TAIDState() if cfg.objective == "taid" else None
         self.reference: torch.Tensor | None = None  # DPO: [pairs, 2] reference log-probs (train, then val)
         self.val_before: float | None = None
+        self.mask_token: MaskToken | None = None  # diffusion: the tokenizer's mask token
+        self.base_bidirectional = False  # diffusion: the base is an adapted model already past annealing
+        self._step_noise: tuple[int, adapt.PackedNoise, Any] | None = None
         super().__init__(cfg, **kwargs)
 
     # ---- data and model -------------------------------------------------------------------------
 
     def _check_memory_early(self) -> None:
-        read_config(self.cfg.base)  # a missing or unreadable base fails before anything is written
+        base = read_config(self.cfg.base)  # a missing or unreadable base fails before anything is written
+        if self.cfg.objective == "diffusion":
+            adapt.check_base(base, self.cfg.base)
+            self.base_bidirectional = base.objective == "diffusion" and base.bidirectional
+
+    def _load_tokenizer(self, snapshot: Path | None) -> Tokenizer:
+        """The run's tokenizer: the snapshot's on resume, else the base's (with --chat-template, and for diffusion a
+        mask token, added before any example is encoded)."""
+        cfg = self.cfg
+        tokenizer = Tokenizer.from_folder(snapshot if snapshot is not None else cfg.base)
+        if cfg.chat_template is not None and snapshot is None:
+            tokenizer.chat_template = _chat_template(cfg.chat_template)
+        if cfg.objective == "diffusion":
+            self.mask_token = ensure_mask_token(tokenizer)
+        return tokenizer
 
     def _prepare_data(self, snapshot: Path | None, state: dict[str, Any] | None,
                       allow_change: bool) -> tuple[FinetuneData, list[list[Any]]]:
@@ -125,9 +147,7 @@ class FinetuneTrainer(Trainer):
             if change is not None and not allow_change:
                 raise UserError(f"the fine-tuning data changed since {snapshot.name} was saved ({change}); resuming "
                                 "would not reproduce the run — restore the files, or pass --allow-data-change")
-        tokenizer = Tokenizer.from_folder(snapshot if snapshot is not None else cfg.base)
-        if cfg.chat_template is not None and snapshot is None:
-            tokenizer.chat_template = _chat_template(cfg.chat_template)
+        tokenizer = self._load_tokenizer(snapshot)
         preference = cfg.objective == "dpo"
         train = read_examples(_jsonl_files(cfg.data), tokenizer, cfg.loss_on, preference)
         if cfg.val_data:
@@ -169,7 +189,33 @@ class FinetuneTrainer(Trainer):
             self.teacher = self._load_teacher(model)
         if cfg.objective == "dpo":
             self.reference = self._reference_logprobs(model)
+        if cfg.objective == "diffusion":
+            mask = self.mask_token
+            if model.config.mask_token_id not in (None, mask.id):
+                raise UserError(f"{cfg.base} records mask_token_id {model.config.mask_token_id} but its tokenizer's "
+                                f"mask token is id {mask.id}; the model folder's tokenizer must be its own")
+            fit_token_row(model, mask.id, fresh=mask.added)
+            model.config = model.config.replace(objective="diffusion", shift_logits=True, mask_token_id=mask.id,
+                                                bidirectional=self.base_bidirectional)
         return model
+
+    # ---- diffusion: the annealing schedule ---------------------------------------------------------
+
+    def anneal_steps(self) -> int | None:
+        """Steps from causal to full attention: --anneal-steps, else the first half of the run (None while a
+        --time run's length is still unknown: attention stays causal until then)."""
+        if self.cfg.anneal_steps is not None:
+            return self.cfg.anneal_steps
+        if not self.schedule.frozen:
+            return None
+        return max(1, self.schedule.segments[0].end // 2)
+
+    def anneal_progress(self, step: int) -> float:
+        """The attention's progress from causal (0) to full (1) at optimiser step `step`."""
+        if self.base_bidirectional:
+            return 1.0
+        steps = self.anneal_steps()
+        return 0.0 if steps is None else adapt.anneal_progress(step, steps)
 
     def _load_teacher(self, student: Transformer) -> Transformer:
         cfg = self.cfg
@@ -224,6 +270,10 @@ class FinetuneTrainer(Trainer):
     # ---- weights ---------------------------------------------------------------------------------
 
     def save_weights(self, model: Transformer, folder: Path) -> None:
+        if self.cfg.objective == "diffusion":
+            # Bidirectional by default once annealing is complete; mid-annealing the model keeps causal attention
+            # as its default (closest to what it has been trained with).
+            model.config = model.config.replace(bidirectional=self.anneal_progress(self.step) >= 1)
         if not self.cfg.lora_r:
             return super().save_weights(model, folder)
         from ..lora import save_adapter
@@ -278,6 +328,8 @@ class FinetuneTrainer(Trainer):
             n = logps.shape[0] // 2
             ref = self.reference[batch.pairs[rows]].to(self.device)
             return dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.dpo_beta)[0]
+        if cfg.objective == "diffusion":
+            return self._diffusion_loss(batch, rows)
         if cfg.objective == "bico":
             mask_id = self.tokenizer.token_to_id(MASK_TOKEN)
             if mask_id is None:
@@ -313,6 +365,25 @@ class FinetuneTrainer(Trainer):
             return kl
         return cfg.distill_weight * kl + (1 - cfg.distill_weight) * next_token_loss(logits, y)
 
+    def _diffusion_loss(self, batch: SFTBatch, rows) -> torch.Tensor:
+        """LLaDA's loss on some rows of this step's noised batch, under this step's annealed attention."""
+        cfg, progress = self.cfg, self.anneal_progress(self.step)
+        if self._step_noise is None or self._step_noise[0] != self.step:  # drawn once per step, for every row
+            noised = adapt.step_noise(batch.inputs, batch.targets, batch.doc_ids, self.mask_token.id, cfg.seed,
+                                      self.step)
+            mask = adapt.attention(batch.doc_ids, progress, cfg.seed, self.step)
+            self._step_noise = (self.step, noised, mask)
+        _, noised, mask = self._step_noise
+        part = noised.rows(rows)
+        if isinstance(mask, torch.Tensor):  # mid-annealing: the rows of the batch's drawn mask
+            mask = mask[rows].to(self.device)
+        else:  # causal & document, or document alone: the mask algebra's fast paths
+            mask = adapt.attention(batch.doc_ids[rows].to(self.device), progress, cfg.seed, self.step)
+        keep = part.trained.to(self.device)
+        logits = self.forward(part.inputs.to(self.device), positions=batch.positions[rows].to(self.device), mask=mask,
+                              logits_to_keep=keep)
+        return masked_loss(logits, _on(part, self.device), shift=False)
+
     def train_step(self) -> float:
         loss = super().train_step()
         if self.taid is not None:
@@ -338,6 +409,8 @@ class FinetuneTrainer(Trainer):
                     loss = dpo_loss(logps[:n], logps[n:], ref[:, 0], ref[:, 1], cfg.dpo_beta)[0]
                     total, count = total + float(loss) * n, count + n
                 return total / max(1, count), math.nan
+            if cfg.objective == "diffusion":
+                return self._diffusion_val_loss(model), math.nan
             rows = self.data.val_rows
             total_t = torch.zeros((), dtype=torch.float64)
             count_t = torch.zeros((), dtype=torch.float64)
@@ -355,6 +428,28 @@ class FinetuneTrainer(Trainer):
             return float(total_t / count_t.clamp(min=1)), math.nan
         finally:
             model.train()
+
+    def _diffusion_val_loss(self, model: Transformer) -> float:
+        """LLaDA's loss per trainable held-out token, under the attention of the current annealing progress, with
+        the same noise at every evaluation (stratified t, `DIFFUSION_EVAL_DRAWS` draws per row)."""
+        cfg, rows, progress = self.cfg, self.data.val_rows, self.anneal_progress(self.step)
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        draws = DIFFUSION_EVAL_DRAWS
+        for index, first in enumerate(range(0, len(rows), EVAL_ROWS)):
+            batch = build_batch(self.data.val, rows[first:first + EVAL_ROWS], self.data.row_length, self._pad_id)
+            B = batch.inputs.shape[0]
+            offsets = torch.rand(B, generator=adapt.generator(cfg.seed, index, 2))
+            mask = adapt.attention(batch.doc_ids.to(self.device), progress, cfg.seed, index, part=3)
+            for s in range(draws):
+                noised = adapt.noise_examples(batch.inputs, batch.targets, batch.doc_ids, self.mask_token.id,
+                                              adapt.generator(cfg.seed, index, 4 + s), t=(s + offsets) / draws)
+                with self.autocast:
+                    logits = model(noised.inputs.to(self.device), positions=batch.positions.to(self.device),
+                                   mask=mask, logits_to_keep=noised.trained.to(self.device))
+                total += float(masked_loss(logits, _on(noised, self.device), shift=False)) * float(noised.count)
+            count += int(noised.count)
+        return float(total / max(1, count * draws))
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -378,6 +473,12 @@ class FinetuneTrainer(Trainer):
                                       "val_loss": round(self.val_before, 5)})
         result = super().run()
         return FinetuneResult(**vars(result), val_loss_before=self.val_before, held_out=list(self.data.val))
+
+
+def _on(noised: Noised, device: torch.device) -> Noised:
+    """A noised batch's tensors on `device`."""
+    return Noised(noised.inputs.to(device), noised.targets.to(device), noised.weights.to(device),
+                  noised.count.to(device))
 
 
 def _chat_template(value: str) -> str:
