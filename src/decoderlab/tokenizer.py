@@ -651,17 +651,12 @@ class Tokenizer:
         return self._role_id("unk_token")
 
     def with_special_token(self, token: str, role: str | None = None) -> Tokenizer:
-        """A copy with `token` added as a special token at the next free id (every other id unchanged), given
-        `role` (e.g. "mask_token") when named; the same tokenizer if it already has that token in that role."""
-        if role is not None and role not in SPECIAL_TOKEN_ROLES:
-            raise UserError(f"unknown special-token role {role!r}; expected one of {list(SPECIAL_TOKEN_ROLES)}")
-        if self._tk.token_to_id(token) is not None and (role is None or self.special_tokens.get(role) == token):
-            return self
-        backend = tokenizers.Tokenizer.from_str(self._tk.to_str())
-        backend.add_special_tokens([token])
-        roles = {**self.special_tokens, role: token} if role else dict(self.special_tokens)
-        return Tokenizer(backend, special_tokens=roles, chat_template=self.chat_template,
-                         model_max_length=self.model_max_length, extra_chat_templates=self.extra_chat_templates)
+        """A copy of this tokenizer with `add_special_token(token, role)` applied; this one is unchanged."""
+        copy = Tokenizer(tokenizers.Tokenizer.from_str(self._tk.to_str()), special_tokens=dict(self.special_tokens),
+                         chat_template=self.chat_template, model_max_length=self.model_max_length,
+                         extra_chat_templates=self.extra_chat_templates)
+        copy.add_special_token(token, role)
+        return copy
 
     @property
     def mask_id(self) -> int | None:
