@@ -529,10 +529,21 @@ class Stream:
         self.max_new_tokens, self.tokenizer, self.logprobs = max_new_tokens, tokenizer, logprobs
         self.stop_ids, self.stop_strings = set(stop_ids), list(stop_strings)
         self.cache_dtype, self.force, self.compile = cache_dtype, force or {}, compile
-        # The last token is chosen but never fed, so a prompt of length ctx still gets one new token. A decoder
-        # factory marked `unbounded` (streaming with attention sinks) keeps its memory fixed and goes on.
+        objective = model.config.objective
+        if decoder is None and objective != "causal":
+            from .diffusion import DiffusionSampler
+
+            decoder = DiffusionSampler()  # a model trained to fill masks is sampled by masked diffusion
+        if objective != "causal" and objective not in getattr(decoder, "objectives", ("causal",)):
+            name = getattr(decoder, "__qualname__", type(decoder).__name__)
+            raise UserError(f"{name} decodes causal models left to right; this model's objective is {objective!r}: "
+                            "sample it with diffusion_generate (or pass no decoder, window or sinks)")
+        # The last token is chosen but never fed, so a prompt of length ctx still gets one new token; a factory
+        # marked `slot_per_token` (a diffusion canvas) needs a slot for every token. A factory marked `unbounded`
+        # (streaming with attention sinks) keeps its memory fixed and goes on.
+        spare = 0 if getattr(decoder, "slot_per_token", False) else 1
         self.budget = max_new_tokens if getattr(decoder, "unbounded", False) else min(
-            max_new_tokens, model.config.context_length - max(self.prompt_lengths) + 1)
+            max_new_tokens, model.config.context_length - max(self.prompt_lengths) + spare)
         self.grammars = self._grammar = None
         if grammar is not None:
             from .constrained import GrammarState, grammars_for_batch

@@ -391,6 +391,9 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, *, com
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise UserError("the API key must be a non-empty string")
+    if model.config.objective != "causal":
+        raise UserError(f"serving decodes causal models; this one has objective {model.config.objective!r} (sample "
+                        "it with `decoderlab generate --diffusion-steps` or decoderlab.diffusion_generate)")
     speculative = None
     if draft is not None:
         if compile:
