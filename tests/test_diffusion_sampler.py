@@ -83,6 +83,43 @@ def test_one_token_per_step_on_a_causal_adapted_model_is_greedy_causal_decoding(
         assert one.tokens == [expected]
 
 
+def llada_generate(model, prompt, steps, gen_length, block_length, mask_id):
+    """LLaDA's reference `generate()` (GSAI-ML/LLaDA generate.py), greedy low-confidence remasking, one prompt."""
+    x = torch.full((1, prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
+    x[:, :prompt.shape[1]] = prompt.clone()
+    num_blocks = gen_length // block_length
+    steps = steps // num_blocks
+    for num_block in range(num_blocks):
+        start = prompt.shape[1] + num_block * block_length
+        block_mask_index = x[:, start:start + block_length] == mask_id
+        mask_num = block_mask_index.sum(dim=1, keepdim=True)
+        num_transfer_tokens = torch.zeros(1, steps, dtype=torch.long) + mask_num // steps
+        num_transfer_tokens[0, :int(mask_num % steps)] += 1
+        for i in range(steps):
+            mask_index = x == mask_id
+            logits = model(x)
+            x0 = torch.argmax(logits, dim=-1)
+            p = torch.softmax(logits, dim=-1)
+            x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+            x0_p[:, start + block_length:] = -torch.inf
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index, x0_p, -torch.inf)
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            _, select_index = torch.topk(confidence[0], k=int(num_transfer_tokens[0, i]))
+            transfer_index[0, select_index] = True
+            x[transfer_index] = x0[transfer_index]
+    return x[0, prompt.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("steps, block", [(24, 24), (8, 24), (12, 8), (6, 4)])
+def test_matches_llada_reference_sampler(tok, model, steps, block):
+    prompt = tok.encode("the cat sat on")
+    with torch.no_grad():
+        expected = llada_generate(model, torch.tensor([prompt]), steps, 24, block, tok.mask_id)
+    out = diffusion_generate(model, [prompt], 24, steps=steps, block_length=block, stop_tokens=[])
+    assert out.tokens == [expected]
+
+
 # ---- (c) the schedule, stops, batching, seeds ---------------------------------------------------------------------
 
 

@@ -180,14 +180,15 @@ class DiffusionDecoder:
         if self.passes == 0:
             require_finite(logits)
         self.passes += 1
-        # A slot is never filled with the mask token itself (a trained model hardly predicts it; an untrained
-        # one would leave masks in the text).
-        logits[:, self.mask_id] = -torch.inf
         return logits.view(len(self.canvas), len(slots), -1)
 
     def _choose(self, logits: Tensor) -> Tensor:
         """The predicted token of each slot [B, n] (greedy, or Gumbel-Max with this step's noise)."""
         B, n, V = logits.shape
+        # A slot is never filled with the mask token itself (a trained model hardly predicts it; an untrained
+        # one would leave masks in the text).
+        logits = logits.clone()
+        logits[..., self.mask_id] = -torch.inf
         noise = None
         if not self.params.greedy:
             self.generator.manual_seed(step_seed(self.request.seed, self.passes))
@@ -212,7 +213,7 @@ class DiffusionDecoder:
         predicted = self._choose(logits)
         masked = self.masked[:, slots]
         if self.remasking == "low_confidence":
-            # LLaDA: the probability of the chosen token under the raw (un-noised) logits.
+            # LLaDA: the probability of the chosen token under the model's raw (un-noised) distribution.
             confidence = logits.float().softmax(-1).gather(-1, predicted[..., None])[..., 0]
         else:
             self.generator.manual_seed(step_seed(self.request.seed, -1 - self.passes))
