@@ -240,6 +240,33 @@ def test_grammar_outputs_are_always_in_the_language(tok, model, seed):
             assert set(value) == {"name", "age"} and type(value["age"]) is int and len(value["name"]) <= 6
 
 
+def test_grammar_with_several_tokens_per_step_checks_each_in_order(tok, model):
+    pytest.importorskip("llguidance")
+    pattern = r"(ab|cd|ef)-[0-9]{2}( (ab|cd|ef)-[0-9]{2}){3}"
+    prompts = [tok.encode("ab-1 cd-23"), tok.encode("the cat")]
+    for seed in range(3):
+        s = stream(model, prompts, 32, temperature=1.0, seed=seed, tokenizer=tok, grammar={"regex": pattern},
+                   decoder=DiffusionSampler(8, 8))
+        out = s.result()
+        assert out.finish_reasons == ["stop"] * 2 and all(re.fullmatch(pattern, t) for t in out.texts), out.texts
+        longest = max(len(t) for t in out.tokens)
+        assert s.decoder.forward_passes <= -(-longest // 4) + 1 < longest  # 4 tokens a pass, each checked
+
+
+def test_grammar_on_a_causal_adapted_model_is_constrained_greedy_decoding(tok):
+    pytest.importorskip("llguidance")
+    torch.manual_seed(3)
+    config = ModelConfig(vocab_size=tok.vocab_size, tie_embeddings=False, **SMALL)
+    causal = Transformer(config).eval()
+    adapted = Transformer(config.replace(objective="diffusion", shift_logits=True, mask_token_id=tok.mask_id)).eval()
+    adapted.load_state_dict(causal.state_dict())
+    prompts = [tok.encode("ab-1 cd-23"), tok.encode("the")]
+    grammar = {"json_schema": SCHEMA}
+    expected = decoderlab.generate(causal, prompts, 40, temperature=0, tokenizer=tok, grammar=grammar)
+    out = diffusion_generate(adapted, prompts, 40, steps=40, block_length=1, tokenizer=tok, grammar=grammar)
+    assert out.tokens == expected.tokens and out.finish_reasons == expected.finish_reasons == ["stop"] * 2
+
+
 # ---- (d) bad input ----------------------------------------------------------------------------------------------
 
 

@@ -122,9 +122,11 @@ class DiffusionDecoder:
     """The device side of one diffusion batch (`Decoder` protocol): the canvas, its masks and the schedule.
 
     Each `step` runs denoising steps until every unfinished row has new tokens to emit (everything before them
-    committed), and returns those; with a grammar (`allowed` given) it commits exactly one token per row, the
-    leftmost masked one.
+    committed), and returns those; with a grammar it runs one step, committing the leftmost masked slots in
+    order, each checked against the grammar (`checks_grammar`: the host accepts several such tokens a step).
     """
+
+    checks_grammar = True
 
     @torch.inference_mode()
     def __init__(self, request: DecodeRequest, steps: int | None, block_length: int | None,
@@ -182,8 +184,9 @@ class DiffusionDecoder:
         self.passes += 1
         return logits.view(len(self.canvas), len(slots), -1)
 
-    def _choose(self, logits: Tensor) -> Tensor:
-        """The predicted token of each slot [B, n] (greedy, or Gumbel-Max with this step's noise)."""
+    def _choose(self, logits: Tensor, sub_step: int = 0) -> Tensor:
+        """The predicted token of each slot [B, n] (greedy, or Gumbel-Max with this step's noise; a grammar's
+        steps choose their tokens one by one, `sub_step` apart)."""
         B, n, V = logits.shape
         # A slot is never filled with the mask token itself (a trained model hardly predicts it; an untrained
         # one would leave masks in the text).
@@ -191,7 +194,7 @@ class DiffusionDecoder:
         logits[..., self.mask_id] = -torch.inf
         noise = None
         if not self.params.greedy:
-            self.generator.manual_seed(step_seed(self.request.seed, self.passes))
+            self.generator.manual_seed(step_seed(step_seed(self.request.seed, self.passes), sub_step))
             noise = gumbel_noise((B * n, V), self.generator, logits.device)
         return choose(logits.reshape(B * n, V), self.params, self.generator, noise=noise).view(B, n)
 
@@ -226,22 +229,54 @@ class DiffusionDecoder:
         self.canvas[rows, slots[cols]] = predicted[rows, cols]
         self.masked[rows, slots[cols]] = False
         self._record(rows, slots[cols], logits[rows, cols], predicted[rows, cols])
+        self._advance(len(sizes))
+
+    def _advance(self, steps_in_block: int) -> None:
         self.step_in_block += 1
-        if self.step_in_block == len(sizes):
+        if self.step_in_block == steps_in_block:
             self.block_index, self.step_in_block = self.block_index + 1, 0
 
-    def _commit_leftmost(self, allowed: Tensor | None) -> None:
-        """Commit the leftmost masked slot of every row (the rows share it: each step fills one slot), with the
-        grammar's mask over its logits."""
-        slot = self.T + min(self.emitted[i] for i in range(len(self.done)) if not self.done[i])
-        slots = torch.tensor([slot], device=self.canvas.device)
-        raw = self._logits(slots)[:, 0]
-        logits = raw if allowed is None else raw.masked_fill(~allowed, -torch.inf)
-        predicted = self._choose(logits[:, None])[:, 0]
-        rows = self.masked[:, slot].nonzero(as_tuple=True)[0]
-        self.canvas[rows, slot] = predicted[rows]
-        self.masked[rows, slot] = False
-        self._record(rows, torch.full_like(rows, slot), raw[rows], predicted[rows])
+    def _commit_in_order(self, allowed: Tensor | None) -> None:
+        """One step of the schedule under a grammar: commit this step's share of the block's masks strictly left
+        to right, each token chosen under the grammar's mask given the tokens before it (consumed for the next
+        mask, then rolled back: the host advances the grammar). A row stops at its grammar's end."""
+        grammar, device = self.request.grammar, self.canvas.device
+        sizes = self.plan[self.block_index]
+        first = self.T + min(self.emitted[i] for i in range(len(self.done)) if not self.done[i])
+        k = sizes[self.step_in_block]
+        slots = torch.arange(first, first + k, device=device)  # live rows share them (each step fills k slots)
+        raw = self._logits(slots)
+        live = [not d for d in self.done]
+        consumed = [0] * len(live)
+        try:
+            for j in range(k):
+                if j:
+                    allowed = grammar.allowed(live, device)
+                logits = raw[:, j] if allowed is None else raw[:, j].masked_fill(~allowed, -torch.inf)
+                predicted = self._choose(logits[:, None], sub_step=j)[:, 0]
+                rows = [i for i in range(len(live)) if live[i]]
+                for i, token in zip(rows, predicted[rows].tolist(), strict=True):
+                    self.canvas[i, first + j] = token
+                    self.masked[i, first + j] = False
+                    matcher = grammar.matchers[i]
+                    if matcher is None:
+                        continue
+                    if token == grammar.eos:
+                        live[i] = False  # the host checks that the grammar accepts here
+                    elif not matcher.consume_token(token):
+                        live[i] = False  # cannot happen under the mask; the host will say why
+                    else:
+                        consumed[i] += 1
+                        live[i] = not matcher.is_stopped()
+                rows_t = torch.tensor(rows, device=device, dtype=torch.long)
+                self._record(rows_t, torch.full_like(rows_t, first + j), raw[rows_t, j], predicted[rows_t])
+                if not any(live):
+                    break
+        finally:
+            for i, n in enumerate(consumed):
+                if n:
+                    grammar.matchers[i].rollback(n)
+        self._advance(len(sizes))
 
     def _ready(self, row: int) -> list[int]:
         """The row's committed tokens not emitted yet that have nothing masked before them."""
@@ -256,9 +291,8 @@ class DiffusionDecoder:
             raise UserError("diffusion sampling cannot replay forced tokens (counterfactuals need causal decoding)")
         B = len(self.done)
         if self.request.constrained:
-            self._commit_leftmost(allowed)
+            self._commit_in_order(allowed)
             out = [self._ready(i) if not self.done[i] else [] for i in range(B)]
-            out = [row[:1] for row in out]  # a constrained row takes one token per step (the host checks it)
         else:
             while True:
                 out = [self._ready(i) if not self.done[i] else [] for i in range(B)]

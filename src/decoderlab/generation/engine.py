@@ -127,7 +127,10 @@ class DecodeRequest:
     cache_dtype: as the caller gave it; `kv_dtype` is what to allocate.
     logprobs: None, or the alternatives per token to report (`Decoded.logprobs` must then be filled).
     constrained: the host will pass `allowed` masks (a grammar) or `forced` tokens (a counterfactual) to `step`;
-        a decoder that emits several tokens per step must refuse such a request.
+        a decoder that emits several tokens per step must refuse such a request, unless it checks each token
+        against `grammar` itself (and says so with a `checks_grammar = True` attribute).
+    grammar: the batch's `constrained.GrammarState` (None without a grammar), for such a decoder: it may consume
+        tokens to get the next token's mask, but must roll them back before returning (the host advances them).
     """
 
     model: Transformer
@@ -139,6 +142,7 @@ class DecodeRequest:
     logprobs: int | None = None
     compile: bool = False
     constrained: bool = False
+    grammar: Any = None
 
     @property
     def kv_dtype(self) -> torch.dtype | None:
@@ -558,7 +562,7 @@ class Stream:
             raise UserError(f"decoder must be a factory decoder(request) -> Decoder (e.g. TokenRecycler(model).decoder "
                             f"or speculative.draft_decoder(small_model)), got {type(decoder).__name__}")
         request = DecodeRequest(model, prompts, self.budget, params, seed, cache_dtype, logprobs, compile,
-                                constrained=self._grammar is not None or bool(self.force))
+                                constrained=self._grammar is not None or bool(self.force), grammar=self._grammar)
         self.decoder: Decoder = (decoder or CachedDecoder)(request)
         self._steps = self._run()
 
@@ -633,7 +637,7 @@ class Stream:
                         raise UserError(f"{type(decoder).__name__}.step gave no token for row {i}, which has not "
                                         "finished; a decoder must emit at least one token per unfinished row")
                     constrained = grammar is not None and grammar.matchers[i] is not None
-                    if constrained and len(row) > 1:
+                    if constrained and len(row) > 1 and not getattr(decoder, "checks_grammar", False):
                         raise UserError(f"{type(decoder).__name__} emits several tokens per step and cannot "
                                         "follow a grammar; decode constrained output with the default decoder")
                     reason = stop = None
