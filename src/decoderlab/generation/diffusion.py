@@ -14,11 +14,13 @@ The decoder emits a row's tokens once everything before them is committed, so th
 applies stop ids, stop strings, the budget, text and logprobs exactly as for causal decoding: a row ends at the
 first stop token with nothing masked before it, and the block loop ends when every row has.
 
-Constrained decoding (a grammar) is exact only left to right: the grammar engine (`constrained`) masks the next
-token given a committed prefix, so with a grammar every step commits the leftmost masked slot alone, with the
-grammar's mask applied to its logits (block-wise semi-autoregressive with blocks of one token; `steps` is then
-the number of tokens). Confidence or random order would commit tokens whose left context is still masked, which
-a left-to-right matcher cannot check.
+Constrained decoding (a grammar) is exact left to right only: the grammar engine (`constrained`) masks the next
+token given a committed prefix. With a grammar each step commits its k tokens (the same schedule) in order, at
+the leftmost masked slots, from one forward pass: token j is chosen under the grammar's mask after tokens
+0..j-1 (fed to the matcher, then rolled back for the host), so every output is in the grammar's language, and
+with one token per step it is exactly constrained semi-autoregressive decoding. Confidence or random order is
+not used then: it would commit tokens whose left context is still masked, which a left-to-right matcher cannot
+check (exact constraints there need "can this gapped text still be completed" queries, CFG intersection).
 
 Batches of prompts of different lengths are left-padded, with explicit positions and a padding mask.
 """
@@ -339,8 +341,9 @@ def diffusion_generate(model: Transformer, input_ids: Tensor | Iterable[Iterable
     temperature / top_k / top_p / min_p: as `generate` (None: the checkpoint's defaults; greedy without any).
     stop_tokens / stop_strings / tokenizer / seed / logprobs: as `generate`; a row ends at its first stop token
         once every slot before it is committed.
-    grammar: as `generate`; decoding then commits one token per step strictly left to right (the only order in
-        which a left-to-right grammar engine is exact), so `steps` does not apply.
+    grammar: as `generate`; each step's tokens are then committed strictly left to right, each under the
+        grammar's mask given those before it (the only order in which a left-to-right grammar engine is exact);
+        remasking does not apply.
     The model must have objective "diffusion" or "mlm"; prompt + max_new_tokens must fit in its context.
     """
     check_settings(steps, block_length, remasking)

@@ -480,7 +480,9 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         alternatives (`GenerationStep.logprobs`), from log-softmax of the raw logits (before temperature,
         penalties, filters and grammar masks).
     decoder: a factory `decoder(request: DecodeRequest) -> Decoder` for another device side (the `Decoder`
-        protocol): e.g. `TokenRecycler(model).decoder`, `speculative.draft_decoder(small)`. None: `CachedDecoder`.
+        protocol): e.g. `TokenRecycler(model).decoder`, `speculative.draft_decoder(small)`. None: `CachedDecoder`,
+        or for a model with objective "diffusion" or "mlm" masked diffusion sampling (`diffusion.DiffusionSampler()`:
+        one step per token, blocks of 32; `diffusion_generate` sets steps and blocks).
     window, sinks: streaming generation with attention sinks (StreamingLLM; `generation.sinks`): the KV cache
         holds the first `sinks` tokens (default 4) and the last `window`, positions within the cache, so
         generation runs past the context length (max_new_tokens alone bounds it) at constant memory. Needs
