@@ -30,15 +30,14 @@ def tok() -> Tokenizer:
     return Tokenizer.train_bpe(texts=CORPUS, vocab_size=300, special_tokens=("<|endoftext|>", "<mask>"))
 
 
-def _train(tok: Tokenizer, steps: int = 40, seed: int = 0, **changes) -> Transformer:
-    """A diffusion model trained for a few AdamW steps on CORPUS (each text followed by eos tokens)."""
+def _train(tok: Tokenizer, steps: int = 100, seed: int = 0, **changes) -> Transformer:
+    """A diffusion model trained for a few AdamW steps on CORPUS (packed, each text followed by eos)."""
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=tok.vocab_size, objective="diffusion", bidirectional=True,
                          mask_token_id=tok.mask_id, eos_token_id=tok.eos_id, **{**SMALL, **changes})
     model = Transformer(config)
-    rows = [tok.encode(t) + [tok.eos_id] * 4 for t in CORPUS]
-    width = max(len(r) for r in rows)
-    data = torch.tensor([r + [tok.eos_id] * (width - len(r)) for r in rows])
+    stream = [t for text in CORPUS for t in tok.encode(text) + [tok.eos_id]]  # packed documents
+    data = torch.tensor(stream[:len(stream) // 24 * 24]).view(-1, 24)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -169,14 +168,20 @@ def test_stops_at_the_first_stop_token_once_everything_before_it_is_committed(to
     assert s.decoder.forward_passes <= (at // 4 + 1) * 4 < 24
 
 
-def test_trained_model_ends_at_eos_by_default(tok, model):
-    out = diffusion_generate(model, [tok.encode("the cat sat")], 32, steps=32, block_length=8, tokenizer=tok)
-    assert out.finish_reasons == ["stop"] and out.stopped_by == [tok.eos_id]
-    assert tok.eos_id not in out.tokens[0] and out.completion_tokens[0] == len(out.tokens[0]) + 1
+def test_default_stop_ids_are_the_checkpoints_end_ids(tok, model):
+    """Without stop_tokens, the model config's eos ids end a row (as `generate`'s defaults)."""
+    prompt = [tok.encode("one two")]
+    full = diffusion_generate(model, prompt, 16, block_length=8, stop_tokens=[], tokenizer=tok).tokens[0]
+    end = full[len(full) // 2]
+    copy = Transformer(model.config.replace(eos_token_id=[end])).eval()
+    copy.load_state_dict(model.state_dict())
+    out = diffusion_generate(copy, prompt, 16, block_length=8, tokenizer=tok)
+    assert out.tokens == [full[:full.index(end)]] and out.stopped_by == [end] and out.finish_reasons == ["stop"]
+    assert out.completion_tokens == [full.index(end) + 1]
 
 
 @pytest.mark.parametrize("steps, block, remasking", [(24, 8, "low_confidence"), (6, 8, "low_confidence"),
-                                                     (12, 24, "random")])
+                                                     (12, 24, "low_confidence")])
 def test_batch_equals_one_by_one_when_greedy(tok, model, steps, block, remasking):
     prompts = [tok.encode("the cat sat on"), tok.encode("ab"), tok.encode('{"name": "ann",')]
     kw = dict(steps=steps, block_length=block, remasking=remasking, stop_tokens=[], tokenizer=tok, seed=5)
@@ -195,6 +200,14 @@ def test_temperature_is_reproducible_under_a_seed(tok, model):
     greedy = diffusion_generate(model, prompt, 16, steps=8, block_length=8, temperature=0, stop_tokens=[])
     assert greedy.tokens == diffusion_generate(model, prompt, 16, steps=8, block_length=8, stop_tokens=[],
                                                seed=99).tokens
+
+
+def test_random_remasking_is_reproducible_under_a_seed(tok, model):
+    prompt = [tok.encode("one two")]
+    kw = dict(steps=6, block_length=24, remasking="random", stop_tokens=[], tokenizer=tok)
+    runs = {s: diffusion_generate(model, prompt, 24, seed=s, **kw).tokens[0] for s in range(5)}
+    assert runs[3] == diffusion_generate(model, prompt, 24, seed=3, **kw).tokens[0]
+    assert len({tuple(r) for r in runs.values()}) > 1, "the commit order never changed the greedy output"
 
 
 def test_generate_dispatches_a_diffusion_model_to_the_sampler(tok, model):
@@ -293,8 +306,8 @@ def test_bad_input_gets_one_line_errors(tok, model):
         decoderlab.generate(model, prompt, 8, repetition_penalty=1.3)
     from decoderlab.serve import create_app
 
-    with pytest.raises(UserError, match="serving decodes causal models"):
-        create_app(model, tok, "m")
+    with pytest.raises(UserError, match="served by masked diffusion sampling .* leave out compile"):
+        create_app(model, tok, "m", compile=True)
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------------------
@@ -318,5 +331,23 @@ def test_cli_generate_samples_a_diffusion_model(tok, model, tmp_path):
     assert bad.returncode == 2 and "does not divide" in bad.stderr and bad.stderr.count("\n") == 1
     bad = _cli("generate", str(tmp_path / "m"), "the", "--diffusion-steps", "4", "--speculative", "recycle")
     assert bad.returncode == 2 and "diffusion sampling runs on its own" in bad.stderr
-    served = _cli("serve", str(tmp_path / "m"), "--port", "0")
-    assert served.returncode == 2 and "serving decodes causal models" in served.stderr
+    served = _cli("serve", str(tmp_path / "m"), "--port", "0", "--compile")
+    assert served.returncode == 2 and "served by masked diffusion sampling" in served.stderr
+
+
+def test_a_diffusion_model_is_served(tok, model):
+    httpx = pytest.importorskip("httpx")
+    from serve_helpers import running
+
+    from decoderlab.serve import create_app
+
+    prompt = "the cat"
+    expected = diffusion_generate(model, [tok.encode(prompt)], 16, tokenizer=tok)  # the checkpoint's stop ids
+    with running(create_app(model, tok, "m")) as base:
+        body = {"model": "m", "prompt": prompt, "max_tokens": 16, "temperature": 0}
+        got = httpx.post(f"{base}/completions", json=body, timeout=60).json()
+        assert got["choices"][0]["text"] == expected.texts[0]
+        assert got["choices"][0]["finish_reason"] == expected.finish_reasons[0]
+        bad = httpx.post(f"{base}/completions", json={**body, "frequency_penalty": 0.5}, timeout=60)
+        assert bad.status_code == 400 and "penalties" in bad.json()["error"]["message"]
+        assert httpx.get(f"{base}/models", timeout=60).status_code == 200  # still serving
