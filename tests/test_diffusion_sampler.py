@@ -319,18 +319,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_generate_samples_a_diffusion_model(tok, model, tmp_path):
     decoderlab.save(model, tmp_path / "m", tokenizer=tok)
-    out = _cli("generate", str(tmp_path / "m"), "the cat", "-n", "16", "--diffusion-steps", "8", "--block-length",
-               "8", "--temperature", "0")
-    assert out.returncode == 0, out.stderr
     loaded = decoderlab.load(tmp_path / "m")
-    expected = diffusion_generate(loaded, [tok.encode("the cat")], 16, steps=8, block_length=8, tokenizer=tok)
-    assert out.stdout == "the cat" + expected.texts[0] + "\n"
-    default = _cli("generate", str(tmp_path / "m"), "the cat", "-n", "16")  # one step per token by default
-    assert default.returncode == 0, default.stderr
+    for flags, steps in (([], None), (["--diffusion-steps", "8", "--remasking", "random", "--seed", "3"], 8)):
+        out = _cli("generate", str(tmp_path / "m"), "the cat", "-n", "16", "--block-length", "8", *flags)
+        assert out.returncode == 0, out.stderr
+        expected = diffusion_generate(loaded, [tok.encode("the cat")], 16, steps=steps, block_length=8,
+                                      remasking="random" if steps else "low_confidence", seed=3, tokenizer=tok)
+        assert out.stdout == "the cat" + expected.texts[0] + "\n"  # no flag: one step per token
     bad = _cli("generate", str(tmp_path / "m"), "the", "-n", "16", "--block-length", "5")
     assert bad.returncode == 2 and "does not divide" in bad.stderr and bad.stderr.count("\n") == 1
-    bad = _cli("generate", str(tmp_path / "m"), "the", "--diffusion-steps", "4", "--speculative", "recycle")
-    assert bad.returncode == 2 and "diffusion sampling runs on its own" in bad.stderr
     served = _cli("serve", str(tmp_path / "m"), "--port", "0", "--compile")
     assert served.returncode == 2 and "served by masked diffusion sampling" in served.stderr
 
