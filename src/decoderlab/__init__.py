@@ -14,7 +14,7 @@ from .config import PRESETS, ModelConfig
 from .embeddings import Encoder, embed
 from .errors import CheckpointError, ConfigError, MaskError, UserError
 from .finetuning import FinetuneConfig, FinetuneResult, finetune
-from .generation import GenerationResult, counterfactual, generate, stream
+from .generation import GenerationResult, counterfactual, diffusion_generate, generate, stream
 from .generation_config import GenerationConfig
 from .likelihood import PerplexityResult, perplexity
 from .lora import LoraConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
@@ -50,6 +50,7 @@ __all__ = [
     "TrainResult",
     "UserError",
     "counterfactual",
+    "diffusion_generate",
     "accel",
     "add_mask_token",
     "apply_lora",

@@ -510,9 +510,16 @@ def generate_cmd(
     bidirectional_prompt: bool = typer.Option(False, "--bidirectional-prompt", help="The prompt attends "
                                               "bidirectionally, as a model fine-tuned with --bitune was trained."),
     adapter: str = typer.Option(None, "--adapter", help="A LoRA adapter folder (PEFT's layout) to put on the model."),
+    diffusion_steps: int = typer.Option(None, "--diffusion-steps", help="Masked diffusion sampling (LLaDA) in N "
+                                        "denoising steps; a diffusion or MLM model defaults to one per token."),
+    block_length: int = typer.Option(None, "--block-length", help="With diffusion sampling: tokens per "
+                                     "semi-autoregressive block (must divide --tokens; default 32)."),
+    remasking: str = typer.Option(None, "--remasking", help="With diffusion sampling: low_confidence (default) or "
+                                  "random, the order in which masked tokens are committed."),
 ) -> None:
     """Stream a prompt's continuation to the terminal as it is generated; it stops at the checkpoint's end ids
-    (generation_config.json, config.json, the tokenizer's eos) or a --stop text."""
+    (generation_config.json, config.json, the tokenizer's eos) or a --stop text. A diffusion or MLM model is
+    sampled by masked diffusion (--diffusion-steps, --block-length, --remasking)."""
     import decoderlab
 
     from .generation import TokenRecycler, draft_decoder, mtp_decoder, rsd_decoder, stream
@@ -556,6 +563,15 @@ def generate_cmd(
         from .finetuning import BidirectionalPromptDecoder
 
         decoder = BidirectionalPromptDecoder
+    diffusion = (diffusion_steps, block_length, remasking)
+    if model.config.objective != "causal" or any(v is not None for v in diffusion):
+        from .generation.diffusion import DiffusionSampler, check_length
+
+        if decoder is not None or window is not None or sinks is not None or compile:
+            raise UserError("diffusion sampling runs on its own; leave out --speculative, --window, --sinks, "
+                            "--compile and --bidirectional-prompt")
+        check_length(tokens, block_length)
+        decoder = DiffusionSampler(diffusion_steps, block_length, remasking or "low_confidence")
     steps = stream(model, [ids], tokens, **sampling, seed=seed, stop_strings=stop or None, tokenizer=tok,
                    compile=compile, decoder=decoder, window=window, sinks=sinks)
     if not chat:

@@ -7,12 +7,15 @@ the default; `stream(..., decoder=factory)` takes another (PINE, the speculative
 Streaming past the context with attention sinks (StreamingLLM) lives in `streaming` (`generate(..., window=W)`).
 Lossless speculative decoding (Token Recycling, a draft model, multi-token heads) lives in `speculative`;
 Recursive Speculative Decoding (sampled draft trees, exact in distribution, batched) in `rsd`.
+Masked diffusion sampling (LLaDA; models with objective "diffusion" or "mlm", which `generate` dispatches to)
+lives in `diffusion` (`diffusion_generate`, the `DiffusionSampler` decoder factory).
 The logits processors (penalties, temperature, top-k, top-p, min-p) live in `sampling` as pure functions.
 """
 
-from . import constrained, rsd, sampling, speculative
+from . import constrained, diffusion, rsd, sampling, speculative
 from .constrained import Grammar
 from .counterfactual import Trace, counterfactual
+from .diffusion import DiffusionSampler, diffusion_generate
 from .engine import (
     CACHE_CHUNK,
     CachedDecoder,
@@ -48,7 +51,8 @@ from .speculative import (
 )
 
 __all__ = [
-    "CACHE_CHUNK", "CachedDecoder", "DecodeRequest", "Decoded", "Decoder", "DecoderFactory", "DraftDecoder",
+    "CACHE_CHUNK", "CachedDecoder", "DecodeRequest", "Decoded", "Decoder", "DecoderFactory", "DiffusionSampler",
+    "DraftDecoder", "diffusion", "diffusion_generate",
     "DraftTree", "RSDDecoder", "rsd", "rsd_decoder", "rsd_generate",
     "GenerationResult", "GenerationStep", "Grammar", "MTPDecoder", "RecyclingDecoder", "SamplingParams",
     "SinkWindow", "SpeculativeResult", "Stream", "StreamingDecoder", "TokenLogprob", "TokenRecycler", "Trace",

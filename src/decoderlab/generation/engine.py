@@ -127,7 +127,10 @@ class DecodeRequest:
     cache_dtype: as the caller gave it; `kv_dtype` is what to allocate.
     logprobs: None, or the alternatives per token to report (`Decoded.logprobs` must then be filled).
     constrained: the host will pass `allowed` masks (a grammar) or `forced` tokens (a counterfactual) to `step`;
-        a decoder that emits several tokens per step must refuse such a request.
+        a decoder that emits several tokens per step must refuse such a request, unless it checks each token
+        against `grammar` itself (and says so with a `checks_grammar = True` attribute).
+    grammar: the batch's `constrained.GrammarState` (None without a grammar), for such a decoder: it may consume
+        tokens to get the next token's mask, but must roll them back before returning (the host advances them).
     """
 
     model: Transformer
@@ -139,6 +142,7 @@ class DecodeRequest:
     logprobs: int | None = None
     compile: bool = False
     constrained: bool = False
+    grammar: Any = None
 
     @property
     def kv_dtype(self) -> torch.dtype | None:
@@ -476,7 +480,9 @@ def stream(model: Transformer, input_ids: Tensor | Sequence[Sequence[int]], max_
         alternatives (`GenerationStep.logprobs`), from log-softmax of the raw logits (before temperature,
         penalties, filters and grammar masks).
     decoder: a factory `decoder(request: DecodeRequest) -> Decoder` for another device side (the `Decoder`
-        protocol): e.g. `TokenRecycler(model).decoder`, `speculative.draft_decoder(small)`. None: `CachedDecoder`.
+        protocol): e.g. `TokenRecycler(model).decoder`, `speculative.draft_decoder(small)`. None: `CachedDecoder`,
+        or for a model with objective "diffusion" or "mlm" masked diffusion sampling (`diffusion.DiffusionSampler()`:
+        one step per token, blocks of 32; `diffusion_generate` sets steps and blocks).
     window, sinks: streaming generation with attention sinks (StreamingLLM; `generation.sinks`): the KV cache
         holds the first `sinks` tokens (default 4) and the last `window`, positions within the cache, so
         generation runs past the context length (max_new_tokens alone bounds it) at constant memory. Needs
@@ -529,10 +535,21 @@ class Stream:
         self.max_new_tokens, self.tokenizer, self.logprobs = max_new_tokens, tokenizer, logprobs
         self.stop_ids, self.stop_strings = set(stop_ids), list(stop_strings)
         self.cache_dtype, self.force, self.compile = cache_dtype, force or {}, compile
-        # The last token is chosen but never fed, so a prompt of length ctx still gets one new token. A decoder
-        # factory marked `unbounded` (streaming with attention sinks) keeps its memory fixed and goes on.
+        objective = model.config.objective
+        if decoder is None and objective != "causal":
+            from .diffusion import DiffusionSampler
+
+            decoder = DiffusionSampler()  # a model trained to fill masks is sampled by masked diffusion
+        if objective != "causal" and objective not in getattr(decoder, "objectives", ("causal",)):
+            name = getattr(decoder, "__qualname__", type(decoder).__name__)
+            raise UserError(f"{name} decodes causal models left to right; this model's objective is {objective!r}: "
+                            "sample it with diffusion_generate (or pass no decoder, window or sinks)")
+        # The last token is chosen but never fed, so a prompt of length ctx still gets one new token; a factory
+        # marked `slot_per_token` (a diffusion canvas) needs a slot for every token. A factory marked `unbounded`
+        # (streaming with attention sinks) keeps its memory fixed and goes on.
+        spare = 0 if getattr(decoder, "slot_per_token", False) else 1
         self.budget = max_new_tokens if getattr(decoder, "unbounded", False) else min(
-            max_new_tokens, model.config.context_length - max(self.prompt_lengths) + 1)
+            max_new_tokens, model.config.context_length - max(self.prompt_lengths) + spare)
         self.grammars = self._grammar = None
         if grammar is not None:
             from .constrained import GrammarState, grammars_for_batch
@@ -547,7 +564,7 @@ class Stream:
             raise UserError(f"decoder must be a factory decoder(request) -> Decoder (e.g. TokenRecycler(model).decoder "
                             f"or speculative.draft_decoder(small_model)), got {type(decoder).__name__}")
         request = DecodeRequest(model, prompts, self.budget, params, seed, cache_dtype, logprobs, compile,
-                                constrained=self._grammar is not None or bool(self.force))
+                                constrained=self._grammar is not None or bool(self.force), grammar=self._grammar)
         self.decoder: Decoder = (decoder or CachedDecoder)(request)
         self._steps = self._run()
 
@@ -622,7 +639,7 @@ class Stream:
                         raise UserError(f"{type(decoder).__name__}.step gave no token for row {i}, which has not "
                                         "finished; a decoder must emit at least one token per unfinished row")
                     constrained = grammar is not None and grammar.matchers[i] is not None
-                    if constrained and len(row) > 1:
+                    if constrained and len(row) > 1 and not getattr(decoder, "checks_grammar", False):
                         raise UserError(f"{type(decoder).__name__} emits several tokens per step and cannot "
                                         "follow a grammar; decode constrained output with the default decoder")
                     reason = stop = None

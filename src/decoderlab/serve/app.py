@@ -383,6 +383,8 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, *, com
     limits: what a request may ask for and how many may wait (`ServerLimits`; the defaults are safe on a laptop).
     api_key: when set, every /v1 route needs `Authorization: Bearer <api_key>` (401 without it).
     compile: decode through `torch.compile` graphs (`generate(..., compile=True)`).
+    A model with objective "diffusion" or "mlm" is sampled by masked diffusion (`generation.diffusion`, one
+    denoising step per token, blocks of 32), as `generate` does.
     draft: a small model with the same vocabulary: requests decode by Recursive Speculative Decoding
     (`rsd_decoder(draft, tree, depth)`: `tree` children per node, or per-depth widths), whose output follows the
     same distribution as plain sampling (plain greedy at temperature 0); requests with response_format or
@@ -391,6 +393,9 @@ def create_app(model: Transformer, tokenizer: Tokenizer, model_name: str, *, com
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise UserError("the API key must be a non-empty string")
+    if model.config.objective != "causal" and (compile or draft is not None):
+        raise UserError(f"a model with objective {model.config.objective!r} is served by masked diffusion sampling "
+                        "(one step per token); leave out compile and the draft model")
     speculative = None
     if draft is not None:
         if compile:
