@@ -99,9 +99,8 @@ def generate(run: Path, objective: str, prompts: list[list[int]], n_tokens: int,
     tok = decoderlab.Tokenizer.from_folder(run)
     t0 = time.perf_counter()
     if objective == "diffusion":
-        out = decoderlab.diffusion_generate(model, tok, prompts, max_new_tokens=n_tokens,
-                                            steps=n_tokens // per_step, block_length=16, temperature=0.8, seed=0,
-                                            stop_tokens=[])
+        out = decoderlab.diffusion_generate(model, prompts, n_tokens, steps=n_tokens // per_step, block_length=16,
+                                            temperature=0.8, seed=0, stop_tokens=[], tokenizer=tok)
     else:
         out = decoderlab.generate(model, prompts, n_tokens, temperature=0.8, top_k=0, top_p=1.0, seed=0,
                                   tokenizer=tok, stop_tokens=[])
