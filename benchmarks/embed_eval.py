@@ -115,14 +115,16 @@ def c2v_head(cache: Path, folder: Path, model: decoderlab.Transformer, tok: deco
         print(f"training Causal2Vec head {out} on {len(queries)} train-split pairs for {args.c2v_time} ...", flush=True)
         config = Causal2VecConfig(encoder_layers=args.c2v_layers, max_tokens=budget, lora_r=args.c2v_lora,
                                   decoder_tokens=args.c2v_decoder_tokens)
-        result = train_causal2vec(model, tok, list(zip(queries, docs, strict=True)), config, time=args.c2v_time,
+        # A copy of the decoder to train on: LoRA adapters go onto it in place, and the training-free poolings
+        # must be scored on the untouched decoder.
+        trainee = decoderlab.load(folder, dtype=torch.float32).eval()
+        result = train_causal2vec(trainee, tok, list(zip(queries, docs, strict=True)), config, time=args.c2v_time,
                                   batch_size=args.c2v_batch, lr=args.c2v_lr, seed=args.seed,
                                   bf16=args.dtype == "bf16", base_model=str(folder), out=out)
         print(f"  {result.steps} steps in {result.seconds:.0f}s, InfoNCE {result.losses[0]:.3f} -> "
               f"{statistics.mean(result.losses[-10:]):.3f} (mean of the last 10)", flush=True)
-        if args.c2v_lora:  # the adapters went onto `model` in place: evaluate on a fresh copy, as a user would
-            model = decoderlab.load(folder, dtype=torch.float32).eval()
-            return load_causal2vec(out, model), model
+    if args.c2v_lora:  # the head puts its adapters onto the decoder it is loaded with: a copy, as a user would
+        model = decoderlab.load(folder, dtype=torch.float32).eval()
     return load_causal2vec(out, model), model
 
 
