@@ -26,7 +26,7 @@ from .. import masks
 from ..config import ModelConfig
 from ..data import IGNORE_INDEX
 from ..errors import UserError
-from ..masked import DIFFUSION_EPS, Noised, annealed_attention
+from ..masked import DIFFUSION_EPS, Noised, annealed_attention, diffusion_noise
 
 _STREAM = 0xD1FF  # keeps these draws apart from the run's other (seed, ...) streams
 
@@ -70,16 +70,13 @@ def noise_examples(inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.T
     probability p of its row (t per row from `gen`, or the given `t` [B]), and then also stands as the mask token
     in slot j + 1's input when that slot is the same example's. The result's `targets` / `weights` are per slot
     (slot j predicts them): use it with `shift=False` in `masked.masked_loss` / `scored_slots`."""
-    B, T = inputs.shape
     trainable = targets != IGNORE_INDEX
-    if t is None:
-        t = torch.rand(B, generator=gen)
-    p = ((1 - eps) * t.float() + eps).unsqueeze(1).expand(B, T)
-    masked = trainable & (torch.rand(B, T, generator=gen) < p)
-    hidden = torch.zeros_like(masked)
-    hidden[:, 1:] = masked[:, :-1] & (doc_ids[:, 1:] == doc_ids[:, :-1])
-    return PackedNoise(inputs.masked_fill(hidden, mask_id), targets.masked_fill(~masked, IGNORE_INDEX),
-                       torch.where(masked, 1.0 / p, torch.zeros_like(p)), trainable.sum(), trainable.sum(1))
+    # The slot-aligned tokens (targets) go through LLaDA's forward process; -100 slots are never maskable.
+    noised = diffusion_noise(targets.clamp(min=0), mask_id, gen, maskable=trainable, t=t, eps=eps)
+    hidden = torch.zeros_like(trainable)
+    hidden[:, 1:] = noised.trained[:, :-1] & (doc_ids[:, 1:] == doc_ids[:, :-1])
+    return PackedNoise(inputs.masked_fill(hidden, mask_id), noised.targets, noised.weights, noised.count,
+                       trainable.sum(1))
 
 
 def step_noise(inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor, mask_id: int, seed: int,
