@@ -287,6 +287,8 @@ def test_bad_input_gets_one_line_errors(tok, model):
     prompt = [tok.encode("the")]
     cases = [(dict(steps=0), "steps must be an integer >= 1"),
              (dict(block_length=3), "block_length=3 does not divide"),
+             (dict(block_length=0), "block_length must be an integer >= 1"),
+             (dict(block_length=-4), "block_length must be an integer >= 1"),
              (dict(steps=1, block_length=4), "steps=1 is fewer than the 4 blocks"),
              (dict(remasking="entropy"), "unknown remasking")]
     for kw, message in cases:

@@ -319,7 +319,9 @@ class DiffusionDecoder:
 
 def check_length(max_new_tokens: int, block_length: int | None) -> None:
     """LLaDA's rule: an explicit `block_length` divides the generation length (a one-line `UserError`)."""
-    if block_length is not None and max_new_tokens % block_length:
+    # A block_length that is no positive integer is `check_settings`' to refuse, with its own message.
+    valid = isinstance(block_length, int) and not isinstance(block_length, bool) and block_length >= 1
+    if valid and max_new_tokens % block_length:
         raise UserError(f"block_length={block_length} does not divide the {max_new_tokens} tokens asked for; pick "
                         "a divisor (or leave block_length out)")
 
