@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import kernels
+
 if TYPE_CHECKING:
     from .quantize import QuantizedWeight
 
@@ -158,6 +160,7 @@ class Linear(nn.Linear):
     _packed_batch: int = 1
     _released: bool = False
     _quantized: QuantizedWeight | None = None
+    _bf16_kernel: bool = False  # bf16 weights oneDNN cannot pack here: decoded with kernels.bf16_linear
 
     @property
     def quantized(self) -> QuantizedWeight | None:
@@ -216,7 +219,12 @@ class Linear(nn.Linear):
         storage where nothing else holds the weight (`release`). Returns whether the layer is packed (False
         off the CPU or in a dtype this CPU's oneDNN does not pack)."""
         device, dtype = self._raw_weight().device, self._raw_weight().dtype
-        if device.type != "cpu" or not packing_supported(dtype) or self._quantized is not None:
+        if device.type != "cpu" or self._quantized is not None:
+            return False
+        if not packing_supported(dtype):
+            # An AVX2 CPU's oneDNN does not pack bf16; its plain bf16 product is slower than our own kernel.
+            self._bf16_kernel = (dtype == torch.bfloat16 and self.in_features % kernels.ROW_MULTIPLE == 0
+                                 and kernels.available())
             return False
         current = self._packed is not None and (self._released or self._packed_for == self._weight_key())
         if not current or self._hint(self._packed_batch) != self._hint(batch_size):
@@ -317,6 +325,13 @@ class Linear(nn.Linear):
                 return packed_linear(x, packed, self.bias)
             if self._released or self._packed_for == self._weight_key():
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        if self._bf16_kernel and not torch.is_grad_enabled() and x.dtype == torch.bfloat16 and (
+                x.numel() <= kernels.MAX_ROWS * self.in_features):
+            weight = self._raw_weight()
+            if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous():
+                bias = None if self.bias is None else self.bias.float()
+                y = kernels.bf16_linear(x.reshape(-1, self.in_features), weight, bias)
+                return y.to(torch.bfloat16).view(*x.shape[:-1], self.out_features)
         if self._released:
             self._restore_plain()  # gradients, training: the plain weight (a graph break under torch.compile)
         return super().forward(x)
@@ -384,7 +399,11 @@ def pack_model(model: nn.Module, batch_size: int = 1, release: bool = True) -> n
     """`Transformer.pack`: pack every `Linear` of `model` where that pays and, with `release`, keep the packed
     copy as the only one wherever that is safe (`Linear.release`)."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    if not linears or model.device.type != "cpu" or not packing_supported(model.dtype):
+    if not linears or model.device.type != "cpu":
+        return model
+    if not packing_supported(model.dtype):
+        for module in linears:  # nothing to pack; bf16 layers are marked for kernels.bf16_linear where it runs
+            module.pack(batch_size)
         return model
     weight_bytes = sum(m.weight_bytes for m in linears)
     if model.dtype == torch.float32 and weight_bytes < SMALL_MODEL_BYTES:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from . import kernels
 from .packing import Linear
 
 QUANTIZATIONS = {"int8": 8, "int4": 4}
@@ -83,8 +84,12 @@ class QuantizedWeight:
         self.dtype = scales.dtype
         self._int4_packed: torch.Tensor | None = None
         self._int4_scale_zeros: torch.Tensor | None = None
-        self._kernel = kernel_available(bits)  # read here, not in `linear`: torch.compile cannot trace the probe
-        if bits == 4 and self._kernel:
+        # Read here, not in `linear`: torch.compile cannot trace the probes.
+        self._own = kernels.available() and in_features % kernels.ROW_MULTIPLE == 0 and qweight.device.type == "cpu"
+        self._kernel = kernel_available(bits)
+        if self._own:
+            self._prepare_own_kernel()
+        elif bits == 4 and self._kernel:
             self._prepare_int4_kernel()
 
     @classmethod
@@ -144,6 +149,14 @@ class QuantizedWeight:
         """Bytes of the stored form."""
         return sum(t.numel() * t.element_size() for t in self.state().values())
 
+    def _prepare_own_kernel(self) -> None:
+        self._scale_f32 = self.scales.float().contiguous()
+        if self.bits == 8:
+            self.qweight = self.qweight.contiguous()
+            return
+        self._int4_blocks = kernels.int4_blocks(self.codes())
+        self._offset_f32 = (self.zeros.float() - 8 * self.scales.float()).contiguous()  # w = q * scale + offset
+
     def _prepare_int4_kernel(self) -> None:
         rows = -self.out_features % _INT4_ROWS
         codes = F.pad(self.codes(), (0, 0, 0, rows))
@@ -172,6 +185,13 @@ class QuantizedWeight:
 
     def linear_2d(self, flat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`linear` of rows `flat` [N, in] -> [N, out]."""
+        if self._own and flat.shape[0] <= kernels.MAX_ROWS:
+            bias32 = None if bias is None else bias.float()
+            if self.bits == 8:
+                y = kernels.int8_linear(flat, self.qweight, self._scale_f32, bias32)
+            else:
+                y = kernels.int4_linear(flat, self._int4_blocks, self._scale_f32, self._offset_f32, bias32)
+            return y.to(self.dtype)
         if self.bits == 8 and self._kernel:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)
         elif self.bits == 4 and self._int4_packed is not None:
