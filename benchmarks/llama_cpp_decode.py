@@ -67,8 +67,9 @@ import runpy, sys
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[1] + "/gguf-py")
 import convert_hf_to_gguf as convert
+from conversion.base import TextModel
 # A locally trained BPE tokenizer has no entry in the converter's table of known pre-tokenizers: GPT-2's it is.
-convert.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
 sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
 convert.main()
 """
@@ -91,12 +92,19 @@ def make_folder(folder: Path, vocab: int) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def run(cmd: list[str]) -> str:
+    """A subprocess's stdout; its stderr's tail as the error if it fails."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(cmd[:2])} ... failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
 def make_ggufs(folder: Path, python: str, src: Path) -> dict[str, str]:
     out = {}
     for kind in ("f32", "f16"):
         path = folder / f"gpt2-{kind}.gguf"
-        subprocess.run([python, "-c", CONVERT, str(src), str(folder), "--outtype", kind, "--outfile", str(path)],
-                       check=True, capture_output=True, text=True)
+        run([python, "-c", CONVERT, str(src), str(folder), "--outtype", kind, "--outfile", str(path)])
         out[kind] = str(path)
     quantize = r"""
 import sys, llama_cpp
@@ -106,8 +114,7 @@ assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode()
 """
     for kind, ftype in (("q8_0", 7), ("q4_0", 2)):  # LLAMA_FTYPE_MOSTLY_Q8_0, LLAMA_FTYPE_MOSTLY_Q4_0
         path = folder / f"gpt2-{kind}.gguf"
-        subprocess.run([python, "-c", quantize, out["f16"], str(path), str(ftype)], check=True,
-                       capture_output=True, text=True)
+        run([python, "-c", quantize, out["f16"], str(path), str(ftype)])
         out[kind] = str(path)
     return out
 
@@ -115,20 +122,21 @@ assert llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode()
 def llama_round(python: str, models: dict[str, str], prompt: list[int], new: int, threads: int,
                 runs: int) -> dict[str, dict]:
     spec = json.dumps({"models": models, "prompt": prompt, "new": new, "threads": threads, "runs": runs})
-    done = subprocess.run([python, "-c", LLAMA_SIDE, spec], check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(run([python, "-c", LLAMA_SIDE, spec]).strip().splitlines()[-1])
 
 
-def ours_round(models: dict[str, decoderlab.Transformer], prompt: list[int], new: int,
-               runs: int) -> dict[str, dict]:
+def ours_round(models: dict[str, decoderlab.Transformer], prompt: list[int], new: int, runs: int,
+               compile: bool) -> dict[str, dict]:
     out = {}
     for name, model in models.items():
-        times, tokens = [], None
-        for _ in range(runs + 1):
-            t0 = time.perf_counter()
-            tokens = decoderlab.generate(model, [prompt], new, temperature=0.0, stop_tokens=[]).tokens[0]
-            times.append(time.perf_counter() - t0)
-        out[name] = {"times": times[1:], "tokens": tokens}
+        for compiled in (False, True) if compile else (False,):
+            times, tokens = [], None
+            for _ in range(runs + 1):
+                t0 = time.perf_counter()
+                tokens = decoderlab.generate(model, [prompt], new, temperature=0.0, stop_tokens=[],
+                                             compile=compiled).tokens[0]
+                times.append(time.perf_counter() - t0)
+            out[name + (" compiled" if compiled else "")] = {"times": times[1:], "tokens": tokens}
     return out
 
 
@@ -142,6 +150,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--vocab", type=int, default=8192, help="tokenizer size (the model keeps GPT-2's 50257 rows)")
     ap.add_argument("--group-size", type=int, default=32, help="our int4 group size (Q4_0's is 32)")
+    ap.add_argument("--compile", action="store_true", help="also time ours with generate(..., compile=True)")
     ap.add_argument("--only", nargs="+", choices=[p[0] for p in PAIRS], default=[p[0] for p in PAIRS])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,7 +170,7 @@ def main() -> None:
         times: dict[str, list[float]] = {}
         tokens: dict[str, list[int]] = {}
         for _ in range(args.repeats):
-            for side in (ours_round(ours, prompt, args.new, 1),
+            for side in (ours_round(ours, prompt, args.new, 1, args.compile),
                          llama_round(args.llama_python, ggufs, prompt, args.new, args.threads, 1)):
                 for name, got in side.items():
                     times.setdefault(name, []).extend(got["times"])
@@ -175,6 +184,9 @@ def main() -> None:
               f"ratio {rate[ours_name] / rate[theirs]:.2f}x | runs ours "
               f"{', '.join(f'{args.new / t:.0f}' for t in times[ours_name])} theirs "
               f"{', '.join(f'{args.new / t:.0f}' for t in times[theirs])} | same greedy tokens {agree}/{args.new}")
+        if ours_name + " compiled" in rate:
+            fast = rate[ours_name + " compiled"]
+            print(f"   compiled {ours_name:5s} {fast:7.1f} | ratio {fast / rate[theirs]:.2f}x")
 
 
 if __name__ == "__main__":

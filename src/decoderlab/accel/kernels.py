@@ -2,8 +2,10 @@
 
 torch 2.13's CPU weight-only ops (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) read about 1.3 GB/s of
 weights at batch 1 on an AVX2 CPU, slower than the fp32 product they should beat. `gemv.c` reads each weight row
-once, widens it to fp32 in registers and multiplies it into up to four rows of x at a time, with OpenMP threads
-over the rows (torch's own OpenMP runtime, so the two share one thread pool).
+once and multiplies it into up to four rows of x at a time, with OpenMP threads over the rows (torch's own OpenMP
+runtime, so the two share one thread pool). bf16 and int8 weights are widened to fp32 (the dequantized weight's
+product); for int4 weights each row of x is rounded to int8 in blocks of 32 (`quantize_activations`, as llama.cpp
+does for Q4_0) and the block sums are integer dot products, fast enough to keep up with memory.
 
 The C source ships with the package and is compiled on first use with the machine's C compiler (`$CC`, else
 `cc`; `-O3 -march=native -fopenmp`) into `$DECODERLAB_CACHE/kernels` (default ~/.cache/decoderlab), keyed by
@@ -30,7 +32,7 @@ import torch
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ROW_MULTIPLE = 32  # every kernel walks the inputs 32 at a time
-MAX_ROWS = 16  # beyond this many rows of x a dequantized matrix product is faster (measured on AVX2)
+MAX_ROWS = 64  # bf16 rows of x up to which our kernel beats casting the weight to fp32 (AVX2, measured)
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -168,6 +170,15 @@ def int4_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: t
 def bf16_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] @ w.T + bias, w [N, K] bfloat16, in fp32 -> [M, N] fp32."""
     return bf16_linear_op(x, w, bias) if torch.compiler.is_compiling() else _bf16_linear(x, w, bias)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the int4 kernel sees it: each block of 32 inputs rounded to a multiple of max|x| / 127 (the
+    reference the kernels are tested against; the kernels do this in C)."""
+    blocks = x.float().reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).reshape(x.shape)
 
 
 def int4_blocks(codes: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
@@ -325,12 +326,15 @@ class Linear(nn.Linear):
                 return packed_linear(x, packed, self.bias)
             if self._released or self._packed_for == self._weight_key():
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-        if self._bf16_kernel and not torch.is_grad_enabled() and x.dtype == torch.bfloat16 and (
-                x.numel() <= kernels.MAX_ROWS * self.in_features):
+        if self._bf16_kernel and not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
             weight = self._raw_weight()
             if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous():
                 bias = None if self.bias is None else self.bias.float()
-                y = kernels.bf16_linear(x.reshape(-1, self.in_features), weight, bias)
+                flat = x.reshape(-1, self.in_features)
+                if flat.shape[0] <= kernels.MAX_ROWS:
+                    y = kernels.bf16_linear(flat, weight, bias)
+                else:  # a long prompt: this CPU's fp32 product beats its bf16 one by far, even with the cast
+                    y = F.linear(flat.float(), weight.float(), bias)
                 return y.to(torch.bfloat16).view(*x.shape[:-1], self.out_features)
         if self._released:
             self._restore_plain()  # gradients, training: the plain weight (a graph break under torch.compile)
