@@ -143,3 +143,28 @@ def test_quantized_gpt2_shape_close_to_its_dequantized_twin(bits):
         ref, got, dequantized = model(ids), q(ids), plain(ids)
     assert _rel(got, dequantized) < (1e-4 if bits == "int8" else 0.03)
     assert _rel(got, ref) < _rel(dequantized, ref) + 0.01
+
+
+def test_nan_and_inf_activations_propagate():
+    # A NaN must not be rounded away (the engine refuses NaN logits: it has to see them).
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 64)
+        x[0, 5] = bad
+        q8, q4 = QuantizedWeight.from_float(w, 8), QuantizedWeight.from_float(w, 4, 32)
+        for y in (q8.linear(x, None), q4.linear(x, None), kernels.bf16_linear(x, w.to(torch.bfloat16), None)):
+            assert not torch.isfinite(y[0]).any() and torch.isfinite(y[1]).all()
+
+
+def test_bf16_layer_long_prompt_and_bias():
+    # Past kernels.MAX_ROWS rows a bf16 layer casts its weight to fp32 for the product; both paths agree.
+    torch.manual_seed(0)
+    layer = decoderlab.accel.Linear(64, 96, bias=True).to(torch.bfloat16)
+    layer.pack()
+    assert layer._bf16_kernel or decoderlab.accel.packing_supported(torch.bfloat16)
+    x = torch.randn(1, kernels.MAX_ROWS + 30, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = x.float() @ layer.weight.float().t() + layer.bias.float()
+        long, short = layer(x), layer(x[:, :5])
+    assert long.dtype == torch.bfloat16 and _rel(long, want) < 1e-2 and _rel(short, want[:, :5]) < 1e-2
