@@ -15,6 +15,9 @@ speculative output. The `*_generate` functions run such a stream and add accepta
 from __future__ import annotations
 
 import heapq
+import statistics
+import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
@@ -41,6 +44,8 @@ from .sampling import SamplingParams, penalized, probabilities, token_logprobs
 # Prior acceptance probability of a draft by the rank of its token among the recycled successors; only the
 # ratios matter, to decide which (parent, rank) nodes the static tree template spends its budget on.
 RANK_PRIOR = (0.50, 0.16, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015)
+# Verification cost models measured per model: {model: {(dtype, kv dtype, threads, nodes): seconds by node count}}.
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -146,28 +151,89 @@ def _bfs(chosen: list[tuple[int, int, int, float]]) -> list[int]:
     return order
 
 
+@dataclass
+class RecyclingStats:
+    """What the adaptive choice predicted and saw over a recycler's passes (reset with `RecyclingStats()`):
+    passes by node count, expected vs emitted tokens, predicted vs measured seconds of the verification passes."""
+
+    passes: dict[int, int] = None
+    expected_tokens: float = 0.0
+    emitted_tokens: int = 0
+    predicted_seconds: float = 0.0
+    measured_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.passes = {} if self.passes is None else self.passes
+
+
+def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: int,
+                   kv_dtype: torch.dtype | None) -> list[float]:
+    ctx = model.config.context_length
+    prefix = max(1, min(64, ctx - full - 1))
+    device = model.device
+    cache = model.new_cache(1, prefix + full, dtype=kv_dtype)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, prefix + full), generator=generator).to(device)
+    grid = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n < full} | {full})
+    measured = {}
+    with torch.inference_mode():
+        model(ids[:, :prefix], cache=cache)
+        for n in grid:
+            times = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                if n == 1:
+                    model(ids[:, prefix:prefix + 1], cache=cache)
+                else:
+                    mask = torch.cat([ancestors.new_ones(1, 1, n, prefix), ancestors[:, :, :n, :n]], dim=-1)
+                    model(ids[:, prefix:prefix + n], positions=prefix + depth[:n], mask=mask, cache=cache)
+                times.append(time.perf_counter() - t0)
+                cache.truncate(prefix)
+            measured[n] = statistics.median(times[1:])
+    costs = [0.0]
+    for n in range(1, full + 1):
+        low = max(g for g in grid if g <= n)
+        high = min(g for g in grid if g >= n)
+        t = measured[low] if high == low else measured[low] + (measured[high] - measured[low]) * (n - low) / (
+            high - low)
+        costs.append(max(t, costs[-1]))  # a wider pass never costs less (noise aside)
+    return costs
+
+
 class TokenRecycler:
     """Token Recycling (training-free speculative decoding), greedy, batch size 1.
 
     An adjacency matrix [vocab, k] holds, for every token, the top-k next tokens of the last forward pass
-    that computed logits after it; every pass overwrites the rows of all the tokens it saw. Each step grows a
-    draft tree from the last accepted token through the matrix (the static `tree_template`), verifies the
-    whole tree in one forward pass with tree attention, accepts the longest path greedy decoding agrees with
-    plus one bonus token, and compacts the KV cache to that path. The matrix persists across `generate`
-    calls, so reuse one recycler for a model. Output is token-for-token that of `generate(..., temperature=0)`
-    (up to floating-point ties between the two best logits, as with any change of batch shape).
+    that computed logits after it (and their probabilities); every pass overwrites the rows of all the tokens it
+    saw, the prompt's pass included, so a request's own prompt seeds it. Each step grows a draft tree from the
+    last accepted token through the matrix (the static `tree_template`, best-first under a rank prior), verifies
+    the tree in one forward pass with tree attention, accepts the longest path greedy decoding agrees with plus
+    one bonus token, and compacts the KV cache to that path. The matrix persists across `generate` calls, so
+    reuse one recycler for a model. Output is token-for-token that of `generate(..., temperature=0)` (up to
+    floating-point ties between the two best logits, as with any change of batch shape).
+
+    adaptive (default): each step verifies only the first n nodes of the template (1 <= n <= n_nodes) for the n
+    that maximises expected tokens per second: the expected accepted length is 1 + the sum of the nodes' path
+    probabilities (the recycled probabilities along the path, calibrated per depth against what was accepted),
+    the cost of a pass with n nodes comes from `verification_costs` (measured once per model, dtype and thread
+    count; about a second for a 124M model). n = 1 is a plain decoding step, so where drafts are rarely accepted
+    (a cold matrix, an unpredictable text, a model whose wide passes cost nearly n times a narrow one) decoding
+    falls back to plain steps by itself. `adaptive=False` verifies every step's full tree (and is what
+    `compile=True` does: its graph has one tree size).
     """
 
-    def __init__(self, model: Transformer, n_nodes: int = 8, k: int = 8) -> None:
+    def __init__(self, model: Transformer, n_nodes: int = 16, k: int = 8, adaptive: bool = True) -> None:
         if model.config.sliding_window is not None:
             # The model applies its window to cache slots, which are not positions for tree nodes.
             raise UserError("Token Recycling does not support sliding-window models; use decoderlab.generate")
         V, device = model.config.vocab_size, model.device
         k = min(k, V)  # a tiny vocabulary has fewer than k candidates per token
-        self.model, self.k = model, k
+        self.model, self.k, self.adaptive = model, k, bool(adaptive)
         self.template = tree_template(n_nodes, k)
-        # Before anything is seen, rank r of every token points at token r: distinct siblings, harmless drafts.
+        # Before anything is seen, rank r of every token points at token r with probability 0: harmless drafts
+        # that the adaptive choice does not spend a pass on.
         self.matrix = torch.arange(k, device=device).clamp(max=V - 1).repeat(V, 1)
+        self.probs = torch.zeros(V, k, device=device)
         # Node 0 of a step's tree is the last accepted token; template node i becomes node i + 1.
         parents = [-1] + [p + 1 for p, _ in self.template]
         self.parents = torch.tensor(parents, device=device)
@@ -186,21 +252,72 @@ class TokenRecycler:
         # context columns, instead of materialising `causal() & tree(parents, start)` anew.
         n = len(parents)
         self.ancestors = masks.tree(self.parents, 0).materialize(n, n, batch_size=1, device=device)
+        self.depth_list = depth
+        # Per-depth calibration of the path probabilities: running means of accepted (>= d tokens) and predicted.
+        self._seen = [0.0] * (max(depth) + 1)
+        self._predicted = [0.0] * (max(depth) + 1)
+        self.costs: list[float] | None = None  # seconds of a pass with n nodes at index n (`verification_costs`)
+        self.stats = RecyclingStats()
 
     def update(self, tokens: Tensor, logits: Tensor) -> None:
-        """Overwrite the rows of `tokens` [N] with the top-k of their next-token `logits` [N, V]."""
-        self.matrix[tokens] = logits.topk(self.k, dim=-1).indices
+        """Overwrite the rows of `tokens` [N] with the top-k of their next-token `logits` [N, V] and the
+        probabilities of those top-k."""
+        top = logits.float().softmax(-1).topk(self.k, dim=-1)
+        self.matrix[tokens] = top.indices
+        self.probs[tokens] = top.values
 
-    def draft(self, root: int, n: int) -> Tensor:
-        """The first `n` tree nodes' tokens [n], grown from `root` through the matrix level by level."""
+    def draft(self, root: int, n: int, with_probs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The first `n` tree nodes' tokens [n], grown from `root` through the matrix level by level; with
+        `with_probs`, also each node's path probability [n] (the product of the recycled probabilities from the
+        root down to it; 1 for the root)."""
         tokens = torch.empty(n, dtype=torch.long, device=self.matrix.device)
         tokens[0] = root
+        path = torch.ones(n, device=self.matrix.device) if with_probs else None
         for start, end in self.levels:
             if start >= n:
                 break
             end = min(end, n)
-            tokens[start:end] = self.matrix[tokens[self.parents[start:end]], self.ranks[start:end]]
-        return tokens
+            parents, ranks = tokens[self.parents[start:end]], self.ranks[start:end]
+            tokens[start:end] = self.matrix[parents, ranks]
+            if path is not None:
+                path[start:end] = path[self.parents[start:end]] * self.probs[parents, ranks]
+        return (tokens, path) if with_probs else tokens
+
+    def verification_costs(self, kv_dtype: torch.dtype | None = None) -> list[float]:
+        """Seconds of a verification pass with n = 1 .. n_nodes + 1 tree nodes (index n; index 0 unused), after a
+        64-token context: measured on this model (median of 3 after a warm-up, at node counts 1, 2, 4, 8, ... and
+        the full tree, linear in between) and kept for the model, dtype, cache dtype and thread count."""
+        model, full = self.model, len(self.parents)
+        key = (model.dtype, kv_dtype, torch.get_num_threads(), full)
+        known = _COSTS.setdefault(model, {})
+        if key not in known:
+            known[key] = _measure_costs(model, self.ancestors, self.depth, full, kv_dtype)
+        self.costs = known[key]
+        return self.costs
+
+    def choose(self, path: list[float], n_max: int) -> tuple[int, float, float]:
+        """(n, expected tokens, predicted seconds) for the pass over the first n of `n_max` nodes that maximises
+        expected tokens per second; `path` holds the nodes' path probabilities."""
+        costs = self.costs
+        alpha = [min(1.0, (s + 0.02) / (p + 0.02)) if p > 0 else 1.0
+                 for s, p in zip(self._seen, self._predicted, strict=True)]
+        best, expected, best_expected = 1, 1.0, 1.0
+        best_rate = 1.0 / costs[1]
+        for n in range(2, n_max + 1):
+            expected += min(1.0, alpha[self.depth_list[n - 1]] * path[n - 1])
+            rate = expected / costs[n]
+            if rate > best_rate:
+                best, best_rate, best_expected = n, rate, expected
+        return best, best_expected, costs[best]
+
+    def observe(self, path: list[float], n: int, accepted: int) -> None:
+        """Calibrate the path probabilities per depth with a pass over n nodes that accepted `accepted` drafts."""
+        predicted = [0.0] * len(self._seen)
+        for i in range(1, n):
+            predicted[self.depth_list[i]] += path[i]
+        for d in range(1, self.depth_list[n - 1] + 1):
+            self._seen[d] = 0.9 * self._seen[d] + 0.1 * (accepted >= d)
+            self._predicted[d] = 0.9 * self._predicted[d] + 0.1 * predicted[d]
 
     def decoder(self, request: DecodeRequest) -> RecyclingDecoder:
         """The `Decoder` factory for `stream(..., decoder=recycler.decoder)`: greedy, no penalties, batch 1;
@@ -247,6 +364,8 @@ class RecyclingDecoder:
         model, device, ctx = r.model, r.model.device, r.model.config.context_length
         if self.cache is None:
             prompt = request.prompts[0]
+            if r.adaptive and not request.compile:
+                r.verification_costs(request.kv_dtype)  # measured once per model, dtype and thread count
             slots, self.limit = _cache(model, request, len(r.parents))
             if request.compile:
                 slots = cache_slots(slots, ctx)
@@ -263,13 +382,29 @@ class RecyclingDecoder:
             start = cache.length  # the pending token's slot and position
             depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.upto) - 1)
             n = r.upto[depth]
-            tokens = r.draft(self.pending, n)
+            probs_list = None
+            if r.adaptive and self.verify is None:
+                tokens, probs = r.draft(self.pending, n, with_probs=True)
+                probs_list = probs.tolist()
+                n, expected, predicted = r.choose(probs_list, n)
+                tokens = tokens[:n]
+                stats = r.stats
+                stats.passes[n] = stats.passes.get(n, 0) + 1
+                stats.expected_tokens += expected
+                stats.predicted_seconds += predicted
+                t0 = time.perf_counter()
+            else:
+                tokens = r.draft(self.pending, n)
             self._reserve(start + n)
             if self.verify is not None and n == self.verify.n:
                 logits = self.verify(tokens[None], (start + r.depth)[None])[0]
+            elif n == 1:  # a plain decoding step
+                logits = model(tokens[None], cache=cache)[0]
             else:
                 mask = torch.cat([r.ancestors.new_ones(1, 1, n, start), r.ancestors[:, :, :n, :n]], dim=-1)
                 logits = model(tokens[None], positions=start + r.depth[:n], mask=mask, cache=cache)[0]
+            if probs_list is not None:
+                r.stats.measured_seconds += time.perf_counter() - t0
             self.forward_passes += 1
             r.update(tokens, logits)
             greedy, drafted = logits.argmax(-1).tolist(), tokens.tolist()
@@ -282,6 +417,9 @@ class RecyclingDecoder:
                 node = nxt
             cache.keep(start, torch.tensor(path, device=device) + start)
             rows, emitted = logits[path], [greedy[i] for i in path]
+            if probs_list is not None:
+                r.observe(probs_list, n, len(path) - 1)
+                r.stats.emitted_tokens += len(emitted)
         self.emitted += len(emitted)
         self.pending = emitted[-1]
         logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
