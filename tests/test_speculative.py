@@ -563,3 +563,103 @@ def test_greedy_only_decoders_refuse_sampling_and_take_no_defaults(rope_pair, mo
     for decoder in (draft_decoder(draft), mtp_decoder()):
         with pytest.raises(UserError, match="compile=True is not supported"):
             stream(target, [PROMPT], 5, temperature=0, compile=True, decoder=decoder)
+
+
+# ---- adaptive drafting -------------------------------------------------------------------------------------------
+
+
+def _with_costs(monkeypatch, costs) -> list:
+    """Replace the measured verification costs by `costs(n)`; returns the list of measurements asked for."""
+    asked = []
+
+    def measure(model, ancestors, depth, full, kv_dtype):
+        asked.append(full)
+        return [0.0] + [costs(n) for n in range(1, full + 1)]
+
+    monkeypatch.setattr(spec, "_measure_costs", measure)
+    monkeypatch.setattr(spec, "_COSTS", spec.weakref.WeakKeyDictionary())
+    return asked
+
+
+def test_adaptive_falls_back_to_plain_steps_when_wide_passes_cost_their_width(models, monkeypatch):
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: float(n))  # a pass over n nodes costs n one-token steps: never worth it
+    recycler = TokenRecycler(target, n_nodes=15)
+    for prompt in PROMPTS:
+        got = recycler.generate([prompt], 20, stop_tokens=[])
+        assert got.tokens[0] == _plain(target, prompt, 20)
+        assert got.forward_passes[0] == len(got.tokens[0])  # one token a pass: plain decoding
+    assert set(recycler.stats.passes) <= {0, 1}  # plain steps, most without even drafting (the bound)
+
+
+def test_adaptive_grows_trees_when_passes_are_cheap_and_drafts_land(models, monkeypatch):
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: 1.0 + 1e-3 * n)  # a wide pass costs about a narrow one
+    recycler = TokenRecycler(target, n_nodes=15)
+    prompt = [3, 1, 4, 1, 5]
+    recycler.generate([prompt], 30, stop_tokens=[])  # the matrix learns this continuation
+    again = recycler.generate([prompt], 30, stop_tokens=[])
+    assert again.tokens[0] == _plain(target, prompt, 30)
+    assert again.tokens_per_pass[0] > 1.5 and max(recycler.stats.passes) > 4
+    assert recycler.stats.emitted_tokens > 0 and recycler.stats.expected_tokens > 0
+
+
+def test_adaptive_with_a_cold_matrix_takes_plain_steps(models, monkeypatch):
+    # Nothing recycled yet (probabilities 0): no pass is spent on the placeholder drafts.
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: 1.0 + 0.1 * n)
+    recycler = TokenRecycler(target, n_nodes=8)
+    tokens, probs = recycler.draft(3, 9, with_probs=True)
+    assert probs[0] == 1 and (probs[1:] == 0).all()
+    recycler.verification_costs()
+    assert recycler.choose(probs.tolist(), 9)[0] == 1 and recycler.plain_is_best(3)
+
+
+def test_choose_maximises_expected_tokens_per_second(models, monkeypatch):
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: 1.0 + 0.25 * (n - 1))
+    recycler = TokenRecycler(target, n_nodes=8)
+    recycler.verification_costs()
+    n_max = len(recycler.parents)
+    path = [1.0] + [0.9 ** recycler.depth_list[i] for i in range(1, n_max)]
+    n, expected, seconds = recycler.choose(path, n_max)
+    rates = [(1 + sum(path[1:m])) / recycler.costs[m] for m in range(1, n_max + 1)]
+    assert n == 1 + max(range(n_max), key=lambda i: rates[i])
+    assert expected == pytest.approx(1 + sum(path[1:n])) and seconds == recycler.costs[n]
+
+
+def test_observe_calibrates_overconfident_paths_down(models, monkeypatch):
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: 1.0)
+    recycler = TokenRecycler(target, n_nodes=8)
+    recycler.verification_costs()
+    n = len(recycler.parents)
+    path = [1.0] + [0.9] * (n - 1)  # confident drafts ...
+    before = recycler.choose(path, n)[1]
+    for _ in range(30):
+        recycler.observe(path, n, accepted=0)  # ... that never land
+    after = recycler.choose(path, n)[1]
+    assert after < before and after < 1.5
+
+
+def test_verification_costs_measured_once_per_model_and_setting(models):
+    target, _ = models
+    spec._COSTS.pop(target, None)
+    calls = []
+    original = spec._measure_costs
+    first = TokenRecycler(target, n_nodes=6)
+    try:
+        spec._measure_costs = lambda *a: calls.append(1) or original(*a)
+        costs = first.verification_costs()
+        TokenRecycler(target, n_nodes=6).verification_costs()
+    finally:
+        spec._measure_costs = original
+    assert len(calls) == 1 and len(costs) == len(first.parents) + 1
+    assert all(c > 0 for c in costs[1:]) and costs[1:] == sorted(costs[1:])
+
+
+def test_static_tree_when_not_adaptive(models):
+    target, _ = models
+    recycler = TokenRecycler(target, n_nodes=6, adaptive=False)
+    got = recycler.generate([[3, 1, 4]], 20, stop_tokens=[])
+    assert got.tokens[0] == _plain(target, [3, 1, 4], 20) and recycler.costs is None and not recycler.stats.passes

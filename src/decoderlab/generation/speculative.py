@@ -154,7 +154,8 @@ def _bfs(chosen: list[tuple[int, int, int, float]]) -> list[int]:
 @dataclass
 class RecyclingStats:
     """What the adaptive choice predicted and saw over a recycler's passes (reset with `RecyclingStats()`):
-    passes by node count, expected vs emitted tokens, predicted vs measured seconds of the verification passes."""
+    passes by node count (0: plain steps taken without drafting, `plain_is_best`), expected vs emitted tokens and
+    predicted vs measured seconds of the passes that drafted."""
 
     passes: dict[int, int] = None
     expected_tokens: float = 0.0
@@ -257,6 +258,7 @@ class TokenRecycler:
         self._seen = [0.0] * (max(depth) + 1)
         self._predicted = [0.0] * (max(depth) + 1)
         self.costs: list[float] | None = None  # seconds of a pass with n nodes at index n (`verification_costs`)
+        self._plain_bound: tuple[int, float] | None = None  # `plain_is_best`'s threshold for these costs
         self.stats = RecyclingStats()
 
     def update(self, tokens: Tensor, logits: Tensor) -> None:
@@ -292,8 +294,20 @@ class TokenRecycler:
         known = _COSTS.setdefault(model, {})
         if key not in known:
             known[key] = _measure_costs(model, self.ancestors, self.depth, full, kv_dtype)
-        self.costs = known[key]
+        if self.costs is not known[key]:
+            self.costs, self._plain_bound = known[key], None
         return self.costs
+
+    def plain_is_best(self, root: int) -> bool:
+        """Whether no tree can beat a plain step from `root`, by a bound that needs one row of the matrix: a
+        depth's path probabilities sum to at most the first depth's m, so n nodes expect at most 1 + depth(n) * m
+        tokens; plain wins when m <= min over n of (cost(n) / cost(1) - 1) / depth(n)."""
+        if self._plain_bound is None:
+            costs, width = self.costs, self.upto[1] - 1
+            self._plain_bound = (width, min((costs[n] / costs[1] - 1) / self.depth_list[n - 1]
+                                            for n in range(2, len(costs))))
+        width, bound = self._plain_bound
+        return float(self.probs[root, :width].sum()) <= bound
 
     def choose(self, path: list[float], n_max: int) -> tuple[int, float, float]:
         """(n, expected tokens, predicted seconds) for the pass over the first n of `n_max` nodes that maximises
@@ -383,6 +397,19 @@ class RecyclingDecoder:
             depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.upto) - 1)
             n = r.upto[depth]
             probs_list = None
+            if r.adaptive and self.verify is None and r.plain_is_best(self.pending):
+                # No tree can pay here: a plain step, without drafting (the matrix still learns from it).
+                tokens = torch.tensor([self.pending], device=device)
+                self._reserve(start + 1)
+                logits = model(tokens[None], cache=cache)[0]
+                self.forward_passes += 1
+                r.update(tokens, logits)
+                r.stats.passes[0] = r.stats.passes.get(0, 0) + 1
+                rows, emitted = logits, [int(logits[0].argmax())]
+                self.emitted += 1
+                self.pending = emitted[0]
+                logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
+                return Decoded([emitted], logprobs)
             if r.adaptive and self.verify is None:
                 tokens, probs = r.draft(self.pending, n, with_probs=True)
                 probs_list = probs.tolist()
