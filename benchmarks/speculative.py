@@ -94,13 +94,24 @@ def compare(name: str, model, tok, prompts: list[str], new: int, repeats: int, m
     totals: dict[str, list[float]] = {m: [0.0, 0] for m in ["plain", *methods]}
     for text in prompts:
         ids = [tok.encode(text)]
-        seconds, plain = timed(lambda ids=ids: generate(model, ids, new, stop_tokens=[], compile=compile), repeats)
+        # Repeats alternate plain and every method, so the machine's drift hits them alike.
+        runs: dict[str, list[float]] = {m: [] for m in ["plain", *methods]}
+        outputs = {}
+        for _ in range(repeats):
+            seconds, outputs["plain"] = timed(
+                lambda ids=ids: generate(model, ids, new, stop_tokens=[], compile=compile), 1)
+            runs["plain"].append(seconds)
+            for method, (run, before) in methods.items():
+                seconds, outputs[method] = timed(lambda ids=ids, run=run: run(ids), 1, before)
+                runs[method].append(seconds)
+        plain = outputs["plain"]
+        seconds = statistics.median(runs["plain"])
         n = len(plain.tokens[0])
         totals["plain"][0] += seconds
         totals["plain"][1] += n
         print(f"{text!r:24} {'plain':14} {n / seconds:8.1f} {1.0:6.2f} {1.0:8.2f} {'':>5}")
-        for method, (run, before) in methods.items():
-            s, got = timed(lambda ids=ids, run=run: run(ids), repeats, before)
+        for method in methods:
+            s, got = statistics.median(runs[method]), outputs[method]
             totals[method][0] += s
             totals[method][1] += len(got.tokens[0])
             same = got.tokens == plain.tokens

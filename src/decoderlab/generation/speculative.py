@@ -258,7 +258,10 @@ class TokenRecycler:
         self._seen = [0.0] * (max(depth) + 1)
         self._predicted = [0.0] * (max(depth) + 1)
         self.costs: list[float] | None = None  # seconds of a pass with n nodes at index n (`verification_costs`)
-        self._plain_bound: tuple[int, float] | None = None  # `plain_is_best`'s threshold for these costs
+        self._plain_bound: tuple[int, float, float] | None = None  # `plain_is_best`'s threshold for these costs
+        # Seconds a drafting step spends outside its forward pass (draft, choice, matrix update, cache compaction),
+        # a running mean: added to every tree's cost, so a tree must pay for its bookkeeping too.
+        self.overhead = 0.0
         self.stats = RecyclingStats()
 
     def update(self, tokens: Tensor, logits: Tensor) -> None:
@@ -302,16 +305,17 @@ class TokenRecycler:
         """Whether no tree can beat a plain step from `root`, by a bound that needs one row of the matrix: a
         depth's path probabilities sum to at most the first depth's m, so n nodes expect at most 1 + depth(n) * m
         tokens; plain wins when m <= min over n of (cost(n) / cost(1) - 1) / depth(n)."""
-        if self._plain_bound is None:
-            costs, width = self.costs, self.upto[1] - 1
-            self._plain_bound = (width, min((costs[n] / costs[1] - 1) / self.depth_list[n - 1]
-                                            for n in range(2, len(costs))))
-        width, bound = self._plain_bound
+        if self._plain_bound is None or self._plain_bound[2] != self.overhead:
+            costs, width, extra = self.costs, self.upto[1] - 1, self.overhead
+            self._plain_bound = (width, min(((costs[n] + extra) / costs[1] - 1) / self.depth_list[n - 1]
+                                            for n in range(2, len(costs))), extra)
+        width, bound, _ = self._plain_bound
         return float(self.probs[root, :width].sum()) <= bound
 
     def choose(self, path: list[float], n_max: int) -> tuple[int, float, float]:
         """(n, expected tokens, predicted seconds) for the pass over the first n of `n_max` nodes that maximises
-        expected tokens per second; `path` holds the nodes' path probabilities."""
+        expected tokens per second; `path` holds the nodes' path probabilities. A tree's cost is its measured
+        pass plus the running `overhead` of a drafting step."""
         costs = self.costs
         alpha = [min(1.0, (s + 0.02) / (p + 0.02)) if p > 0 else 1.0
                  for s, p in zip(self._seen, self._predicted, strict=True)]
@@ -319,10 +323,10 @@ class TokenRecycler:
         best_rate = 1.0 / costs[1]
         for n in range(2, n_max + 1):
             expected += min(1.0, alpha[self.depth_list[n - 1]] * path[n - 1])
-            rate = expected / costs[n]
+            rate = expected / (costs[n] + self.overhead)
             if rate > best_rate:
                 best, best_rate, best_expected = n, rate, expected
-        return best, best_expected, costs[best]
+        return best, best_expected, costs[best] + (self.overhead if best > 1 else 0.0)
 
     def observe(self, path: list[float], n: int, accepted: int) -> None:
         """Calibrate the path probabilities per depth with a pass over n nodes that accepted `accepted` drafts."""
@@ -411,6 +415,7 @@ class RecyclingDecoder:
                 logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
                 return Decoded([emitted], logprobs)
             if r.adaptive and self.verify is None:
+                step_start = time.perf_counter()
                 tokens, probs = r.draft(self.pending, n, with_probs=True)
                 probs_list = probs.tolist()
                 n, expected, predicted = r.choose(probs_list, n)
@@ -431,7 +436,8 @@ class RecyclingDecoder:
                 mask = torch.cat([r.ancestors.new_ones(1, 1, n, start), r.ancestors[:, :, :n, :n]], dim=-1)
                 logits = model(tokens[None], positions=start + r.depth[:n], mask=mask, cache=cache)[0]
             if probs_list is not None:
-                r.stats.measured_seconds += time.perf_counter() - t0
+                forward = time.perf_counter() - t0
+                r.stats.measured_seconds += forward
             self.forward_passes += 1
             r.update(tokens, logits)
             greedy, drafted = logits.argmax(-1).tolist(), tokens.tolist()
@@ -447,6 +453,8 @@ class RecyclingDecoder:
             if probs_list is not None:
                 r.observe(probs_list, n, len(path) - 1)
                 r.stats.emitted_tokens += len(emitted)
+                if n > 1:
+                    r.overhead = 0.9 * r.overhead + 0.1 * (time.perf_counter() - step_start - forward)
         self.emitted += len(emitted)
         self.pending = emitted[-1]
         logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
