@@ -135,7 +135,7 @@ def distribution(results: dict[str, list[tuple[float, float, bool]]], recyclers:
               f"tokens/pass median {statistics.median(passes):.2f}  identical {sum(same for *_, same in rows)}/"
               f"{len(rows)}")
     for method, items in recyclers.items():
-        seen = [r.stats for r in items if r.adaptive and r.stats.passes]
+        seen = [r.stats for r in items if r.adaptive and r.stats.passes]  # passes[0]: plain steps, no draft
         if not seen:
             continue
         predicted = sum(st.predicted_seconds for st in seen)
@@ -147,8 +147,9 @@ def distribution(results: dict[str, list[tuple[float, float, bool]]], recyclers:
             for n, c in st.passes.items():
                 sizes[n] = sizes.get(n, 0) + c
         print(f"{method:14} cost model: verification passes predicted {predicted:.2f} s, measured {measured:.2f} s "
-              f"({measured / predicted:.2f}x); tokens expected {expected:.0f}, emitted {emitted} "
-              f"({emitted / expected:.2f}x); passes by nodes {dict(sorted(sizes.items()))}")
+              f"({measured / max(predicted, 1e-9):.2f}x); tokens expected {expected:.0f}, emitted {emitted} "
+              f"({emitted / max(expected, 1e-9):.2f}x); passes by nodes (0: plain, no draft) "
+              f"{dict(sorted(sizes.items()))}")
 
 
 def main() -> None:

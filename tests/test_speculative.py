@@ -589,7 +589,7 @@ def test_adaptive_falls_back_to_plain_steps_when_wide_passes_cost_their_width(mo
         got = recycler.generate([prompt], 20, stop_tokens=[])
         assert got.tokens[0] == _plain(target, prompt, 20)
         assert got.forward_passes[0] == len(got.tokens[0])  # one token a pass: plain decoding
-    assert set(recycler.stats.passes) <= {0, 1}  # plain steps, most without even drafting (the bound)
+    assert set(recycler.stats.passes) <= {0, 1}  # plain steps, most without even drafting (`plain_is_best`)
 
 
 def test_adaptive_grows_trees_when_passes_are_cheap_and_drafts_land(models, monkeypatch):

@@ -254,14 +254,15 @@ class TokenRecycler:
         n = len(parents)
         self.ancestors = masks.tree(self.parents, 0).materialize(n, n, batch_size=1, device=device)
         self.depth_list = depth
-        # Per-depth calibration of the path probabilities: running means of accepted (>= d tokens) and predicted.
-        self._seen = [0.0] * (max(depth) + 1)
-        self._predicted = [0.0] * (max(depth) + 1)
+        # Per-depth calibration of the path probabilities: running means of accepted (>= d tokens) and predicted,
+        # from an even prior (calibration 1) that a few passes move.
+        self._seen = [0.5] * (max(depth) + 1)
+        self._predicted = [0.5] * (max(depth) + 1)
         self.costs: list[float] | None = None  # seconds of a pass with n nodes at index n (`verification_costs`)
-        self._plain_bound: tuple[int, float, float] | None = None  # `plain_is_best`'s threshold for these costs
         # Seconds a drafting step spends outside its forward pass (draft, choice, matrix update, cache compaction),
         # a running mean: added to every tree's cost, so a tree must pay for its bookkeeping too.
         self.overhead = 0.0
+        self._root_mass = 0.0  # the depth-1 drafts' recycled probability at the last `plain_is_best`
         self.stats = RecyclingStats()
 
     def update(self, tokens: Tensor, logits: Tensor) -> None:
@@ -297,28 +298,35 @@ class TokenRecycler:
         known = _COSTS.setdefault(model, {})
         if key not in known:
             known[key] = _measure_costs(model, self.ancestors, self.depth, full, kv_dtype)
-        if self.costs is not known[key]:
-            self.costs, self._plain_bound = known[key], None
+        self.costs = known[key]
         return self.costs
 
     def plain_is_best(self, root: int) -> bool:
-        """Whether no tree can beat a plain step from `root`, by a bound that needs one row of the matrix: a
-        depth's path probabilities sum to at most the first depth's m, so n nodes expect at most 1 + depth(n) * m
-        tokens; plain wins when m <= min over n of (cost(n) / cost(1) - 1) / depth(n)."""
-        if self._plain_bound is None or self._plain_bound[2] != self.overhead:
-            costs, width, extra = self.costs, self.upto[1] - 1, self.overhead
-            self._plain_bound = (width, min(((costs[n] + extra) / costs[1] - 1) / self.depth_list[n - 1]
-                                            for n in range(2, len(costs))), extra)
-        width, bound, _ = self._plain_bound
-        return float(self.probs[root, :width].sum()) <= bound
+        """Whether a plain step from `root` is expected to beat every tree, judged from one row of the matrix
+        before drafting anything: with m the (calibrated) probability that some depth-1 draft is accepted, a tree
+        reaching depth D expects about 1 + m + m^2 + ... + m^D tokens (confidence that holds along the path);
+        plain wins when that, over the cost of the smallest tree reaching depth D plus the bookkeeping
+        `overhead`, is below one token over a plain pass for every D."""
+        width = self.upto[1] - 1
+        seen, predicted = self._seen[1], self._predicted[1]
+        alpha = min(1.0, (seen + 0.02) / (predicted + 0.02))
+        self._root_mass = float(self.probs[root, :width].sum())
+        m = alpha * self._root_mass
+        costs, plain_rate = self.costs, 1.0 / self.costs[1]
+        expected, mass = 1.0, 1.0
+        for depth in range(1, len(self.upto)):
+            mass *= m
+            expected += mass
+            if expected / (costs[self.upto[depth]] + self.overhead) > plain_rate:
+                return False
+        return True
 
     def choose(self, path: list[float], n_max: int) -> tuple[int, float, float]:
         """(n, expected tokens, predicted seconds) for the pass over the first n of `n_max` nodes that maximises
         expected tokens per second; `path` holds the nodes' path probabilities. A tree's cost is its measured
         pass plus the running `overhead` of a drafting step."""
         costs = self.costs
-        alpha = [min(1.0, (s + 0.02) / (p + 0.02)) if p > 0 else 1.0
-                 for s, p in zip(self._seen, self._predicted, strict=True)]
+        alpha = [min(1.0, (s + 0.02) / (p + 0.02)) for s, p in zip(self._seen, self._predicted, strict=True)]
         best, expected, best_expected = 1, 1.0, 1.0
         best_rate = 1.0 / costs[1]
         for n in range(2, n_max + 1):
@@ -407,9 +415,13 @@ class RecyclingDecoder:
                 self._reserve(start + 1)
                 logits = model(tokens[None], cache=cache)[0]
                 self.forward_passes += 1
+                rows, emitted = logits, [int(logits[0].argmax())]
+                # The depth-1 drafts this step skipped still calibrate depth 1: would one have been accepted?
+                skipped = r.matrix[self.pending, :r.upto[1] - 1].tolist()
+                r._seen[1] = 0.9 * r._seen[1] + 0.1 * (emitted[0] in skipped)
+                r._predicted[1] = 0.9 * r._predicted[1] + 0.1 * r._root_mass
                 r.update(tokens, logits)
                 r.stats.passes[0] = r.stats.passes.get(0, 0) + 1
-                rows, emitted = logits, [int(logits[0].argmax())]
                 self.emitted += 1
                 self.pending = emitted[0]
                 logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
