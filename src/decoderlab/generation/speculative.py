@@ -44,6 +44,7 @@ from .sampling import SamplingParams, penalized, probabilities, token_logprobs
 # Prior acceptance probability of a draft by the rank of its token among the recycled successors; only the
 # ratios matter, to decide which (parent, rank) nodes the static tree template spends its budget on.
 RANK_PRIOR = (0.50, 0.16, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015)
+EXPLORE_EVERY = 16  # adaptive recycling verifies a depth-2 tree after this many plain steps in a row
 # Verification cost models measured per model: {model: {(dtype, kv dtype, threads, nodes): seconds by node count}}.
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -263,6 +264,7 @@ class TokenRecycler:
         # a running mean: added to every tree's cost, so a tree must pay for its bookkeeping too.
         self.overhead = 0.0
         self._root_mass = 0.0  # the depth-1 drafts' recycled probability at the last `plain_is_best`
+        self._plain_streak = 0  # plain steps in a row (an exploring tree every EXPLORE_EVERY)
         self.stats = RecyclingStats()
 
     def update(self, tokens: Tensor, logits: Tensor) -> None:
@@ -301,6 +303,13 @@ class TokenRecycler:
         self.costs = known[key]
         return self.costs
 
+    def calibration(self) -> list[float]:
+        """Per depth, accepted over predicted path probability (running means from an even prior): recycled
+        probabilities come from the last context a token was seen in, and are often far from the acceptance rate
+        in either direction."""
+        return [min(50.0, max(0.02, (s + 0.02) / (p + 0.02))) for s, p in zip(self._seen, self._predicted,
+                                                                                strict=True)]
+
     def plain_is_best(self, root: int) -> bool:
         """Whether a plain step from `root` is expected to beat every tree, judged from one row of the matrix
         before drafting anything: with m the (calibrated) probability that some depth-1 draft is accepted, a tree
@@ -308,15 +317,13 @@ class TokenRecycler:
         plain wins when that, over the cost of the smallest tree reaching depth D plus the bookkeeping
         `overhead`, is below one token over a plain pass for every D."""
         width = self.upto[1] - 1
-        seen, predicted = self._seen[1], self._predicted[1]
-        alpha = min(1.0, (seen + 0.02) / (predicted + 0.02))
-        self._root_mass = float(self.probs[root, :width].sum())
-        m = alpha * self._root_mass
+        alpha = self.calibration()
+        self._root_mass = m = float(self.probs[root, :width].sum())
         costs, plain_rate = self.costs, 1.0 / self.costs[1]
         expected, mass = 1.0, 1.0
         for depth in range(1, len(self.upto)):
             mass *= m
-            expected += mass
+            expected += min(1.0, alpha[depth] * mass)
             if expected / (costs[self.upto[depth]] + self.overhead) > plain_rate:
                 return False
         return True
@@ -326,11 +333,15 @@ class TokenRecycler:
         expected tokens per second; `path` holds the nodes' path probabilities. A tree's cost is its measured
         pass plus the running `overhead` of a drafting step."""
         costs = self.costs
-        alpha = [min(1.0, (s + 0.02) / (p + 0.02)) for s, p in zip(self._seen, self._predicted, strict=True)]
+        alpha = self.calibration()
         best, expected, best_expected = 1, 1.0, 1.0
         best_rate = 1.0 / costs[1]
+        mass = [0.0] * len(alpha)  # path probability per depth; at most 1 after calibration (disjoint events)
         for n in range(2, n_max + 1):
-            expected += min(1.0, alpha[self.depth_list[n - 1]] * path[n - 1])
+            d = self.depth_list[n - 1]
+            before = min(1.0, alpha[d] * mass[d])
+            mass[d] += path[n - 1]
+            expected += min(1.0, alpha[d] * mass[d]) - before
             rate = expected / (costs[n] + self.overhead)
             if rate > best_rate:
                 best, best_rate, best_expected = n, rate, expected
@@ -409,7 +420,9 @@ class RecyclingDecoder:
             depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.upto) - 1)
             n = r.upto[depth]
             probs_list = None
-            if r.adaptive and self.verify is None and r.plain_is_best(self.pending):
+            explore = r._plain_streak >= EXPLORE_EVERY  # now and then a tree anyway: calibration needs passes
+            if r.adaptive and self.verify is None and not explore and r.plain_is_best(self.pending):
+                r._plain_streak += 1
                 # No tree can pay here: a plain step, without drafting (the matrix still learns from it).
                 tokens = torch.tensor([self.pending], device=device)
                 self._reserve(start + 1)
@@ -430,7 +443,12 @@ class RecyclingDecoder:
                 step_start = time.perf_counter()
                 tokens, probs = r.draft(self.pending, n, with_probs=True)
                 probs_list = probs.tolist()
-                n, expected, predicted = r.choose(probs_list, n)
+                n_max = n
+                n, expected, predicted = r.choose(probs_list, n_max)
+                if explore and n < min(r.upto[2] if len(r.upto) > 2 else n_max, n_max):
+                    n = min(r.upto[2] if len(r.upto) > 2 else n_max, n_max)
+                    expected, predicted = 1.0, r.costs[n] + r.overhead
+                r._plain_streak = r._plain_streak + 1 if n == 1 else 0
                 tokens = tokens[:n]
                 stats = r.stats
                 stats.passes[n] = stats.passes.get(n, 0) + 1
