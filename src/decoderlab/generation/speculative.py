@@ -231,7 +231,15 @@ class TokenRecycler:
         V, device = model.config.vocab_size, model.device
         k = min(k, V)  # a tiny vocabulary has fewer than k candidates per token
         self.model, self.k, self.adaptive = model, k, bool(adaptive)
-        self.template = tree_template(n_nodes, k)
+        # The template's nodes renumbered best-first (by prior path score; parents still come first): any prefix
+        # is then the best tree of its size under the prior, which is what adaptive drafting cuts.
+        bfs = tree_template(n_nodes, k)
+        score: list[float] = []
+        for parent, rank in bfs:
+            score.append(RANK_PRIOR[rank] * (score[parent] if parent >= 0 else 1.0))
+        order = sorted(range(len(bfs)), key=lambda i: (-score[i], i))
+        renumber = {old: new for new, old in enumerate(order)}
+        self.template = [(renumber[bfs[i][0]] if bfs[i][0] >= 0 else -1, bfs[i][1]) for i in order]
         # Before anything is seen, rank r of every token points at token r with probability 0: harmless drafts
         # that the adaptive choice does not spend a pass on.
         self.matrix = torch.arange(k, device=device).clamp(max=V - 1).repeat(V, 1)
@@ -244,9 +252,14 @@ class TokenRecycler:
         for p in parents[1:]:
             depth.append(depth[p] + 1)
         self.depth = torch.tensor(depth, device=device)
-        # Nodes within depth d are a prefix of the breadth-first order: upto[d] is its length.
-        self.upto = [sum(1 for x in depth if x <= d) for d in range(max(depth) + 1)]
-        self.levels = [(self.upto[d - 1], self.upto[d]) for d in range(1, len(self.upto))]
+        # within[d]: the longest prefix of nodes no deeper than d; reach[d]: the shortest prefix reaching depth d;
+        # levels: the nodes of each depth (drafting fills a depth at a time).
+        deepest = max(depth)
+        self.within = [max(n for n in range(1, len(depth) + 1) if max(depth[:n]) <= d) for d in range(deepest + 1)]
+        self.reach = [depth.index(d) + 1 for d in range(deepest + 1)]
+        self.width = depth.count(1)  # depth-1 nodes: ranks 0 .. width - 1
+        self.levels = [torch.tensor([i for i, x in enumerate(depth) if x == d], device=device)
+                       for d in range(1, deepest + 1)]
         self.children: list[list[int]] = [[] for _ in parents]
         for i, p in enumerate(parents[1:], start=1):
             self.children[p].append(i)
@@ -278,18 +291,17 @@ class TokenRecycler:
         """The first `n` tree nodes' tokens [n], grown from `root` through the matrix level by level; with
         `with_probs`, also each node's path probability [n] (the product of the recycled probabilities from the
         root down to it; 1 for the root)."""
-        tokens = torch.empty(n, dtype=torch.long, device=self.matrix.device)
+        full = len(self.depth_list)
+        tokens = torch.empty(full, dtype=torch.long, device=self.matrix.device)
         tokens[0] = root
-        path = torch.ones(n, device=self.matrix.device) if with_probs else None
-        for start, end in self.levels:
-            if start >= n:
-                break
-            end = min(end, n)
-            parents, ranks = tokens[self.parents[start:end]], self.ranks[start:end]
-            tokens[start:end] = self.matrix[parents, ranks]
+        path = torch.ones(full, device=self.matrix.device) if with_probs else None
+        for nodes in self.levels:  # every node of the template: a depth costs the same few ops however many
+            above = self.parents[nodes]
+            parents, ranks = tokens[above], self.ranks[nodes]
+            tokens[nodes] = self.matrix[parents, ranks]
             if path is not None:
-                path[start:end] = path[self.parents[start:end]] * self.probs[parents, ranks]
-        return (tokens, path) if with_probs else tokens
+                path[nodes] = path[above] * self.probs[parents, ranks]
+        return (tokens[:n], path[:n]) if with_probs else tokens[:n]
 
     def verification_costs(self, kv_dtype: torch.dtype | None = None) -> list[float]:
         """Seconds of a verification pass with n = 1 .. n_nodes + 1 tree nodes (index n; index 0 unused), after a
@@ -316,15 +328,15 @@ class TokenRecycler:
         reaching depth D expects about 1 + m + m^2 + ... + m^D tokens (confidence that holds along the path);
         plain wins when that, over the cost of the smallest tree reaching depth D plus the bookkeeping
         `overhead`, is below one token over a plain pass for every D."""
-        width = self.upto[1] - 1
+        width = self.width
         alpha = self.calibration()
         self._root_mass = m = float(self.probs[root, :width].sum())
         costs, plain_rate = self.costs, 1.0 / self.costs[1]
         expected, mass = 1.0, 1.0
-        for depth in range(1, len(self.upto)):
+        for depth in range(1, len(self.reach)):
             mass *= m
             expected += min(1.0, alpha[depth] * mass)
-            if expected / (costs[self.upto[depth]] + self.overhead) > plain_rate:
+            if expected / (costs[self.reach[depth]] + self.overhead) > plain_rate:
                 return False
         return True
 
@@ -417,8 +429,8 @@ class RecyclingDecoder:
         else:
             cache = self.cache
             start = cache.length  # the pending token's slot and position
-            depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.upto) - 1)
-            n = r.upto[depth]
+            depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.within) - 1)
+            n = r.within[depth]
             probs_list = None
             explore = r._plain_streak >= EXPLORE_EVERY  # now and then a tree anyway: calibration needs passes
             if r.adaptive and self.verify is None and not explore and r.plain_is_best(self.pending):
@@ -430,7 +442,7 @@ class RecyclingDecoder:
                 self.forward_passes += 1
                 rows, emitted = logits, [int(logits[0].argmax())]
                 # The depth-1 drafts this step skipped still calibrate depth 1: would one have been accepted?
-                skipped = r.matrix[self.pending, :r.upto[1] - 1].tolist()
+                skipped = r.matrix[self.pending, :r.width].tolist()
                 r._seen[1] = 0.9 * r._seen[1] + 0.1 * (emitted[0] in skipped)
                 r._predicted[1] = 0.9 * r._predicted[1] + 0.1 * r._root_mass
                 r.update(tokens, logits)
@@ -445,8 +457,9 @@ class RecyclingDecoder:
                 probs_list = probs.tolist()
                 n_max = n
                 n, expected, predicted = r.choose(probs_list, n_max)
-                if explore and n < min(r.upto[2] if len(r.upto) > 2 else n_max, n_max):
-                    n = min(r.upto[2] if len(r.upto) > 2 else n_max, n_max)
+                probe = min(r.reach[2] if len(r.reach) > 2 else n_max, n_max)  # the best tree reaching depth 2
+                if explore and n < probe:
+                    n = probe
                     expected, predicted = 1.0, r.costs[n] + r.overhead
                 r._plain_streak = r._plain_streak + 1 if n == 1 else 0
                 tokens = tokens[:n]
