@@ -272,6 +272,7 @@ class TokenRecycler:
         # from an even prior (calibration 1) that a few passes move.
         self._seen = [0.5] * (max(depth) + 1)
         self._predicted = [0.5] * (max(depth) + 1)
+        self._observed = [0] * (max(depth) + 1)
         self.costs: list[float] | None = None  # seconds of a pass with n nodes at index n (`verification_costs`)
         # Seconds a drafting step spends outside its forward pass (draft, choice, matrix update, cache compaction),
         # a running mean: added to every tree's cost, so a tree must pay for its bookkeeping too.
@@ -319,8 +320,13 @@ class TokenRecycler:
         """Per depth, accepted over predicted path probability (running means from an even prior): recycled
         probabilities come from the last context a token was seen in, and are often far from the acceptance rate
         in either direction."""
-        return [min(50.0, max(0.02, (s + 0.02) / (p + 0.02))) for s, p in zip(self._seen, self._predicted,
-                                                                                strict=True)]
+        alpha = [1.0]
+        for d in range(1, len(self._seen)):
+            # A depth seen in fewer than 4 passes borrows the depth above it: deeper drafts get a chance
+            # instead of the prior's verdict, and unobserved depths are where the adaptive tree would grow.
+            own = min(50.0, max(0.02, (self._seen[d] + 0.02) / (self._predicted[d] + 0.02)))
+            alpha.append(own if self._observed[d] >= 4 or d == 1 else alpha[-1])
+        return alpha
 
     def plain_is_best(self, root: int) -> bool:
         """Whether a plain step from `root` is expected to beat every tree, judged from one row of the matrix
@@ -364,7 +370,8 @@ class TokenRecycler:
         predicted = [0.0] * len(self._seen)
         for i in range(1, n):
             predicted[self.depth_list[i]] += path[i]
-        for d in range(1, self.depth_list[n - 1] + 1):
+        for d in range(1, max(self.depth_list[:n]) + 1):
+            self._observed[d] += 1
             self._seen[d] = 0.9 * self._seen[d] + 0.1 * (accepted >= d)
             self._predicted[d] = 0.9 * self._predicted[d] + 0.1 * predicted[d]
 
