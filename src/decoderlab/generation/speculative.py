@@ -19,7 +19,7 @@ import statistics
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -158,14 +158,11 @@ class RecyclingStats:
     passes by node count (0: plain steps taken without drafting, `plain_is_best`), expected vs emitted tokens and
     predicted vs measured seconds of the passes that drafted."""
 
-    passes: dict[int, int] = None
+    passes: dict[int, int] = field(default_factory=dict)
     expected_tokens: float = 0.0
     emitted_tokens: int = 0
     predicted_seconds: float = 0.0
     measured_seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.passes = {} if self.passes is None else self.passes
 
 
 def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: int,
@@ -465,7 +462,7 @@ class RecyclingDecoder:
                 n_max = n
                 n, expected, predicted = r.choose(probs_list, n_max)
                 probe = min(r.reach[2] if len(r.reach) > 2 else n_max, n_max)  # the best tree reaching depth 2
-                if explore and n < probe:
+                if explore and n < probe:  # recorded with no expected gain: the choice did not expect any
                     n = probe
                     expected, predicted = 1.0, r.costs[n] + r.overhead
                 r._plain_streak = r._plain_streak + 1 if n == 1 else 0
