@@ -158,12 +158,12 @@ def test_nan_and_inf_activations_propagate():
 
 
 def test_bf16_layer_long_prompt_and_bias():
-    # Past kernels.MAX_ROWS rows a bf16 layer casts its weight to fp32 for the product; both paths agree.
+    # Past kernels.BF16_MAX_ROWS rows a bf16 layer casts its weight to fp32 for the product; both paths agree.
     torch.manual_seed(0)
     layer = decoderlab.accel.Linear(64, 96, bias=True).to(torch.bfloat16)
     layer.pack()
     assert layer._bf16_kernel or decoderlab.accel.packing_supported(torch.bfloat16)
-    x = torch.randn(1, kernels.MAX_ROWS + 30, 64).to(torch.bfloat16)
+    x = torch.randn(1, kernels.BF16_MAX_ROWS + 30, 64).to(torch.bfloat16)
     with torch.inference_mode():
         want = x.float() @ layer.weight.float().t() + layer.bias.float()
         long, short = layer(x), layer(x[:, :5])

@@ -32,7 +32,7 @@ import torch
 SOURCE = Path(__file__).with_name("gemv.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 ROW_MULTIPLE = 32  # every kernel walks the inputs 32 at a time
-MAX_ROWS = 64  # bf16 rows of x up to which our kernel beats casting the weight to fp32 (AVX2, measured)
+BF16_MAX_ROWS = 64  # bf16 rows of x up to which our kernel beats casting the weight to fp32 (AVX2, measured)
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {

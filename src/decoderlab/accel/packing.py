@@ -218,7 +218,8 @@ class Linear(nn.Linear):
     def pack(self, batch_size: int = 1, release: bool = False) -> bool:
         """Pack the weight for CPU products of about `batch_size` rows; with `release`, also drop the plain
         storage where nothing else holds the weight (`release`). Returns whether the layer is packed (False
-        off the CPU or in a dtype this CPU's oneDNN does not pack)."""
+        off the CPU or in a dtype this CPU's oneDNN does not pack; a bf16 layer oneDNN cannot pack is marked
+        for `kernels.bf16_linear` instead, where those kernels run)."""
         device, dtype = self._raw_weight().device, self._raw_weight().dtype
         if device.type != "cpu" or self._quantized is not None:
             return False
@@ -331,7 +332,7 @@ class Linear(nn.Linear):
             if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.is_contiguous():
                 bias = None if self.bias is None else self.bias.float()
                 flat = x.reshape(-1, self.in_features)
-                if flat.shape[0] <= kernels.MAX_ROWS:
+                if flat.shape[0] <= kernels.BF16_MAX_ROWS:
                     y = kernels.bf16_linear(flat, weight, bias)
                 else:  # a long prompt: this CPU's fp32 product beats its bf16 one by far, even with the cast
                     y = F.linear(flat.float(), weight.float(), bias)
