@@ -165,6 +165,12 @@ class RecyclingStats:
     measured_seconds: float = 0.0
 
 
+def _tree_mask(ancestors: Tensor, start: int, n: int) -> Tensor:
+    """The mask of a pass over the first n tree nodes after `start` cached tokens: every node sees the context and
+    its own ancestors (`ancestors` [1, 1, N, N], built once per recycler)."""
+    return torch.cat([ancestors.new_ones(1, 1, n, start), ancestors[:, :, :n, :n]], dim=-1)
+
+
 def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: int,
                    kv_dtype: torch.dtype | None) -> list[float]:
     ctx = model.config.context_length
@@ -184,8 +190,8 @@ def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: i
                 if n == 1:
                     model(ids[:, prefix:prefix + 1], cache=cache)
                 else:
-                    mask = torch.cat([ancestors.new_ones(1, 1, n, prefix), ancestors[:, :, :n, :n]], dim=-1)
-                    model(ids[:, prefix:prefix + n], positions=prefix + depth[:n], mask=mask, cache=cache)
+                    model(ids[:, prefix:prefix + n], positions=prefix + depth[:n],
+                          mask=_tree_mask(ancestors, prefix, n), cache=cache)
                 times.append(time.perf_counter() - t0)
                 cache.truncate(prefix)
             measured[n] = statistics.median(times[1:])
@@ -480,8 +486,8 @@ class RecyclingDecoder:
             elif n == 1:  # a plain decoding step
                 logits = model(tokens[None], cache=cache)[0]
             else:
-                mask = torch.cat([r.ancestors.new_ones(1, 1, n, start), r.ancestors[:, :, :n, :n]], dim=-1)
-                logits = model(tokens[None], positions=start + r.depth[:n], mask=mask, cache=cache)[0]
+                logits = model(tokens[None], positions=start + r.depth[:n], mask=_tree_mask(r.ancestors, start, n),
+                               cache=cache)[0]
             if probs_list is not None:
                 forward = time.perf_counter() - t0
                 r.stats.measured_seconds += forward
