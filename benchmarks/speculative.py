@@ -8,7 +8,8 @@ Trains (or reuses, cached under --cache by the settings) a default-recipe model 
 `decoderlab.train` and, unless --no-mtp, one with `objective="mtp", n_future=3`. For each of 12 prompts (code
 continuations, English prose, repetitive text) it times plain greedy decoding, Token Recycling with adaptive
 drafting (`TokenRecycler(model, n_nodes=N)` for each --nodes N) and, with --fixed N, the static N-node tree of
-every step (`adaptive=False`), and MTP self-speculation (on the mtp model, against that model's plain greedy):
+every step (`adaptive=False`), plain decoding again ("plain-again": the noise floor of a ratio on this
+machine), and MTP self-speculation (on the mtp model, against that model's plain greedy):
 tokens/s (median of --repeats), mean tokens per forward pass, and whether the output is identical. The recycler's
 matrix is shared across prompts (as across requests) but restored before each repeat, so every timed run sees its
 prompt for the first time. It ends with the distribution over all (model, prompt) pairs: median, worst and best
@@ -115,9 +116,10 @@ def compare(name: str, model, tok, prompts: list[str], new: int, repeats: int, m
             totals[method][0] += s
             totals[method][1] += len(got.tokens[0])
             same = got.tokens == plain.tokens
-            per_prompt[method].append((seconds / s * len(got.tokens[0]) / n, got.tokens_per_pass[0], same))
+            per_pass = getattr(got, "tokens_per_pass", [1.0])[0]  # plain decoding: one token a pass
+            per_prompt[method].append((seconds / s * len(got.tokens[0]) / n, per_pass, same))
             print(f"{'':24} {method:14} {len(got.tokens[0]) / s:8.1f} {seconds / s:6.2f} "
-                  f"{got.tokens_per_pass[0]:8.2f} {str(same):>5}{'' if same else parting(model, ids[0], plain, got)}")
+                  f"{per_pass:8.2f} {str(same):>5}{'' if same else parting(model, ids[0], plain, got)}")
     base = totals["plain"][1] / totals["plain"][0]
     for method, (s, n) in totals.items():
         print(f"overall {method:14} {n / s:8.1f} tok/s  {n / s / base:5.2f}x plain")
@@ -192,12 +194,15 @@ def main() -> None:
             # run. With --compile this also compiles the tree graph for the cache size the timed runs use.
             recycler.generate([tok.encode("import sys\n\n\ndef main():\n")], args.new, stop_tokens=[],
                               compile=args.compile)
-            saved = recycler.matrix.clone(), recycler.probs.clone()
+            saved = recycler.snapshot()
             recycler.stats = RecyclingStats()
             name = f"recycle-{n}" if adaptive else f"static-{n}"
             recyclers.setdefault(name, []).append(recycler)
             methods[name] = (lambda ids, r=recycler: r.generate(ids, args.new, stop_tokens=[], compile=args.compile),
-                             lambda r=recycler, m=saved: (r.matrix.copy_(m[0]), r.probs.copy_(m[1])))
+                             lambda r=recycler, m=saved: r.restore(m))
+        # Plain decoding timed again as a method: its spread around 1.0x is this machine's noise floor.
+        methods["plain-again"] = (lambda ids, model=model: generate(model, ids, args.new, stop_tokens=[],
+                                                                    compile=args.compile), None)
         got = compare(f"Token Recycling (seed {seed})", model, tok, PROMPTS, args.new, args.repeats, methods,
                       args.compile)
         for method, rows in got.items():
@@ -211,10 +216,10 @@ def main() -> None:
         recycler = TokenRecycler(mtp, n_nodes=args.nodes[0])
         recycler.generate([tok.encode("import sys\n\n\ndef main():\n")], args.new, stop_tokens=[],
                           compile=args.compile)
-        saved = recycler.matrix.clone(), recycler.probs.clone()
+        saved = recycler.snapshot()
         heads[f"recycle-{args.nodes[0]}"] = (lambda ids: recycler.generate(ids, args.new, stop_tokens=[],
                                                                            compile=args.compile),
-                                             lambda: (recycler.matrix.copy_(saved[0]), recycler.probs.copy_(saved[1])))
+                                             lambda: recycler.restore(saved))
         compare("MTP self-speculation (model trained with --objective mtp --n-future 3)", mtp, tok, PROMPTS,
                 args.new, args.repeats, heads, args.compile)
 

@@ -132,6 +132,21 @@ def test_recycler_matrix_persists_and_changes(models):
     recycler.generate([[9, 8, 7, 6]], 30, stop_tokens=[])
     assert not torch.equal(after_first, recycler.matrix)
     assert recycler.matrix.shape == (target.config.vocab_size, 8)
+    assert recycler.probs.shape == (target.config.vocab_size, 8) and (recycler.probs.sum(-1) <= 1 + 1e-5).all()
+
+
+def test_recycler_snapshot_and_restore(models):
+    target, _ = models
+    recycler = TokenRecycler(target, n_nodes=8)
+    recycler.generate([[3, 1, 4]], 20, stop_tokens=[])
+    saved, matrix, probs = recycler.snapshot(), recycler.matrix, recycler.probs
+    recycler.generate([[9, 8, 7, 6, 5]], 20, stop_tokens=[])
+    assert not torch.equal(matrix, recycler.matrix)
+    recycler.restore(saved)
+    assert torch.equal(matrix, recycler.matrix) and torch.equal(probs, recycler.probs)
+    tokens, path = recycler.draft(3, 9, with_probs=True)
+    assert tokens[0] == 3 and path[0] == 1 and int(tokens[1]) == int(matrix[3, 0])
+    assert float(path[1]) == pytest.approx(float(probs[3, 0]))
 
 
 def _capture_caches(monkeypatch, *models: Transformer) -> list:
@@ -634,7 +649,8 @@ def test_choose_maximises_expected_tokens_per_second(models, monkeypatch):
         return 1 + sum(min(1.0, v) for v in per_depth.values())
 
     rates = [expect(m) / recycler.costs[m] for m in range(1, n_max + 1)]
-    assert n == 1 + max(range(n_max), key=lambda i: rates[i])
+    rates[0] *= 1 + spec.TREE_MARGIN  # a tree must beat a plain step by the margin
+    assert n == 1 + max(range(n_max), key=lambda i: rates[i]) and n > 1
     assert expected == pytest.approx(expect(n)) and seconds == recycler.costs[n]
 
 
@@ -650,6 +666,24 @@ def test_observe_calibrates_overconfident_paths_down(models, monkeypatch):
         recycler.observe(path, n, accepted=0)  # ... that never land
     after = recycler.choose(path, n)[1]
     assert after < before and after < 1.5
+
+
+def test_plain_steps_teach_the_matrix_in_stashed_batches(models, monkeypatch):
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: float(n))  # never worth a tree: plain steps throughout
+    monkeypatch.setattr(spec, "EXPLORE_EVERY", 10**6)
+    recycler = TokenRecycler(target, n_nodes=8)
+    prompt = [3, 1, 4]
+    got = recycler.generate([prompt], 2 * spec.STASH_ROWS + 3, stop_tokens=[])
+    seq = prompt + got.tokens[0]
+    assert got.tokens[0] == _plain(target, prompt, len(got.tokens[0]))
+    assert recycler.stats.passes.get(0, 0) > spec.STASH_ROWS and not recycler._stash  # flushed at the end
+    # Every token fed since the prompt's last one (all but the last) has the greedy token that followed it as its
+    # row's first entry, from the last time it was fed.
+    tail = seq[len(prompt) - 1:]
+    last_next = {a: b for a, b in zip(tail[:-1], tail[1:], strict=True)}
+    for token, following in last_next.items():
+        assert int(recycler.matrix[token, 0]) == following
 
 
 def test_verification_costs_measured_once_per_model_and_setting(models):

@@ -45,6 +45,11 @@ from .sampling import SamplingParams, penalized, probabilities, token_logprobs
 # ratios matter, to decide which (parent, rank) nodes the static tree template spends its budget on.
 RANK_PRIOR = (0.50, 0.16, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015)
 EXPLORE_EVERY = 16  # adaptive recycling verifies a depth-2 tree after this many plain steps in a row
+# A tree must beat a plain step's tokens per second by this fraction to be verified: the estimates behind the
+# choice are noisy, and a tree expected to gain a few percent loses as often as it wins.
+TREE_MARGIN = 0.1
+COST_ROUNDS = 5  # rounds of timed passes per tree size when measuring verification costs
+STASH_ROWS = 8  # plain steps whose matrix rows are written together (one update instead of one a step)
 # Verification cost models measured per model: {model: {(dtype, kv dtype, threads, nodes): seconds by node count}}.
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -156,7 +161,7 @@ def _bfs(chosen: list[tuple[int, int, int, float]]) -> list[int]:
 class RecyclingStats:
     """What the adaptive choice predicted and saw over a recycler's passes (reset with `RecyclingStats()`):
     passes by node count (0: plain steps taken without drafting, `plain_is_best`), expected vs emitted tokens and
-    predicted vs measured seconds of the passes that drafted."""
+    predicted vs measured seconds (whole steps: pass and bookkeeping) of the steps that drafted."""
 
     passes: dict[int, int] = field(default_factory=dict)
     expected_tokens: float = 0.0
@@ -180,21 +185,23 @@ def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: i
     generator = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prefix + full), generator=generator).to(device)
     grid = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n < full} | {full})
-    measured = {}
+    times: dict[int, list[float]] = {n: [] for n in grid}
     with torch.inference_mode():
         model(ids[:, :prefix], cache=cache)
-        for n in grid:
-            times = []
-            for _ in range(4):
+        # Rounds over every size, so a slow moment of a shared machine hits all sizes alike (ratios are what
+        # the choice uses); the first round warms up.
+        for round_ in range(COST_ROUNDS + 1):
+            for n in grid:
                 t0 = time.perf_counter()
                 if n == 1:
                     model(ids[:, prefix:prefix + 1], cache=cache)
                 else:
                     model(ids[:, prefix:prefix + n], positions=prefix + depth[:n],
                           mask=_tree_mask(ancestors, prefix, n), cache=cache)
-                times.append(time.perf_counter() - t0)
+                if round_:
+                    times[n].append(time.perf_counter() - t0)
                 cache.truncate(prefix)
-            measured[n] = statistics.median(times[1:])
+    measured = {n: statistics.median(t) for n, t in times.items()}
     costs = [0.0]
     for n in range(1, full + 1):
         low = max(g for g in grid if g <= n)
@@ -210,7 +217,9 @@ class TokenRecycler:
 
     An adjacency matrix [vocab, k] holds, for every token, the top-k next tokens of the last forward pass
     that computed logits after it (and their probabilities); every pass overwrites the rows of all the tokens it
-    saw, the prompt's pass included, so a request's own prompt seeds it. Each step grows a draft tree from the
+    saw, the prompt's pass included, so a request's own prompt seeds it. The rows live in a Python dict (drafting
+    a tree is then a few microseconds of list lookups, not a chain of tensor ops); `matrix` and `probs` are
+    their tensor views, `snapshot`/`restore` save and put back what was learned. Each step grows a draft tree from the
     last accepted token through the matrix (the static `tree_template`, best-first under a rank prior), verifies
     the tree in one forward pass with tree attention, accepts the longest path greedy decoding agrees with plus
     one bonus token, and compacts the KV cache to that path. The matrix persists across `generate` calls, so
@@ -223,8 +232,12 @@ class TokenRecycler:
     the cost of a pass with n nodes comes from `verification_costs` (measured once per model, dtype and thread
     count; about a second for a 124M model). n = 1 is a plain decoding step, so where drafts are rarely accepted
     (a cold matrix, an unpredictable text, a model whose wide passes cost nearly n times a narrow one) decoding
-    falls back to plain steps by itself. `adaptive=False` verifies every step's full tree (and is what
-    `compile=True` does: its graph has one tree size).
+    falls back to plain steps by itself. Only ratios of the measured costs matter, so they are measured together
+    (interleaved rounds); what a drafting step spends besides its pass (drafting, matrix update, cache
+    compaction) is timed while decoding and added to every tree's cost. Plain steps write their matrix rows
+    STASH_ROWS at a time (before any drafting step), so a request that falls back costs about what `generate`
+    does. `adaptive=False` verifies every step's full tree (and is what `compile=True` does: its graph has one
+    tree size).
     """
 
     def __init__(self, model: Transformer, n_nodes: int = 16, k: int = 8, adaptive: bool = True) -> None:
@@ -245,24 +258,22 @@ class TokenRecycler:
         self.template = [(renumber[bfs[i][0]] if bfs[i][0] >= 0 else -1, bfs[i][1]) for i in order]
         # Before anything is seen, rank r of every token points at token r with probability 0: harmless drafts
         # that the adaptive choice does not spend a pass on.
-        self.matrix = torch.arange(k, device=device).clamp(max=V - 1).repeat(V, 1)
-        self.probs = torch.zeros(V, k, device=device)
+        self.rows: dict[int, tuple[list[int], list[float]]] = {}
+        self._unseen = ([min(r, V - 1) for r in range(k)], [0.0] * k)
         # Node 0 of a step's tree is the last accepted token; template node i becomes node i + 1.
         parents = [-1] + [p + 1 for p, _ in self.template]
         self.parents = torch.tensor(parents, device=device)
         self.ranks = torch.tensor([0] + [r for _, r in self.template], device=device)
+        self._parents, self._ranks = parents, [0] + [r for _, r in self.template]
         depth = [0]
         for p in parents[1:]:
             depth.append(depth[p] + 1)
         self.depth = torch.tensor(depth, device=device)
-        # within[d]: the longest prefix of nodes no deeper than d; reach[d]: the shortest prefix reaching depth d;
-        # levels: the nodes of each depth (drafting fills a depth at a time).
+        # within[d]: the longest prefix of nodes no deeper than d; reach[d]: the shortest prefix reaching depth d.
         deepest = max(depth)
         self.within = [max(n for n in range(1, len(depth) + 1) if max(depth[:n]) <= d) for d in range(deepest + 1)]
         self.reach = [depth.index(d) + 1 for d in range(deepest + 1)]
         self.width = depth.count(1)  # depth-1 nodes: ranks 0 .. width - 1
-        self.levels = [torch.tensor([i for i, x in enumerate(depth) if x == d], device=device)
-                       for d in range(1, deepest + 1)]
         self.children: list[list[int]] = [[] for _ in parents]
         for i, p in enumerate(parents[1:], start=1):
             self.children[p].append(i)
@@ -280,32 +291,70 @@ class TokenRecycler:
         # Seconds a drafting step spends outside its forward pass (draft, choice, matrix update, cache compaction),
         # a running mean: added to every tree's cost, so a tree must pay for its bookkeeping too.
         self.overhead = 0.0
-        self._root_mass = 0.0  # the depth-1 drafts' recycled probability at the last `plain_is_best`
+        self._alpha: list[float] | None = None  # `calibration()`, until the next observation
+        # Plain steps not yet written to the matrix: the fed tokens and their logits rows [1, V].
+        self._stash: list[tuple[int, Tensor]] = []
+        # The last `plain_is_best`'s root: its depth-1 drafts and their recycled probability.
+        self._root_drafts: list[int] = []
+        self._root_mass = 0.0
         self._plain_streak = 0  # plain steps in a row (an exploring tree every EXPLORE_EVERY)
         self.stats = RecyclingStats()
 
+    @property
+    def matrix(self) -> Tensor:
+        """The adjacency matrix [vocab, k]: each token's recycled top-k next tokens (a new tensor)."""
+        return self._table(0, torch.long)
+
+    @property
+    def probs(self) -> Tensor:
+        """The recycled probabilities [vocab, k] of `matrix`'s tokens (a new tensor)."""
+        return self._table(1, torch.float32)
+
+    def _table(self, field: int, dtype: torch.dtype) -> Tensor:
+        table = torch.tensor(self._unseen[field], dtype=dtype).repeat(self.model.config.vocab_size, 1)
+        if self.rows:
+            seen = list(self.rows)
+            table[seen] = torch.tensor([self.rows[t][field] for t in seen], dtype=dtype)
+        return table.to(self.model.device)
+
+    def snapshot(self) -> dict[int, tuple[list[int], list[float]]]:
+        """What the matrix has learned, for `restore` (rows are replaced, never changed in place: a shallow copy
+        is a snapshot)."""
+        self.flush()
+        return dict(self.rows)
+
+    def restore(self, snapshot: dict[int, tuple[list[int], list[float]]]) -> None:
+        """Put the matrix back as `snapshot` took it."""
+        self._stash.clear()
+        self.rows = dict(snapshot)
+
     def update(self, tokens: Tensor, logits: Tensor) -> None:
         """Overwrite the rows of `tokens` [N] with the top-k of their next-token `logits` [N, V] and the
-        probabilities of those top-k."""
+        probabilities of those top-k (a token listed twice keeps its later row)."""
         top = logits.float().softmax(-1).topk(self.k, dim=-1)
-        self.matrix[tokens] = top.indices
-        self.probs[tokens] = top.values
+        rows = self.rows
+        for token, ids, probs in zip(tokens.tolist(), top.indices.tolist(), top.values.tolist(), strict=True):
+            rows[token] = (ids, probs)
+
+    def _draft(self, root: int, n: int) -> tuple[list[int], list[float]]:
+        """The first `n` tree nodes' tokens and path probabilities, as lists (see `draft`)."""
+        rows, unseen, parents, ranks = self.rows, self._unseen, self._parents, self._ranks
+        tokens, path = [root], [1.0]
+        for i in range(1, n):  # parents come before their children
+            parent, rank = parents[i], ranks[i]
+            ids, probs = rows.get(tokens[parent], unseen)
+            tokens.append(ids[rank])
+            path.append(path[parent] * probs[rank])
+        return tokens, path
 
     def draft(self, root: int, n: int, with_probs: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The first `n` tree nodes' tokens [n], grown from `root` through the matrix level by level; with
-        `with_probs`, also each node's path probability [n] (the product of the recycled probabilities from the
-        root down to it; 1 for the root)."""
-        full = len(self.depth_list)
-        tokens = torch.empty(full, dtype=torch.long, device=self.matrix.device)
-        tokens[0] = root
-        path = torch.ones(full, device=self.matrix.device) if with_probs else None
-        for nodes in self.levels:  # every node of the template: a depth costs the same few ops however many
-            above = self.parents[nodes]
-            parents, ranks = tokens[above], self.ranks[nodes]
-            tokens[nodes] = self.matrix[parents, ranks]
-            if path is not None:
-                path[nodes] = path[above] * self.probs[parents, ranks]
-        return (tokens[:n], path[:n]) if with_probs else tokens[:n]
+        """The first `n` tree nodes' tokens [n], grown from `root` through the matrix; with `with_probs`, also
+        each node's path probability [n] (the product of the recycled probabilities from the root down to it; 1
+        for the root)."""
+        tokens, path = self._draft(root, n)
+        device = self.model.device
+        ids = torch.tensor(tokens, device=device)
+        return (ids, torch.tensor(path, device=device)) if with_probs else ids
 
     def verification_costs(self, kv_dtype: torch.dtype | None = None) -> list[float]:
         """Seconds of a verification pass with n = 1 .. n_nodes + 1 tree nodes (index n; index 0 unused), after a
@@ -319,54 +368,76 @@ class TokenRecycler:
         self.costs = known[key]
         return self.costs
 
+    @torch.inference_mode()
+    def flush(self) -> None:
+        """Write the stashed plain steps' rows to the matrix (one `update` for all of them)."""
+        if self._stash:
+            self.update(torch.tensor([s[0] for s in self._stash]), torch.cat([s[1] for s in self._stash]))
+            self._stash.clear()
+
+    def skipped(self, chosen: int) -> None:
+        """Calibrate depth 1 with a plain step that chose `chosen` after `plain_is_best`: would one of the
+        depth-1 drafts it skipped have been accepted?"""
+        self._seen[1] = 0.9 * self._seen[1] + 0.1 * (chosen in self._root_drafts)
+        self._predicted[1] = 0.9 * self._predicted[1] + 0.1 * self._root_mass
+        self._alpha = None
+
+    def tree_cost(self, n: int) -> float:
+        """Seconds of a drafting step that verifies n nodes: the measured pass plus the bookkeeping `overhead`."""
+        return self.costs[n] + self.overhead
+
     def calibration(self) -> list[float]:
         """Per depth, accepted over predicted path probability (running means from an even prior): recycled
         probabilities come from the last context a token was seen in, and are often far from the acceptance rate
         in either direction."""
+        if self._alpha is not None:
+            return self._alpha
         alpha = [1.0]
         for d in range(1, len(self._seen)):
             # A depth seen in fewer than 4 passes borrows the depth above it: deeper drafts get a chance
             # instead of the prior's verdict, and unobserved depths are where the adaptive tree would grow.
             own = min(50.0, max(0.02, (self._seen[d] + 0.02) / (self._predicted[d] + 0.02)))
             alpha.append(own if self._observed[d] >= 4 or d == 1 else alpha[-1])
+        self._alpha = alpha
         return alpha
 
     def plain_is_best(self, root: int) -> bool:
         """Whether a plain step from `root` is expected to beat every tree, judged from one row of the matrix
         before drafting anything: with m the (calibrated) probability that some depth-1 draft is accepted, a tree
         reaching depth D expects about 1 + m + m^2 + ... + m^D tokens (confidence that holds along the path);
-        plain wins when that, over the cost of the smallest tree reaching depth D plus the bookkeeping
-        `overhead`, is below one token over a plain pass for every D."""
+        plain wins when that, over the cost of the smallest tree reaching depth D (`tree_cost`), is below one
+        token over a plain pass for every D."""
         width = self.width
         alpha = self.calibration()
-        self._root_mass = m = float(self.probs[root, :width].sum())
-        costs, plain_rate = self.costs, 1.0 / self.costs[1]
+        ids, probs = self.rows.get(root, self._unseen)
+        self._root_drafts, self._root_mass = ids[:width], sum(probs[:width])
+        m = self._root_mass
+        plain_rate = (1.0 + TREE_MARGIN) / self.costs[1]
         expected, mass = 1.0, 1.0
         for depth in range(1, len(self.reach)):
             mass *= m
             expected += min(1.0, alpha[depth] * mass)
-            if expected / (costs[self.reach[depth]] + self.overhead) > plain_rate:
+            if expected / self.tree_cost(self.reach[depth]) > plain_rate:
                 return False
         return True
 
     def choose(self, path: list[float], n_max: int) -> tuple[int, float, float]:
         """(n, expected tokens, predicted seconds) for the pass over the first n of `n_max` nodes that maximises
-        expected tokens per second; `path` holds the nodes' path probabilities. A tree's cost is its measured
-        pass plus the running `overhead` of a drafting step."""
-        costs = self.costs
+        expected tokens per second; `path` holds the nodes' path probabilities. A tree costs `tree_cost(n)`, one
+        node a plain pass; the seconds returned are those of the drafting step (`tree_cost`)."""
         alpha = self.calibration()
         best, expected, best_expected = 1, 1.0, 1.0
-        best_rate = 1.0 / costs[1]
+        best_rate = (1.0 + TREE_MARGIN) / self.costs[1]
         mass = [0.0] * len(alpha)  # path probability per depth; at most 1 after calibration (disjoint events)
         for n in range(2, n_max + 1):
             d = self.depth_list[n - 1]
             before = min(1.0, alpha[d] * mass[d])
             mass[d] += path[n - 1]
             expected += min(1.0, alpha[d] * mass[d]) - before
-            rate = expected / (costs[n] + self.overhead)
+            rate = expected / self.tree_cost(n)
             if rate > best_rate:
                 best, best_rate, best_expected = n, rate, expected
-        return best, best_expected, costs[best] + (self.overhead if best > 1 else 0.0)
+        return best, best_expected, self.tree_cost(best)
 
     def observe(self, path: list[float], n: int, accepted: int) -> None:
         """Calibrate the path probabilities per depth with a pass over n nodes that accepted `accepted` drafts."""
@@ -377,6 +448,8 @@ class TokenRecycler:
             self._observed[d] += 1
             self._seen[d] = 0.9 * self._seen[d] + 0.1 * (accepted >= d)
             self._predicted[d] = 0.9 * self._predicted[d] + 0.1 * predicted[d]
+        self._alpha = None
+
 
     def decoder(self, request: DecodeRequest) -> RecyclingDecoder:
         """The `Decoder` factory for `stream(..., decoder=recycler.decoder)`: greedy, no penalties, batch 1;
@@ -441,45 +514,45 @@ class RecyclingDecoder:
             start = cache.length  # the pending token's slot and position
             depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.within) - 1)
             n = r.within[depth]
-            probs_list = None
+            path_probs = None
             explore = r._plain_streak >= EXPLORE_EVERY  # now and then a tree anyway: calibration needs passes
             if r.adaptive and self.verify is None and not explore and r.plain_is_best(self.pending):
                 r._plain_streak += 1
-                # No tree can pay here: a plain step, without drafting (the matrix still learns from it).
-                tokens = torch.tensor([self.pending], device=device)
+                # No tree can pay here: a plain step, without drafting, as lean as `generate`'s (its matrix row
+                # is stashed and written with the next few: `flush`).
                 self._reserve(start + 1)
-                logits = model(tokens[None], cache=cache)[0]
+                logits = model(torch.tensor([[self.pending]], device=device), cache=cache)[0]
                 self.forward_passes += 1
-                rows, emitted = logits, [int(logits[0].argmax())]
-                # The depth-1 drafts this step skipped still calibrate depth 1: would one have been accepted?
-                skipped = r.matrix[self.pending, :r.width].tolist()
-                r._seen[1] = 0.9 * r._seen[1] + 0.1 * (emitted[0] in skipped)
-                r._predicted[1] = 0.9 * r._predicted[1] + 0.1 * r._root_mass
-                r.update(tokens, logits)
+                emitted = [int(logits[0].argmax())]
+                r.skipped(emitted[0])
+                r._stash.append((self.pending, logits))
+                if len(r._stash) >= STASH_ROWS:
+                    r.flush()
                 r.stats.passes[0] = r.stats.passes.get(0, 0) + 1
                 self.emitted += 1
                 self.pending = emitted[0]
-                logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
+                logprobs = None if request.logprobs is None else [token_logprobs(logits, emitted, request.logprobs)]
                 return Decoded([emitted], logprobs)
+            r.flush()  # drafts read the latest rows
+            drafted, path_probs = r._draft(self.pending, n)
             if r.adaptive and self.verify is None:
                 step_start = time.perf_counter()
-                tokens, probs = r.draft(self.pending, n, with_probs=True)
-                probs_list = probs.tolist()
                 n_max = n
-                n, expected, predicted = r.choose(probs_list, n_max)
+                n, expected, predicted = r.choose(path_probs, n_max)
                 probe = min(r.reach[2] if len(r.reach) > 2 else n_max, n_max)  # the best tree reaching depth 2
                 if explore and n < probe:  # recorded with no expected gain: the choice did not expect any
                     n = probe
-                    expected, predicted = 1.0, r.costs[n] + r.overhead
+                    expected, predicted = 1.0, r.tree_cost(n)
                 r._plain_streak = r._plain_streak + 1 if n == 1 else 0
-                tokens = tokens[:n]
+                drafted = drafted[:n]
                 stats = r.stats
                 stats.passes[n] = stats.passes.get(n, 0) + 1
                 stats.expected_tokens += expected
                 stats.predicted_seconds += predicted
                 t0 = time.perf_counter()
             else:
-                tokens = r.draft(self.pending, n)
+                path_probs = None
+            tokens = torch.tensor(drafted, device=device)
             self._reserve(start + n)
             if self.verify is not None and n == self.verify.n:
                 logits = self.verify(tokens[None], (start + r.depth)[None])[0]
@@ -488,12 +561,11 @@ class RecyclingDecoder:
             else:
                 logits = model(tokens[None], positions=start + r.depth[:n], mask=_tree_mask(r.ancestors, start, n),
                                cache=cache)[0]
-            if probs_list is not None:
+            if path_probs is not None:
                 forward = time.perf_counter() - t0
-                r.stats.measured_seconds += forward
             self.forward_passes += 1
             r.update(tokens, logits)
-            greedy, drafted = logits.argmax(-1).tolist(), tokens.tolist()
+            greedy = logits.argmax(-1).tolist()
             # Walk down the tree while greedy decoding's choice is among the node's children; every node on the
             # path emits greedy decoding's choice after it (the last one's is the bonus token).
             path, node = [0], 0
@@ -501,13 +573,18 @@ class RecyclingDecoder:
                                None)) is not None:
                 path.append(nxt)
                 node = nxt
-            cache.keep(start, torch.tensor(path, device=device) + start)
-            rows, emitted = logits[path], [greedy[i] for i in path]
-            if probs_list is not None:
-                r.observe(probs_list, n, len(path) - 1)
+            if path[-1] == len(path) - 1:  # nodes 0, 1, .. in order: the pass wrote them where the path goes
+                cache.length = start + len(path)
+            else:
+                cache.keep(start, torch.tensor(path, device=device) + start)
+            emitted = [greedy[i] for i in path]
+            rows = logits[path] if request.logprobs is not None else None
+            if path_probs is not None:
+                r.observe(path_probs, n, len(path) - 1)
                 r.stats.emitted_tokens += len(emitted)
-                if n > 1:
-                    r.overhead = 0.9 * r.overhead + 0.1 * (time.perf_counter() - step_start - forward)
+                seconds = time.perf_counter() - step_start
+                r.stats.measured_seconds += seconds
+                r.overhead = 0.9 * r.overhead + 0.1 * (seconds - forward)
         self.emitted += len(emitted)
         self.pending = emitted[-1]
         logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
@@ -517,6 +594,7 @@ class RecyclingDecoder:
         pass  # one row: the host stops calling
 
     def close(self) -> None:
+        self.recycler.flush()  # the next request's drafts learn from this one's plain steps too
         self.cache = self.verify = None
 
 
