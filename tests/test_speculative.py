@@ -686,6 +686,24 @@ def test_plain_steps_teach_the_matrix_in_stashed_batches(models, monkeypatch):
         assert int(recycler.matrix[token, 0]) == following
 
 
+def test_calibration_of_a_depth_not_verified_lately_is_extrapolated(models, monkeypatch):
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: 1.0)
+    recycler = TokenRecycler(target, n_nodes=8)
+    depth = recycler.depth_list
+    deep = next(n for n in range(1, len(depth) + 1) if max(depth[:n]) == 3)  # the first prefix reaching depth 3
+    shallow = deep - 1  # reaches depth 2 only
+    path = [1.0] + [0.5 ** depth[i] for i in range(1, len(depth))]
+    assert recycler.calibration()[1:4] == [1.0, 1.0, 1.0]  # nothing seen: depth 1 at 1, the rest extrapolated
+    for _ in range(10):
+        recycler.observe(path, deep, accepted=0)  # depth-3 drafts never land
+    assert recycler.calibration()[3] == 0.02
+    for _ in range(spec.STALE_PASSES + 1):
+        recycler.observe(path, shallow, accepted=2)  # ... but now every verified draft lands, depth 3 unverified
+    alpha = recycler.calibration()
+    assert alpha[3] == pytest.approx(min(50.0, alpha[2] ** 2 / alpha[1])) and alpha[3] > 1
+
+
 def test_verification_costs_measured_once_per_model_and_setting(models):
     target, _ = models
     spec._COSTS.pop(target, None)

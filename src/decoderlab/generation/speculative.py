@@ -50,6 +50,7 @@ EXPLORE_EVERY = 16  # adaptive recycling verifies a depth-2 tree after this many
 TREE_MARGIN = 0.1
 COST_ROUNDS = 5  # rounds of timed passes per tree size when measuring verification costs
 STASH_ROWS = 8  # plain steps whose matrix rows are written together (one update instead of one a step)
+STALE_PASSES = 16  # a depth's calibration not updated for this many drafting passes is extrapolated instead
 # Verification cost models measured per model: {model: {(dtype, kv dtype, threads, nodes): seconds by node count}}.
 _COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -184,7 +185,9 @@ def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: i
     cache = model.new_cache(1, prefix + full, dtype=kv_dtype)
     generator = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, prefix + full), generator=generator).to(device)
-    grid = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n < full} | {full})
+    # Every size up to 8 (kernels take rows in blocks, e.g. our bf16 kernel four at a time: cost is a staircase
+    # that a line between 4 and 8 would miss), then a few wider ones; linear in between.
+    grid = sorted({n for n in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 96, 128) if n < full} | {full})
     times: dict[int, list[float]] = {n: [] for n in grid}
     with torch.inference_mode():
         model(ids[:, :prefix], cache=cache)
@@ -282,11 +285,13 @@ class TokenRecycler:
         n = len(parents)
         self.ancestors = masks.tree(self.parents, 0).materialize(n, n, batch_size=1, device=device)
         self.depth_list = depth
-        # Per-depth calibration of the path probabilities: running means of accepted (>= d tokens) and predicted,
-        # from an even prior (calibration 1) that a few passes move.
-        self._seen = [0.5] * (max(depth) + 1)
-        self._predicted = [0.5] * (max(depth) + 1)
+        # Per-depth calibration of the path probabilities: running means (from 0: their ratio is what counts) of
+        # accepted (>= d tokens) and predicted, and how many passes fed them.
+        self._seen = [0.0] * (max(depth) + 1)
+        self._predicted = [0.0] * (max(depth) + 1)
         self._observed = [0] * (max(depth) + 1)
+        self._passes = 0  # drafting passes observed; _last_verified[d]: the last that verified depth d
+        self._last_verified = [0] * (max(depth) + 1)
         self.costs: list[float] | None = None  # seconds of a pass with n nodes at index n (`verification_costs`)
         # Seconds a drafting step spends outside its forward pass (draft, choice, matrix update, cache compaction),
         # a running mean: added to every tree's cost, so a tree must pay for its bookkeeping too.
@@ -358,8 +363,9 @@ class TokenRecycler:
 
     def verification_costs(self, kv_dtype: torch.dtype | None = None) -> list[float]:
         """Seconds of a verification pass with n = 1 .. n_nodes + 1 tree nodes (index n; index 0 unused), after a
-        64-token context: measured on this model (median of 3 after a warm-up, at node counts 1, 2, 4, 8, ... and
-        the full tree, linear in between) and kept for the model, dtype, cache dtype and thread count."""
+        64-token context: measured on this model (median of COST_ROUNDS interleaved rounds after a warm-up, at node
+        counts 1 to 8, 12, 16, ... and the full tree, linear in between) and kept for the model, dtype, cache dtype
+        and thread count."""
         model, full = self.model, len(self.parents)
         key = (model.dtype, kv_dtype, torch.get_num_threads(), full)
         known = _COSTS.setdefault(model, {})
@@ -380,6 +386,7 @@ class TokenRecycler:
         depth-1 drafts it skipped have been accepted?"""
         self._seen[1] = 0.9 * self._seen[1] + 0.1 * (chosen in self._root_drafts)
         self._predicted[1] = 0.9 * self._predicted[1] + 0.1 * self._root_mass
+        self._observed[1] += 1
         self._alpha = None
 
     def tree_cost(self, n: int) -> float:
@@ -387,17 +394,25 @@ class TokenRecycler:
         return self.costs[n] + self.overhead
 
     def calibration(self) -> list[float]:
-        """Per depth, accepted over predicted path probability (running means from an even prior): recycled
+        """Per depth, accepted over predicted path probability (running means over the last passes, from 4 on;
+        depth 1 starts at 1, a deeper depth not verified lately extrapolates the two above it): recycled
         probabilities come from the last context a token was seen in, and are often far from the acceptance rate
         in either direction."""
         if self._alpha is not None:
             return self._alpha
         alpha = [1.0]
         for d in range(1, len(self._seen)):
-            # A depth seen in fewer than 4 passes borrows the depth above it: deeper drafts get a chance
-            # instead of the prior's verdict, and unobserved depths are where the adaptive tree would grow.
-            own = min(50.0, max(0.02, (self._seen[d] + 0.02) / (self._predicted[d] + 0.02)))
-            alpha.append(own if self._observed[d] >= 4 or d == 1 else alpha[-1])
+            seen = self._observed[d]
+            if seen >= 4 and (d == 1 or self._passes - self._last_verified[d] <= STALE_PASSES):
+                own = (self._seen[d] + 1e-3 * (1 - 0.9 ** seen)) / (self._predicted[d] + 1e-3 * (1 - 0.9 ** seen))
+                alpha.append(min(50.0, max(0.02, own)))
+            elif d == 1:
+                alpha.append(1.0)
+            else:
+                # A depth not verified lately (or in fewer than 4 passes) extrapolates the two above it
+                # geometrically (each depth multiplies the path probability by one more recycled probability):
+                # its own ratio would be stale, and a tree that stopped growing on a stale ratio never would.
+                alpha.append(min(50.0, max(0.02, alpha[-1] * alpha[-1] / alpha[-2])))
         self._alpha = alpha
         return alpha
 
@@ -444,8 +459,10 @@ class TokenRecycler:
         predicted = [0.0] * len(self._seen)
         for i in range(1, n):
             predicted[self.depth_list[i]] += path[i]
+        self._passes += 1
         for d in range(1, max(self.depth_list[:n]) + 1):
             self._observed[d] += 1
+            self._last_verified[d] = self._passes
             self._seen[d] = 0.9 * self._seen[d] + 0.1 * (accepted >= d)
             self._predicted[d] = 0.9 * self._predicted[d] + 0.1 * predicted[d]
         self._alpha = None
