@@ -2,8 +2,8 @@
 
 Run: .venv/bin/python benchmarks/speculative.py [--time 60s] [--new 128] [--repeats 3] [--nodes 16] [--fixed 4]
      [--seeds 1337 1 2] [--no-mtp] [--threads 1] [--shape 8x512] [--dtype fp32|bf16] [--cache DIR] [--compile]
-The README's figures: --shape 8x512 --time 5m --seeds 1337 1 2 --threads 2 --dtype bf16 (and fp32) --no-mtp,
-and the recipe's default model (no --shape).
+The README's figures: --shape 8x512 --time 5m --seeds 1337 1 2 --threads 2 --dtype bf16 (and fp32) --no-mtp
+--repeats 3 --fixed 4, and the recipe's default model: --no-mtp --repeats 21 --fixed 4 (no --shape).
 Trains (or reuses, cached under --cache by the settings) a default-recipe model per --seeds value with
 `decoderlab.train` and, unless --no-mtp, one with `objective="mtp", n_future=3`. For each of 12 prompts (code
 continuations, English prose, repetitive text) it times plain greedy decoding, Token Recycling with adaptive
@@ -14,7 +14,7 @@ tokens/s (median of --repeats), mean tokens per forward pass, and whether the ou
 matrix is shared across prompts (as across requests) but restored before each repeat, so every timed run sees its
 prompt for the first time. It ends with the distribution over all (model, prompt) pairs: median, worst and best
 speed-up, how many are below 1.0x, and the adaptive choice's verification-cost model (its predicted seconds of
-the verification passes next to their measured seconds; expected vs emitted tokens; passes by tree size).
+the drafting steps next to their measured seconds; expected vs emitted tokens; passes by tree size).
 Target (issue 19): median >= 1.8x plain with no prompt below 1.0x, identical output everywhere.
 """
 
@@ -148,7 +148,8 @@ def distribution(results: dict[str, list[tuple[float, float, bool]]], recyclers:
         for st in seen:
             for n, c in st.passes.items():
                 sizes[n] = sizes.get(n, 0) + c
-        print(f"{method:14} cost model: verification passes predicted {predicted:.2f} s, measured {measured:.2f} s "
+        print(f"{method:14} cost model: drafting steps (pass + bookkeeping) predicted {predicted:.2f} s, measured "
+              f"{measured:.2f} s "
               f"({measured / max(predicted, 1e-9):.2f}x); tokens expected {expected:.0f}, emitted {emitted} "
               f"({emitted / max(expected, 1e-9):.2f}x); passes by nodes (0: plain, no draft) "
               f"{dict(sorted(sizes.items()))}")

@@ -467,7 +467,6 @@ class TokenRecycler:
             self._predicted[d] = 0.9 * self._predicted[d] + 0.1 * predicted[d]
         self._alpha = None
 
-
     def decoder(self, request: DecodeRequest) -> RecyclingDecoder:
         """The `Decoder` factory for `stream(..., decoder=recycler.decoder)`: greedy, no penalties, batch 1;
         `stream(..., compile=True)` verifies full-size trees through one compiled graph."""
