@@ -704,6 +704,23 @@ def test_calibration_of_a_depth_not_verified_lately_is_extrapolated(models, monk
     assert alpha[3] == pytest.approx(min(50.0, alpha[2] ** 2 / alpha[1])) and alpha[3] > 1
 
 
+def test_a_new_request_weighs_its_own_passes_more(models, monkeypatch):
+    target, _ = models
+    _with_costs(monkeypatch, lambda n: 1.0)
+    first, second = TokenRecycler(target, n_nodes=8), TokenRecycler(target, n_nodes=8)
+    n = len(first.parents)
+    path = [1.0] + [0.3] * (n - 1)
+    for recycler in (first, second):
+        for _ in range(20):
+            recycler.observe(path, n, accepted=3)  # a predictable text: drafts land
+    before = first.calibration()
+    second.new_request()
+    assert second.calibration() == pytest.approx(before, rel=0.02)  # the ratios stay (up to the epsilon) ...
+    for recycler in (first, second):
+        recycler.observe(path, n, accepted=0)  # ... but a new text's first miss moves them further
+    assert second.calibration()[1] < first.calibration()[1] < before[1]
+
+
 def test_verification_costs_measured_once_per_model_and_setting(models):
     target, _ = models
     spec._COSTS.pop(target, None)

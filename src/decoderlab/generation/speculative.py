@@ -49,6 +49,7 @@ EXPLORE_EVERY = 16  # adaptive recycling verifies a depth-2 tree after this many
 # choice are noisy, and a tree expected to gain a few percent loses as often as it wins.
 TREE_MARGIN = 0.1
 COST_ROUNDS = 5  # rounds of timed passes per tree size when measuring verification costs
+REQUEST_CARRYOVER = 0.25  # what earlier requests' calibration weighs when a request starts (`new_request`)
 STASH_ROWS = 8  # plain steps whose matrix rows are written together (one update instead of one a step)
 STALE_PASSES = 16  # a depth's calibration not updated for this many drafting passes is extrapolated instead
 # Verification cost models measured per model: {model: {(dtype, kv dtype, threads, nodes): seconds by node count}}.
@@ -381,6 +382,14 @@ class TokenRecycler:
             self.update(torch.tensor([s[0] for s in self._stash]), torch.cat([s[1] for s in self._stash]))
             self._stash.clear()
 
+    def new_request(self) -> None:
+        """Discount what earlier requests taught the calibration (to REQUEST_CARRYOVER of its weight; the ratios
+        stay), so a request's own first passes move it: a text unlike the last one's should not pay for several
+        trees calibrated on the other."""
+        self._seen = [x * REQUEST_CARRYOVER for x in self._seen]
+        self._predicted = [x * REQUEST_CARRYOVER for x in self._predicted]
+        self._alpha = None
+
     def skipped(self, chosen: int) -> None:
         """Calibrate depth 1 with a plain step that chose `chosen` after `plain_is_best`: would one of the
         depth-1 drafts it skipped have been accepted?"""
@@ -514,6 +523,7 @@ class RecyclingDecoder:
             prompt = request.prompts[0]
             if r.adaptive and not request.compile:
                 r.verification_costs(request.kv_dtype)  # measured once per model, dtype and thread count
+                r.new_request()
             slots, self.limit = _cache(model, request, len(r.parents))
             if request.compile:
                 slots = cache_slots(slots, ctx)
