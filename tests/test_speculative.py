@@ -147,6 +147,13 @@ def test_recycler_snapshot_and_restore(models):
     tokens, path = recycler.draft(3, 9, with_probs=True)
     assert tokens[0] == 3 and path[0] == 1 and int(tokens[1]) == int(matrix[3, 0])
     assert float(path[1]) == pytest.approx(float(probs[3, 0]))
+    # A snapshot of another shape is refused with a one-line error, and the matrix is left as it was.
+    other = TokenRecycler(target, n_nodes=8, k=4)
+    other.generate([[3, 1, 4]], 5, stop_tokens=[])
+    for bad in (other.snapshot(), {target.config.vocab_size: saved[3]}, {3: ([10**6] * 8, [0.1] * 8)}):
+        with pytest.raises(UserError, match="does not fit this recycler"):
+            recycler.restore(bad)
+    assert torch.equal(matrix, recycler.matrix)
 
 
 def _capture_caches(monkeypatch, *models: Transformer) -> list:

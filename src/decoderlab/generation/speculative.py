@@ -266,9 +266,7 @@ class TokenRecycler:
         self._unseen = ([min(r, V - 1) for r in range(k)], [0.0] * k)
         # Node 0 of a step's tree is the last accepted token; template node i becomes node i + 1.
         parents = [-1] + [p + 1 for p, _ in self.template]
-        self.parents = torch.tensor(parents, device=device)
-        self.ranks = torch.tensor([0] + [r for _, r in self.template], device=device)
-        self._parents, self._ranks = parents, [0] + [r for _, r in self.template]
+        self.parents, self.ranks = parents, [0] + [r for _, r in self.template]
         depth = [0]
         for p in parents[1:]:
             depth.append(depth[p] + 1)
@@ -284,7 +282,8 @@ class TokenRecycler:
         # Which tree node sees which (itself and its ancestors), built once: each step only prepends the
         # context columns, instead of materialising `causal() & tree(parents, start)` anew.
         n = len(parents)
-        self.ancestors = masks.tree(self.parents, 0).materialize(n, n, batch_size=1, device=device)
+        self.ancestors = masks.tree(torch.tensor(parents, device=device), 0).materialize(n, n, batch_size=1,
+                                                                                        device=device)
         self.depth_list = depth
         # Per-depth calibration of the path probabilities: running means (from 0: their ratio is what counts) of
         # accepted (>= d tokens) and predicted, and how many passes fed them.
@@ -330,7 +329,12 @@ class TokenRecycler:
         return dict(self.rows)
 
     def restore(self, snapshot: dict[int, tuple[list[int], list[float]]]) -> None:
-        """Put the matrix back as `snapshot` took it."""
+        """Put the matrix back as `snapshot` took it (from a recycler of the same vocabulary and k)."""
+        V = self.model.config.vocab_size
+        for token, (ids, probs) in snapshot.items():
+            if not (0 <= token < V and len(ids) == len(probs) == self.k and all(0 <= t < V for t in ids)):
+                raise UserError(f"this snapshot does not fit this recycler (row {token}: {len(ids)} tokens, vocabulary "
+                                f"{V}, k={self.k}); restore a snapshot taken from a recycler of the same model and k")
         self._stash.clear()
         self.rows = dict(snapshot)
 
@@ -344,7 +348,7 @@ class TokenRecycler:
 
     def _draft(self, root: int, n: int) -> tuple[list[int], list[float]]:
         """The first `n` tree nodes' tokens and path probabilities, as lists (see `draft`)."""
-        rows, unseen, parents, ranks = self.rows, self._unseen, self._parents, self._ranks
+        rows, unseen, parents, ranks = self.rows, self._unseen, self.parents, self.ranks
         tokens, path = [root], [1.0]
         for i in range(1, n):  # parents come before their children
             parent, rank = parents[i], ranks[i]
@@ -393,10 +397,19 @@ class TokenRecycler:
     def skipped(self, chosen: int) -> None:
         """Calibrate depth 1 with a plain step that chose `chosen` after `plain_is_best`: would one of the
         depth-1 drafts it skipped have been accepted?"""
-        self._seen[1] = 0.9 * self._seen[1] + 0.1 * (chosen in self._root_drafts)
-        self._predicted[1] = 0.9 * self._predicted[1] + 0.1 * self._root_mass
-        self._observed[1] += 1
+        self._record(1, chosen in self._root_drafts, self._root_mass)
         self._alpha = None
+
+    def _record(self, depth: int, landed: bool, predicted: float) -> None:
+        """One more pass into depth `depth`'s running means: whether a draft there was accepted, and the path
+        probability the drafts there had."""
+        self._observed[depth] += 1
+        self._seen[depth] = 0.9 * self._seen[depth] + 0.1 * landed
+        self._predicted[depth] = 0.9 * self._predicted[depth] + 0.1 * predicted
+
+    def _plain_rate(self) -> float:
+        """Tokens per second a tree must beat: a plain pass's, raised by TREE_MARGIN."""
+        return (1.0 + TREE_MARGIN) / self.costs[1]
 
     def tree_cost(self, n: int) -> float:
         """Seconds of a drafting step that verifies n nodes: the measured pass plus the bookkeeping `overhead`."""
@@ -436,7 +449,7 @@ class TokenRecycler:
         ids, probs = self.rows.get(root, self._unseen)
         self._root_drafts, self._root_mass = ids[:width], sum(probs[:width])
         m = self._root_mass
-        plain_rate = (1.0 + TREE_MARGIN) / self.costs[1]
+        plain_rate = self._plain_rate()
         expected, mass = 1.0, 1.0
         for depth in range(1, len(self.reach)):
             mass *= m
@@ -451,7 +464,7 @@ class TokenRecycler:
         node a plain pass; the seconds returned are those of the drafting step (`tree_cost`)."""
         alpha = self.calibration()
         best, expected, best_expected = 1, 1.0, 1.0
-        best_rate = (1.0 + TREE_MARGIN) / self.costs[1]
+        best_rate = self._plain_rate()
         mass = [0.0] * len(alpha)  # path probability per depth; at most 1 after calibration (disjoint events)
         for n in range(2, n_max + 1):
             d = self.depth_list[n - 1]
@@ -470,10 +483,8 @@ class TokenRecycler:
             predicted[self.depth_list[i]] += path[i]
         self._passes += 1
         for d in range(1, max(self.depth_list[:n]) + 1):
-            self._observed[d] += 1
             self._last_verified[d] = self._passes
-            self._seen[d] = 0.9 * self._seen[d] + 0.1 * (accepted >= d)
-            self._predicted[d] = 0.9 * self._predicted[d] + 0.1 * predicted[d]
+            self._record(d, accepted >= d, predicted[d])
         self._alpha = None
 
     def decoder(self, request: DecodeRequest) -> RecyclingDecoder:
@@ -540,7 +551,6 @@ class RecyclingDecoder:
             start = cache.length  # the pending token's slot and position
             depth = min(self.budget - self.emitted - 1, ctx - 1 - start, len(r.within) - 1)
             n = r.within[depth]
-            path_probs = None
             explore = r._plain_streak >= EXPLORE_EVERY  # now and then a tree anyway: calibration needs passes
             if r.adaptive and self.verify is None and not explore and r.plain_is_best(self.pending):
                 r._plain_streak += 1
@@ -560,9 +570,10 @@ class RecyclingDecoder:
                 logprobs = None if request.logprobs is None else [token_logprobs(logits, emitted, request.logprobs)]
                 return Decoded([emitted], logprobs)
             r.flush()  # drafts read the latest rows
-            drafted, path_probs = r._draft(self.pending, n)
+            drafted, node_probs = r._draft(self.pending, n)
+            path_probs = None  # set where the adaptive choice is made (and then learns from the pass)
             if r.adaptive and self.verify is None:
-                step_start = time.perf_counter()
+                step_start, path_probs = time.perf_counter(), node_probs
                 n_max = n
                 n, expected, predicted = r.choose(path_probs, n_max)
                 probe = min(r.reach[2] if len(r.reach) > 2 else n_max, n_max)  # the best tree reaching depth 2
@@ -576,8 +587,6 @@ class RecyclingDecoder:
                 stats.expected_tokens += expected
                 stats.predicted_seconds += predicted
                 t0 = time.perf_counter()
-            else:
-                path_probs = None
             tokens = torch.tensor(drafted, device=device)
             self._reserve(start + n)
             if self.verify is not None and n == self.verify.n:
