@@ -219,29 +219,30 @@ def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: i
 class TokenRecycler:
     """Token Recycling (training-free speculative decoding), greedy, batch size 1.
 
-    An adjacency matrix [vocab, k] holds, for every token, the top-k next tokens of the last forward pass
-    that computed logits after it (and their probabilities); every pass overwrites the rows of all the tokens it
-    saw, the prompt's pass included, so a request's own prompt seeds it. The rows live in a Python dict (drafting
-    a tree is then a few microseconds of list lookups, not a chain of tensor ops); `matrix` and `probs` are
-    their tensor views, `snapshot`/`restore` save and put back what was learned. Each step grows a draft tree from the
-    last accepted token through the matrix (the static `tree_template`, best-first under a rank prior), verifies
-    the tree in one forward pass with tree attention, accepts the longest path greedy decoding agrees with plus
-    one bonus token, and compacts the KV cache to that path. The matrix persists across `generate` calls, so
-    reuse one recycler for a model. Output is token-for-token that of `generate(..., temperature=0)` (up to
-    floating-point ties between the two best logits, as with any change of batch shape).
+    An adjacency matrix [vocab, k] holds, for every token, the top-k next tokens of the last forward pass that
+    computed logits after it (and their probabilities); every pass overwrites the rows of all the tokens it saw, the
+    prompt's pass included, so a request's own prompt seeds it. The rows live in a Python dict (drafting a tree is
+    then a few microseconds of list lookups, not a chain of tensor ops); `matrix` and `probs` are their tensor
+    views, `snapshot`/`restore` save and put back what was learned. Each step grows a draft tree from the last
+    accepted token through the matrix (the static `tree_template`, best-first under a rank prior), verifies the tree
+    in one forward pass with tree attention, accepts the longest path greedy decoding agrees with plus one bonus
+    token, and compacts the KV cache to that path. The matrix persists across `generate` calls, so reuse one
+    recycler for a model. Output is token-for-token that of `generate(..., temperature=0)` (up to floating-point
+    ties between the two best logits, as with any change of batch shape).
 
-    adaptive (default): each step verifies only the first n nodes of the template (1 <= n <= n_nodes) for the n
-    that maximises expected tokens per second: the expected accepted length is 1 + the sum of the nodes' path
-    probabilities (the recycled probabilities along the path, calibrated per depth against what was accepted),
-    the cost of a pass with n nodes comes from `verification_costs` (measured once per model, dtype and thread
-    count; about a second for a 124M model). n = 1 is a plain decoding step, so where drafts are rarely accepted
-    (a cold matrix, an unpredictable text, a model whose wide passes cost nearly n times a narrow one) decoding
-    falls back to plain steps by itself. Only ratios of the measured costs matter, so they are measured together
-    (interleaved rounds); what a drafting step spends besides its pass (drafting, matrix update, cache
-    compaction) is timed while decoding and added to every tree's cost. Plain steps write their matrix rows
-    STASH_ROWS at a time (before any drafting step), so a request that falls back costs about what `generate`
-    does. `adaptive=False` verifies every step's full tree (and is what `compile=True` does: its graph has one
-    tree size).
+    adaptive (default): each step verifies only the first n nodes of the template (1 <= n <= n_nodes) for the n that
+    maximises expected tokens per second: the expected accepted length is 1 + the sum of the nodes' path
+    probabilities (the recycled probabilities along the path, calibrated per depth against what was accepted), the
+    cost of a pass with n nodes comes from `verification_costs` (measured once per model, dtype and thread count;
+    about 3 s for a 124M model in fp32 on a 2-core CPU). n = 1 is a plain decoding step, so where drafts are rarely
+    accepted (a cold matrix, an unpredictable text, a model whose wide passes cost nearly n times a narrow one)
+    decoding falls back to plain steps by itself; a tree must beat it by TREE_MARGIN (`calibration` and
+    `new_request` say how the path probabilities are calibrated). Only ratios of the measured costs matter, so they
+    are measured together (interleaved rounds); what a drafting step spends besides its pass (drafting, matrix
+    update, cache compaction) is timed while decoding and added to every tree's cost. Plain steps write their matrix
+    rows STASH_ROWS at a time (before any drafting step), so a request that falls back costs about what `generate`
+    does. `adaptive=False` verifies every step's full tree (and is what `compile=True` does: its graph has one tree
+    size).
     """
 
     def __init__(self, model: Transformer, n_nodes: int = 16, k: int = 8, adaptive: bool = True) -> None:
