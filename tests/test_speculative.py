@@ -612,9 +612,10 @@ def test_adaptive_falls_back_to_plain_steps_when_wide_passes_cost_their_width(mo
         assert got.tokens[0] == _plain(target, prompt, 20)
     # Plain steps (most without even drafting: `plain_is_best`), and one exploring tree per EXPLORE_EVERY of them.
     passes = recycler.stats.passes
-    plain = passes.get(0, 0) + passes.get(1, 0)
+    plain = passes.get(0, 0)  # every plain step the lean one (no pass of one node after drafting)
     trees = sum(c for n, c in passes.items() if n > 1)
-    assert plain > 0 and trees * spec.EXPLORE_EVERY <= plain + spec.EXPLORE_EVERY * len(PROMPTS)
+    assert 1 not in passes and plain > 0
+    assert trees * spec.EXPLORE_EVERY <= plain + spec.EXPLORE_EVERY * len(PROMPTS)
 
 
 def test_adaptive_grows_trees_when_passes_are_cheap_and_drafts_land(models, monkeypatch):
@@ -741,6 +742,29 @@ def test_verification_costs_measured_once_per_model_and_setting(models):
     finally:
         spec._measure_costs = original
     assert len(calls) == 1 and len(costs) == len(first.parents) + 1
+    assert all(c > 0 for c in costs[1:]) and costs[1:] == sorted(costs[1:])
+
+
+@pytest.mark.parametrize("seconds, most, rounds", [(0.0, 40, 5), (60.0, 7, 7)])
+def test_verification_costs_take_rounds_within_their_time(models, monkeypatch, seconds, most, rounds):
+    # At least COST_ROUNDS timed rounds after the warm-up one, more while COST_SECONDS last (at most
+    # MAX_COST_ROUNDS); each size's cost is its fastest round.
+    target, _ = models
+    monkeypatch.setattr(spec, "COST_SECONDS", seconds)
+    monkeypatch.setattr(spec, "MAX_COST_ROUNDS", most)
+    recycler = TokenRecycler(target, n_nodes=6)
+    calls = []
+    forward = type(target).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "forward", counting)
+    full = len(recycler.parents)
+    costs = spec._measure_costs(target, recycler.ancestors, recycler.depth, full, None)
+    grid = len({n for n in (1, 2, 3, 4, 5, 6, 7, 8) if n < full} | {full})
+    assert len(calls) == 1 + grid * (rounds + 1)  # the prefix, then a warm-up round and the timed ones
     assert all(c > 0 for c in costs[1:]) and costs[1:] == sorted(costs[1:])
 
 

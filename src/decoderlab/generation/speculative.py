@@ -15,7 +15,6 @@ speculative output. The `*_generate` functions run such a stream and add accepta
 from __future__ import annotations
 
 import heapq
-import statistics
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -48,7 +47,9 @@ EXPLORE_EVERY = 16  # adaptive recycling verifies a depth-2 tree after this many
 # A tree must beat a plain step's tokens per second by this fraction to be verified: the estimates behind the
 # choice are noisy, and a tree expected to gain a few percent loses as often as it wins.
 TREE_MARGIN = 0.1
-COST_ROUNDS = 5  # rounds of timed passes per tree size when measuring verification costs
+# Rounds of timed passes per tree size when measuring verification costs: at least COST_ROUNDS, more while they
+# fit in COST_SECONDS (at most MAX_COST_ROUNDS), so a small model's sub-millisecond passes get enough of them.
+COST_ROUNDS, COST_SECONDS, MAX_COST_ROUNDS = 5, 0.25, 40
 REQUEST_CARRYOVER = 0.25  # what earlier requests' calibration weighs when a request starts (`new_request`)
 STASH_ROWS = 8  # plain steps whose matrix rows are written together (one update instead of one a step)
 STALE_PASSES = 16  # a depth's calibration not updated for this many drafting passes is extrapolated instead
@@ -193,8 +194,11 @@ def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: i
     with torch.inference_mode():
         model(ids[:, :prefix], cache=cache)
         # Rounds over every size, so a slow moment of a shared machine hits all sizes alike (ratios are what
-        # the choice uses); the first round warms up.
-        for round_ in range(COST_ROUNDS + 1):
+        # the choice uses); the first round warms up. Each size's cost is its fastest round: timing noise only
+        # ever adds, and medians of a few sub-millisecond passes put the staircase's steps in other places
+        # from one process to the next.
+        round_, started = 0, time.perf_counter()
+        while round_ <= COST_ROUNDS or (round_ <= MAX_COST_ROUNDS and time.perf_counter() - started < COST_SECONDS):
             for n in grid:
                 t0 = time.perf_counter()
                 if n == 1:
@@ -205,7 +209,8 @@ def _measure_costs(model: Transformer, ancestors: Tensor, depth: Tensor, full: i
                 if round_:
                     times[n].append(time.perf_counter() - t0)
                 cache.truncate(prefix)
-    measured = {n: statistics.median(t) for n, t in times.items()}
+            round_ += 1
+    measured = {n: min(t) for n, t in times.items()}
     costs = [0.0]
     for n in range(1, full + 1):
         low = max(g for g in grid if g <= n)
@@ -369,9 +374,9 @@ class TokenRecycler:
 
     def verification_costs(self, kv_dtype: torch.dtype | None = None) -> list[float]:
         """Seconds of a verification pass with n = 1 .. n_nodes + 1 tree nodes (index n; index 0 unused), after a
-        64-token context: measured on this model (median of COST_ROUNDS interleaved rounds after a warm-up, at node
-        counts 1 to 8, 12, 16, ... and the full tree, linear in between) and kept for the model, dtype, cache dtype
-        and thread count."""
+        64-token context: measured on this model (the fastest of COST_ROUNDS or more interleaved rounds after a
+        warm-up, as many as fit in COST_SECONDS; at node counts 1 to 8, 12, 16, ... and the full tree, linear in
+        between) and kept for the model, dtype, cache dtype and thread count."""
         model, full = self.model, len(self.parents)
         key = (model.dtype, kv_dtype, torch.get_num_threads(), full)
         known = _COSTS.setdefault(model, {})
@@ -555,21 +560,7 @@ class RecyclingDecoder:
             explore = r._plain_streak >= EXPLORE_EVERY  # now and then a tree anyway: calibration needs passes
             if r.adaptive and self.verify is None and not explore and r.plain_is_best(self.pending):
                 r._plain_streak += 1
-                # No tree can pay here: a plain step, without drafting, as lean as `generate`'s (its matrix row
-                # is stashed and written with the next few: `flush`).
-                self._reserve(start + 1)
-                logits = model(torch.tensor([[self.pending]], device=device), cache=cache)[0]
-                self.forward_passes += 1
-                emitted = [int(logits[0].argmax())]
-                r.skipped(emitted[0])
-                r._stash.append((self.pending, logits))
-                if len(r._stash) >= STASH_ROWS:
-                    r.flush()
-                r.stats.passes[0] = r.stats.passes.get(0, 0) + 1
-                self.emitted += 1
-                self.pending = emitted[0]
-                logprobs = None if request.logprobs is None else [token_logprobs(logits, emitted, request.logprobs)]
-                return Decoded([emitted], logprobs)
+                return self._plain_step(start)
             r.flush()  # drafts read the latest rows
             drafted, node_probs = r._draft(self.pending, n)
             path_probs = None  # set where the adaptive choice is made (and then learns from the pass)
@@ -581,7 +572,10 @@ class RecyclingDecoder:
                 if explore and n < probe:  # recorded with no expected gain: the choice did not expect any
                     n = probe
                     expected, predicted = 1.0, r.tree_cost(n)
-                r._plain_streak = r._plain_streak + 1 if n == 1 else 0
+                if n == 1:  # no tree pays after all: the lean plain step
+                    r._plain_streak += 1
+                    return self._plain_step(start)
+                r._plain_streak = 0
                 drafted = drafted[:n]
                 stats = r.stats
                 stats.passes[n] = stats.passes.get(n, 0) + 1
@@ -624,6 +618,25 @@ class RecyclingDecoder:
         self.emitted += len(emitted)
         self.pending = emitted[-1]
         logprobs = None if request.logprobs is None else [token_logprobs(rows, emitted, request.logprobs)]
+        return Decoded([emitted], logprobs)
+
+    def _plain_step(self, start: int) -> Decoded:
+        """A plain step without drafting, as lean as `generate`'s: its matrix row is stashed and written with the
+        next few (`flush`); it calibrates depth 1 with the drafts `plain_is_best` looked at."""
+        r, request = self.recycler, self.request
+        model, cache, device = r.model, self.cache, r.model.device
+        self._reserve(start + 1)
+        logits = model(torch.tensor([[self.pending]], device=device), cache=cache)[0]
+        self.forward_passes += 1
+        emitted = [int(logits[0].argmax())]
+        r.skipped(emitted[0])
+        r._stash.append((self.pending, logits))
+        if len(r._stash) >= STASH_ROWS:
+            r.flush()
+        r.stats.passes[0] = r.stats.passes.get(0, 0) + 1
+        self.emitted += 1
+        self.pending = emitted[0]
+        logprobs = None if request.logprobs is None else [token_logprobs(logits, emitted, request.logprobs)]
         return Decoded([emitted], logprobs)
 
     def finish(self, rows: list[int]) -> None:
