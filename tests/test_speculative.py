@@ -748,7 +748,7 @@ def test_verification_costs_measured_once_per_model_and_setting(models):
 @pytest.mark.parametrize("seconds, most, rounds", [(0.0, 40, 5), (60.0, 7, 7)])
 def test_verification_costs_take_rounds_within_their_time(models, monkeypatch, seconds, most, rounds):
     # At least COST_ROUNDS timed rounds after the warm-up one, more while COST_SECONDS last (at most
-    # MAX_COST_ROUNDS); each size's cost is its fastest round.
+    # MAX_COST_ROUNDS).
     target, _ = models
     monkeypatch.setattr(spec, "COST_SECONDS", seconds)
     monkeypatch.setattr(spec, "MAX_COST_ROUNDS", most)
