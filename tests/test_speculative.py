@@ -135,6 +135,29 @@ def test_recycler_matrix_persists_and_changes(models):
     assert recycler.probs.shape == (target.config.vocab_size, 8) and (recycler.probs.sum(-1) <= 1 + 1e-5).all()
 
 
+def test_rejected_tree_nodes_keep_rows_learned_from_the_text(models):
+    # A rejected node's logits follow a context the text did not take: they fill its token's row only where that
+    # row is empty, and every row a tree step overwrites belongs to a token of the text.
+    target, _ = models
+    recycler = TokenRecycler(target, n_nodes=8, adaptive=False)
+    prompt = [3, 1, 4, 1, 5]
+    recycler.generate([prompt], 30, stop_tokens=[])  # rows for the text's tokens
+    overwritten = set()
+    update = recycler.update
+
+    def spy(tokens, logits):
+        overwritten.update(t for t in tokens.tolist() if t in recycler.rows)
+        update(tokens, logits)
+
+    recycler.update = spy
+    for other in ([9, 8, 7], [2, 6, 2]):
+        got = recycler.generate([other], 30, stop_tokens=[])
+        assert got.tokens[0] == _plain(target, other, 30)
+        text = set(other + got.tokens[0])
+        assert overwritten <= text
+        overwritten.clear()
+
+
 def test_recycler_snapshot_and_restore(models):
     target, _ = models
     recycler = TokenRecycler(target, n_nodes=8)
