@@ -158,6 +158,15 @@ def test_rejected_tree_nodes_keep_rows_learned_from_the_text(models):
         overwritten.clear()
 
 
+def test_rows_to_write_keep_the_texts_rows_and_let_the_path_win():
+    # Tree of 6 nodes; tokens: root 5, then 7, 8, 7, 9, 6; the path took nodes 0, 1, 4 (tokens 5, 7, 9).
+    drafted, path = [5, 7, 8, 7, 9, 6], [0, 1, 4]
+    rows = {5: None, 6: None}  # 5 and 6 have rows already
+    # Node 2 (token 8, no row) fills; node 3 (token 7, also on the path) and node 5 (token 6, has a row) do not;
+    # the path comes last, so its rows win over any rejected node's of the same token.
+    assert spec._rows_to_write(path, drafted, rows) == [2, 0, 1, 4]
+
+
 def test_recycler_snapshot_and_restore(models):
     target, _ = models
     recycler = TokenRecycler(target, n_nodes=8)
