@@ -601,10 +601,13 @@ def test_memory_estimate_refuses_only_what_cannot_fit():
     from decoderlab.training import check_memory, estimate_memory, resolve_model_config
 
     cpu = torch.device("cpu")
+    from decoderlab.training.budget import plan_shape
+
     quick_start = TrainConfig()
+    plan_shape(quick_start)  # as the trainer does first
     model = resolve_model_config(quick_start, vocab_size=200)
     est = check_memory(quick_start, model, cpu)
-    assert est.total < 200e6  # 2 layers x 256 wide x 32 rows x 64 tokens
+    assert est.total < 200e6  # 2 layers x 256 wide x 16 rows x 128 tokens
     check_memory(TrainConfig(batch_size=8, context_length=32, model=TINY), resolve_model_config(
         TrainConfig(context_length=32, model=TINY), 65), cpu)
     # A measured point (batch 64, context 512, char vocab): 1.65 GB of new peak RSS; the lower bound is 0.42 GB.

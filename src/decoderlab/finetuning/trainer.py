@@ -101,6 +101,7 @@ class FinetuneTrainer(Trainer):
     """A fine-tuning run (see the module doc); `cfg` is a `FinetuneConfig`."""
 
     config_class: ClassVar[type] = FinetuneConfig
+    plans_budget: ClassVar[bool] = False  # the checkpoint gives the shape
     cfg: FinetuneConfig
     data: FinetuneData
 

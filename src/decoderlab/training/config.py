@@ -65,14 +65,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
-    batch_size: int = 32  # global rows per optimiser step, split over ranks and accumulation
+    batch_size: int | None = None  # global rows per optimiser step, split over ranks and accumulation (None: the
+    # budget's plan, training/budget.py)
     grad_accum: int = 1
     schedule: str = "wsd"
     warmup: float = 0.02  # fraction of the run
     decay: float = 0.5  # wsd: fraction of the run spent decaying
     lr_floor: float = 0.05
     dtype: str = "auto"  # bf16 autocast where the device runs bf16 natively, else fp32 (resolved at start)
-    compile: bool = False
+    compile: bool | None = None  # None: the budget's plan (torch.compile where its start-up is repaid)
     objective: str = "next"
     n_future: int = 0  # mtp: extra future-token heads (predicting t+2 ..)
     mtp_weight: float = 0.5  # mtp: weight of the first extra head; halves for each further head
@@ -111,8 +112,9 @@ class TrainConfig:
         need(self.objective in self.objectives,
              f"unknown objective {self.objective!r}; choose {', '.join(self.objectives)}")
         need(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
-        need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1")
-        need(self.batch_size % self.grad_accum == 0,
+        need((self.batch_size is None or self.batch_size >= 1) and self.grad_accum >= 1,
+             "batch_size and grad_accum must be at least 1")
+        need(self.batch_size is None or self.batch_size % self.grad_accum == 0,
              f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         need(self.lr > 0 and self.muon_lr > 0, "learning rates must be positive")
         for name in ("steps", "tokens", "eval_interval", "save_interval", "eval_batches", "context_length",

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .. import masks
 from ..accel import fast_bf16
+from ..accel.allocator import keep_freed_memory
 from ..atomic import atomic_write_text
 from ..checkpoint import save as save_model
 from ..data import Batch, PreparedData, describe_change, fingerprint, get_batch, input_stats, iter_eval_batches, prepare
@@ -39,6 +40,7 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import distributed as dist
 from . import snapshot as snap
+from .budget import BudgetPlan, plan_regularisation, plan_shape
 from .config import BUDGET, MASKED_OBJECTIVES, TrainConfig, parse_duration, resolve_model_config, uses_mask_token
 from .optim import build_optimizers, lr_factor
 from .resources import check_memory
@@ -100,6 +102,8 @@ class Trainer:
     """
 
     config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    # Whether a fresh run's unset shape, batch, context and compilation follow its budget (training/budget.py).
+    plans_budget: ClassVar[bool] = True
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False,
                  extend: Budget | None = None, allow_data_change: bool = False) -> None:
@@ -124,6 +128,8 @@ class Trainer:
                        "fp32 here (--dtype fp32 or auto)")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
                          else contextlib.nullcontext())
+        self.plan = self._plan_budget(resume)
+        keep_freed_memory()  # every step allocates the same activations: reuse them, no fresh pages per step
         self._check_memory_early()
         snapshot, state = None, None
         if resume:
@@ -143,6 +149,9 @@ class Trainer:
             self._check_extension(state["step"], extend)
         self.data, self.data_files = self._prepare_data(snapshot, state, allow_data_change)
         self.tokenizer = self._run_tokenizer(self.data.tokenizer)
+        if self.plan is not None:
+            self.plan = plan_regularisation(cfg, self.plan, len(self.data.train.tokens))
+            self._note(self.plan.describe())
         self.switch_step: int | None = None  # the step a --switch-to run changed objective at
         self.raw_model = self._build_model()
         self.model_config = self.raw_model.config
@@ -169,8 +178,23 @@ class Trainer:
             self._note(f"--extend: steps {segment.start}..{segment.end}, the LR re-warming from "
                        f"{segment.start_factor:.3g} x peak")
         self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self._compiled = self._compile_unproven = bool(cfg.compile)
 
     # ---- setup ---------------------------------------------------------------------------------
+
+    def _plan_budget(self, resume: bool) -> BudgetPlan | None:
+        """A fresh run of our recipe (no preset) takes its shape, batch, context and compilation from its budget
+        (`training/budget.py`); what the user set stays. Otherwise (a preset, a resumed run from before the plan,
+        fine-tuning) unset values take the fixed defaults."""
+        cfg = self.cfg
+        plan = None
+        if self.plans_budget and not resume and cfg.preset is None:
+            plan = plan_shape(cfg)
+        if cfg.batch_size is None:
+            cfg.batch_size = 32
+        if cfg.compile is None:
+            cfg.compile = False
+        return plan
 
     def _note(self, message: str) -> None:
         if self.ctx.is_main:
@@ -371,16 +395,10 @@ class Trainer:
                 group["lr"] = group["initial_lr"] * factor
         batch = self._batch()
         rows = _shard_rows(cfg.batch_size, ctx.rank, ctx.world_size)
-        micro = max(1, len(rows) // cfg.grad_accum)
-        loss_sum = torch.zeros((), device=self.device)
-        for i in range(0, len(rows), micro):
-            part = rows[i:i + micro]
-            sync = i + micro >= len(rows)
-            with dist.maybe_no_sync(self.model, sync):
-                with self.autocast:
-                    loss = self.loss(batch, part)
-                (loss * len(part) / cfg.batch_size * ctx.world_size).backward()
-            loss_sum += loss.detach() * len(part)
+        if self._compile_unproven:
+            loss_sum = self._first_compiled_step(batch, rows)
+        else:
+            loss_sum = self._accumulate(batch, rows)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), cfg.grad_clip)
         for opt in self.optimizers:
@@ -400,13 +418,50 @@ class Trainer:
             self._freeze()
         return loss_value
 
+    def _accumulate(self, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """Forward and backward over this rank's rows in --grad-accum micro-batches; the summed loss."""
+        cfg, ctx = self.cfg, self.ctx
+        micro = max(1, len(rows) // cfg.grad_accum)
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(0, len(rows), micro):
+            part = rows[i:i + micro]
+            sync = i + micro >= len(rows)
+            with dist.maybe_no_sync(self.model, sync):
+                with self.autocast:
+                    loss = self.loss(batch, part)
+                (loss * len(part) / cfg.batch_size * ctx.world_size).backward()
+            loss_sum += loss.detach() * len(part)
+        return loss_sum
+
+    def _first_compiled_step(self, batch: Batch, rows: list[int]) -> torch.Tensor:
+        """The first step through torch.compile, which compiles the forward and backward graphs: where that fails
+        (no C++ compiler, an unsupported op), the run goes on eagerly with a warning rather than dying."""
+        self._compile_unproven = False
+        try:
+            return self._accumulate(batch, rows)
+        except (UserError, MemoryError):
+            raise
+        except Exception as e:  # torch raises many kinds (BackendCompilerFailed, InductorError, CalledProcessError)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self._warn(f"torch.compile failed ({type(e).__name__}: {first}); training without it (--no-compile "
+                       "skips the attempt)")
+            self.forward = self.model
+            self._compiled = False
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            return self._accumulate(batch, rows)
+
     def loss(self, batch: Batch, rows: slice | list[int]) -> torch.Tensor:
         """The objective's loss on some rows of a batch."""
         cfg = self.cfg
         x = batch.inputs[rows].to(self.device, non_blocking=True)
         y = batch.targets[rows].to(self.device, non_blocking=True)
         positions, mask = None, None
-        if _crosses_documents(batch, rows):
+        # A compiled model always gets the document mask where the data has documents: one graph for every step,
+        # rather than a second compilation (~10 s, after the --time run has fixed its length) the first time a batch
+        # has no boundary.
+        if _crosses_documents(batch, rows) or (self._compiled and batch.doc_ids is not None
+                                               and self.data.train.n_docs > 1):
             positions = batch.positions[rows].to(self.device)
             mask = masks.causal() & masks.document(batch.doc_ids[rows].to(self.device))
         objective = self.objective()
