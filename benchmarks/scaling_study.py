@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from decoderlab.training import TrainConfig, parse_duration, train
+from decoderlab.training.config import swiglu_width
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 DEFAULT_SHAPES = ["2x256x64x32", "2x256x128x16+c", "3x256x128x16+c", "2x256x128x16+c+d0.1", "4x384x256x16+c+d0.1"]
@@ -30,7 +31,7 @@ def parse_shape(text: str) -> dict:
     core, *extras = text.split("+")
     layers, width, context, batch = (int(x) for x in core.split("x"))
     model = {"n_layers": layers, "d_model": width, "n_heads": max(1, width // 64),
-             "d_mlp": (width * 8 // 3 + 15) // 16 * 16, "dropout": 0.0}
+             "d_mlp": swiglu_width(width), "dropout": 0.0}
     compiled = False
     for extra in extras:
         if extra.startswith("c"):

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..model import Transformer
 from ..tokenizer import Tokenizer
-from ..training.config import RECIPE
+from ..training.config import RECIPE, swiglu_width
 from ..training.runfolder import is_run
 
 TASK_FOLDER = "task"
@@ -47,9 +47,9 @@ class Shape:
         if self.layers < 1 or self.width < 64 or self.width % 64:
             raise UserError(f"a task model needs at least 1 layer and a width that is a multiple of 64, got "
                             f"{self.layers} layers of width {self.width}")
-        d_mlp = (self.width * 8 // 3 + 15) // 16 * 16  # SwiGLU's usual 8/3 expansion, a multiple of 16
         return ModelConfig(vocab_size=vocab_size, context_length=self.context, **{
-            **RECIPE, "n_layers": self.layers, "d_model": self.width, "n_heads": self.width // 64, "d_mlp": d_mlp})
+            **RECIPE, "n_layers": self.layers, "d_model": self.width, "n_heads": self.width // 64,
+            "d_mlp": swiglu_width(self.width)})
 
 
 def init_model(folder: str | os.PathLike, tokenizer: Tokenizer, shape: Shape, seed: int = 0) -> Path:

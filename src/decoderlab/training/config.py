@@ -169,6 +169,11 @@ RECIPE = dict(n_layers=2, n_heads=4, d_model=256, d_mlp=688, norm="rmsnorm", pos
               hf_family=None)
 
 
+def swiglu_width(d_model: int) -> int:
+    """The recipe's MLP width for a model width: SwiGLU's usual 8/3 expansion, rounded up to a multiple of 16."""
+    return (d_model * 8 // 3 + 15) // 16 * 16
+
+
 def uses_mask_token(cfg: TrainConfig) -> bool:
     """Whether the run trains on masked tokens at some point (its tokenizer then gains a mask token)."""
     return cfg.objective in MASKED_OBJECTIVES or cfg.switch_to is not None
