@@ -144,3 +144,17 @@ def test_compiled_training_matches_eager_in_one_graph(tmp_path):
     losses = [[r["train_loss"] for r in result.history if "train_loss" in r] for result in (eager, compiled)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-3)  # fused kernels round differently
     assert compiled.val_loss == pytest.approx(eager.val_loss, abs=2e-3)
+
+
+def test_grad_accum_that_does_not_divide_the_planned_batch_is_a_one_line_error(tmp_path):
+    corpus = _tiny_corpus(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "decoderlab", "train", "--data", str(corpus), "--time", "5m",
+                          "--grad-accum", "3", "--out", str(tmp_path / "run"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("error: --grad-accum 3 does not divide the batch of 8 rows this "
+                                                   "budget chose; pass --batch-size as a multiple of it")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    cfg = _cfg(time="5m", grad_accum=4)
+    plan_shape(cfg)  # 8 rows in 4 micro-batches: fine
+    assert cfg.batch_size == 8

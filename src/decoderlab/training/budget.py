@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import UserError
+from .config import swiglu_width
+
 # The rule's unit: seconds of training at the speed of the short-budget shape on the CPU it was fitted on (2 layers,
 # width 256, context 64, batch 32: ~22k tokens/s in bf16 on 2 AVX-512/AMX cores). A --tokens or --steps budget is
 # converted at that speed; a --time budget is taken as it is.
@@ -67,7 +70,7 @@ def budget_seconds(steps: int | None, tokens: int | None, time: float | None) ->
         options.append(tokens / REFERENCE_TOKENS_PER_SECOND)
     if steps is not None:
         options.append(steps * REFERENCE_TOKENS_PER_STEP / REFERENCE_TOKENS_PER_SECOND)
-    return min(options) if options else 120.0
+    return min(options)  # a TrainConfig always has one (two minutes when none is given)
 
 
 def tier_for(seconds: float) -> Tier:
@@ -86,7 +89,7 @@ def plan_shape(cfg) -> BudgetPlan:
     if "d_model" not in model:
         # Heads of 64 and a SwiGLU width of 8/3 of the model's, rounded to 16 (as the recipe): only where the user
         # set neither, so that --width alone rescales them.
-        shape |= {"n_heads": max(1, width // 64), "d_mlp": (width * 8 // 3 + 15) // 16 * 16}
+        shape |= {"n_heads": max(1, width // 64), "d_mlp": swiglu_width(width)}
     for key, value in shape.items():
         if key not in model:
             model[key] = applied[key] = value
@@ -95,6 +98,9 @@ def plan_shape(cfg) -> BudgetPlan:
         cfg.context_length = applied["context"] = tier.context
     if cfg.batch_size is None:
         cfg.batch_size = applied["batch_size"] = tier.batch
+        if cfg.batch_size % cfg.grad_accum:
+            raise UserError(f"--grad-accum {cfg.grad_accum} does not divide the batch of {cfg.batch_size} rows this "
+                            "budget chose; pass --batch-size as a multiple of it")
     if cfg.compile is None:
         cfg.compile = applied["compile"] = tier.compile
     return BudgetPlan(seconds, tier, applied)
