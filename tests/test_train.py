@@ -349,6 +349,26 @@ def test_muon_orthogonalises_and_optimises():
     assert loss.item() < 0.2 * first
 
 
+def test_muon_batches_tall_and_wide_matrices_as_each_alone():
+    """Muon orthogonalises a tall matrix as its transpose, batched with the wide ones of that shape (and the
+    pieces of a fused matrix each on its own): the update is what each matrix alone would get."""
+    torch.manual_seed(0)
+    wide, tall, fused = (torch.nn.Parameter(torch.randn(*s)) for s in ((32, 64), (64, 32), (96, 64)))
+    grads = [torch.randn_like(p) for p in (wide, tall, fused)]
+    before = [p.detach().clone() for p in (wide, tall, fused)]
+    opt = Muon([wide, tall, fused], lr=0.1, momentum=0.0, nesterov=False, splits={fused: [32, 64]})
+    for p, g in zip((wide, tall, fused), grads, strict=True):
+        p.grad = g
+    opt.step()
+
+    def alone(g):
+        return newton_schulz(g).float() * max(1.0, g.size(0) / g.size(1)) ** 0.5
+
+    expected = [alone(grads[0]), alone(grads[1]), torch.cat([alone(grads[2][:32]), alone(grads[2][32:])])]
+    for p, b, e in zip((wide, tall, fused), before, expected, strict=True):
+        torch.testing.assert_close((b - p.detach()) / 0.1, e, atol=3e-2, rtol=0)
+
+
 def test_schedule_and_durations():
     assert lr_factor(0.0, 0.1, "wsd") == 0.0 and lr_factor(0.05, 0.1, "wsd") == pytest.approx(0.5)
     assert lr_factor(0.3, 0.1, "wsd", decay=0.5) == 1.0 and lr_factor(1.0, 0.1, "wsd", floor=0.1) == pytest.approx(0.1)

@@ -27,10 +27,17 @@ def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    flat = X.dim() == 2
+    if flat:
+        X = X[None]
     for _ in range(steps):
         A = X @ X.mT
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        # b*A + c*A@A and a*X + B@X as one fused multiply-add each: the separate scalings and sums cost as
+        # much as the products on a small model's matrices (measured: the iteration runs ~2x faster on CPU).
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    if flat:
+        X = X[0]
     return X.mT if tall else X
 
 
@@ -66,19 +73,32 @@ class Muon(torch.optim.Optimizer):
                 pieces.append(list(g.split(self.splits[p])) if p in self.splits else [g])
             # Orthogonalise all matrices of one shape in one batched iteration: on small models the
             # per-call overhead, not the arithmetic, dominates.
+            # A tall matrix is orthogonalised as its transpose, so it joins the wide ones of its shape.
             by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
             for parts in pieces:
                 for part in parts:
-                    by_shape.setdefault(tuple(part.shape), []).append(part)
+                    by_shape.setdefault(_wide(part.shape), []).append(part.mT if _tall(part) else part)
             done = {shape: iter(newton_schulz(torch.stack(mats), group["ns_steps"]).unbind(0))
                     for shape, mats in by_shape.items()}
             for p, parts in zip(params, pieces, strict=True):
                 # Scale so the update's RMS does not depend on the matrix's aspect ratio.
-                update = torch.cat([next(done[tuple(part.shape)]) * max(1.0, part.size(0) / part.size(1)) ** 0.5
-                                    for part in parts])
+                update = torch.cat([_untransposed(next(done[_wide(part.shape)]), part)
+                                    * max(1.0, part.size(0) / part.size(1)) ** 0.5 for part in parts])
                 if wd:
                     p.mul_(1 - lr * wd)
                 p.add_(update.to(p.dtype), alpha=-lr)
+
+
+def _tall(m: torch.Tensor) -> bool:
+    return m.size(0) > m.size(1)
+
+
+def _wide(shape: torch.Size) -> tuple[int, int]:
+    return (min(shape), max(shape))
+
+
+def _untransposed(update: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    return update.mT if _tall(part) else update
 
 
 def muon_splits(model: nn.Module) -> dict[nn.Parameter, list[int]]:
