@@ -23,7 +23,7 @@ from decoderlab.training import TrainConfig, parse_duration, train
 from decoderlab.training.config import swiglu_width
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-DEFAULT_SHAPES = ["2x256x64x32", "2x256x128x16+c", "3x256x128x16+c", "2x256x128x16+c+d0.1", "4x384x256x16+c+d0.1"]
+DEFAULT_SHAPES = ["2x256x64x32", "2x256x128x16+c", "4x256x256x8+c", "4x256x256x8+c+d0.1"]  # the rule's tiers
 
 
 def parse_shape(text: str) -> dict:
