@@ -49,7 +49,13 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
     ap.add_argument("--seeds", nargs="+", type=int, default=[1337])
     ap.add_argument("--out", default="study")
+    ap.add_argument("--replot", action="store_true", help="redraw study.png from --out's study.json, no training")
     args = ap.parse_args()
+    if args.replot:
+        runs = json.loads((Path(args.out) / "study.json").read_text())
+        shapes = list(dict.fromkeys(r["shape"] for r in runs))
+        _plot(runs, shapes, Path(args.out) / "study.png")
+        return
     if not SHAKESPEARE.exists():
         raise SystemExit(f"{SHAKESPEARE} not found: this study needs ../shared/data/tinyshakespeare.txt")
     os.environ.setdefault("DECODERLAB_CACHE", str(Path(tempfile.gettempdir()) / "decoderlab-bench-cache"))
@@ -93,11 +99,20 @@ def _plot(runs: list[dict], shapes: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # A run whose compilation ate its budget ends near the initial loss (~4.2): drawn at the top edge, so that
+    # the differences that matter (hundredths) stay readable.
+    top = min(2.2, max(r["val"] for r in runs) + 0.02)
     for shape in shapes:
         points = sorted({(r["seconds"], statistics.median(q["val"] for q in runs if q["shape"] == shape
                                                           and q["seconds"] == r["seconds"]))
                          for r in runs if r["shape"] == shape})
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=shape)
+        ys = [min(p[1], top) for p in points]
+        line, = ax.plot([p[0] for p in points], ys, marker="o", label=shape)
+        for (x, y), shown in zip(points, ys, strict=True):
+            if y > top:
+                ax.annotate(f"{y:.2f}", (x, shown), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=line.get_color())
+    ax.set_ylim(top=top + 0.02)
     ax.set_xscale("log")
     ax.set_xlabel("training time (s), 2 CPU cores")
     ax.set_ylabel("val loss (full split, nats/char)")
