@@ -126,7 +126,8 @@ def test_a_failed_compile_falls_back_to_eager(tmp_path, monkeypatch, capfd):
 
 def test_compiled_training_matches_eager_in_one_graph(tmp_path):
     """--compile trains the same model (fp32: same losses) and, on data with documents, compiles one graph: batches
-    with and without a document boundary take the same path."""
+    with and without a document boundary take the same path, both blocks run the same compiled graph, and the
+    evaluations run eagerly (no graph of their own)."""
     import torch._dynamo
 
     corpus = tmp_path / "docs"
@@ -135,7 +136,7 @@ def test_compiled_training_matches_eager_in_one_graph(tmp_path):
         (corpus / f"{i}.txt").write_text("all the world's a stage. " * (3 + i % 8))
     common = dict(data=[str(corpus)], steps=6, batch_size=4, context_length=32, dtype="fp32", log_interval=1,
                   eval_interval=1000, progress=False, sample_tokens=0,
-                  model={"n_layers": 1, "d_model": 32, "n_heads": 1, "dropout": 0.0})
+                  model={"n_layers": 2, "d_model": 32, "n_heads": 1, "dropout": 0.0})
     eager = train(out=str(tmp_path / "eager"), compile=False, **common)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -17,6 +17,7 @@ from decoderlab import PRESETS, ConfigError, ModelConfig, hf
     (dict(positions="alibi"), "unknown positions"),
     (dict(vocab_size=0), "vocab_size must be a positive integer"),
     (dict(dropout=1.5), "dropout"),
+    (dict(branch_drop=1.0), "branch_drop must be in [0, 1)"),
     (dict(positions="rope", head_dim=7, d_model=14, n_heads=2), "even head_dim"),
     (dict(rope_scaling={"factor": 8.0}), "rope_scaling lacks"),
 ])

@@ -226,3 +226,29 @@ def test_tensor_mask_equals_the_mask_it_materialises():
     windowed = Transformer(ModelConfig(**{**VARIANTS["llama-like"].__dict__, "sliding_window": 3})).eval()
     with torch.no_grad():
         assert torch.equal(windowed(ids, mask=masks.causal().materialize(9, 9)), windowed(ids))
+
+
+def test_branch_drop_drops_whole_tokens_of_each_branch_while_training():
+    cfg = VARIANTS["llama-like"].replace(branch_drop=0.25)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    reference = Transformer(VARIANTS["llama-like"])
+    reference.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    out = model.blocks[0]._regularise(torch.ones(4, 1000, 32))
+    per_token = out[..., :1]
+    assert torch.equal(out, per_token.expand_as(out))  # a token's branch is kept or dropped as a whole
+    kept = per_token == 1 / 0.75
+    assert bool((kept | (per_token == 0)).all())
+    assert 0.22 < 1 - kept.float().mean().item() < 0.28
+    ids = torch.randint(0, 50, (2, 24))
+    model.eval(), reference.eval()
+    assert torch.equal(model(ids), reference(ids))  # nothing dropped at inference
+    model.train()
+    torch.manual_seed(2)
+    a = model(ids)
+    torch.manual_seed(3)
+    b = model(ids)
+    assert not torch.allclose(a, b)  # random per forward
+    a.sum().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())

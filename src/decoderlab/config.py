@@ -62,6 +62,10 @@ class ModelConfig:
     # Extra heads predicting tokens t+2 .. t+1+n_future (multi-token prediction; self-speculation).
     n_future: int = 0
     dropout: float = 0.0
+    # Per-token stochastic depth, training only: each attention and each MLP branch's output is dropped for each
+    # token independently with this probability (the kept ones scaled by 1 / (1 - p)). It regularises like dropout
+    # at a fraction of its cost: 2 x batch x tokens random numbers a layer instead of one per activation.
+    branch_drop: float = 0.0
     init_std: float = 0.02
     # The training objective (`MODEL_OBJECTIVES`). An "mlm" or "diffusion" model predicts the tokens standing at
     # `mask_token_id` slots; with `shift_logits` (a model adapted from a causal one, DiffuLLaMA-style) slot i's
@@ -91,7 +95,7 @@ class ModelConfig:
             need(value is None or _is_int(value) and value > 0, f"{name} must be a positive integer or None, "
                  f"got {value!r}")
         need(_is_int(self.n_future) and self.n_future >= 0, "n_future must be a non-negative integer")
-        for name in ("norm_eps", "rope_theta", "dropout", "init_std"):
+        for name in ("norm_eps", "rope_theta", "dropout", "branch_drop", "init_std"):
             value = getattr(self, name)
             need(_is_number(value), f"{name} must be a finite number, got {value!r}")
         need(self.logit_softcap is None or _is_number(self.logit_softcap) and self.logit_softcap > 0,
@@ -118,6 +122,7 @@ class ModelConfig:
             missing -= set(self.rope_scaling)
             need(not missing, f"rope_scaling lacks {', '.join(sorted(missing))} (Llama-3-style scaling)")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(0.0 <= self.branch_drop < 1.0, f"branch_drop must be in [0, 1), got {self.branch_drop}")
         need(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         if self.sliding_layers is not None:
             layers = self.sliding_layers

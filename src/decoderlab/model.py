@@ -275,26 +275,37 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.mlp.hook_prefix = f"blocks.{layer}.mlp."
         self.dropout = config.dropout
+        self.branch_drop = config.branch_drop
         self.hook_prefix = f"blocks.{layer}."
 
     def forward(self, x: torch.Tensor, rope, attn: _AttnPlan, cache: KVCache | None, hooks: Hooks | None = None):
         if hooks is not None:
             return self._hooked_forward(x, rope, attn, cache, hooks)
         a, weights = self.attn(self.attn_norm(x), rope, attn, cache)
-        drop = self.dropout and self.training  # no dropout call when off: decoding pays for every call
-        x = x + (F.dropout(a, self.dropout) if drop else a)
+        if self.training:  # no regulariser call when off: decoding pays for every call
+            a = self._regularise(a)
+        x = x + a
         m = self.mlp(self.mlp_norm(x))
-        return x + (F.dropout(m, self.dropout) if drop else m), weights
+        return x + (self._regularise(m) if self.training else m), weights
+
+    def _regularise(self, branch: torch.Tensor) -> torch.Tensor:
+        """A residual branch's output while training: dropout, then per-token branch dropping."""
+        if self.dropout:
+            branch = F.dropout(branch, self.dropout)
+        if self.branch_drop:
+            keep = 1.0 - self.branch_drop
+            branch = branch * branch.new_empty(*branch.shape[:-1], 1).bernoulli_(keep).div_(keep)
+        return branch
 
     def _hooked_forward(self, x: torch.Tensor, rope, attn: _AttnPlan, cache: KVCache | None, hooks: Hooks):
         """`forward` with the block's hook points (TransformerLens names) on the residual stream and its parts."""
         p = self.hook_prefix
         x = _fire(hooks, p + "hook_resid_pre", x)
         a, weights = self.attn(_fire(hooks, p + "ln1.hook_normalized", self.attn_norm(x)), rope, attn, cache, hooks)
-        a = _fire(hooks, p + "hook_attn_out", F.dropout(a, self.dropout) if self.dropout and self.training else a)
+        a = _fire(hooks, p + "hook_attn_out", self._regularise(a) if self.training else a)
         x = _fire(hooks, p + "hook_resid_mid", x + a)
         m = self.mlp(_fire(hooks, p + "ln2.hook_normalized", self.mlp_norm(x)), hooks)
-        m = _fire(hooks, p + "hook_mlp_out", F.dropout(m, self.dropout) if self.dropout and self.training else m)
+        m = _fire(hooks, p + "hook_mlp_out", self._regularise(m) if self.training else m)
         return _fire(hooks, p + "hook_resid_post", x + m), weights
 
 

@@ -196,7 +196,7 @@ def resolve_model_config(cfg: TrainConfig, vocab_size: int, mask_token_id: int |
             raise UserError(f"--objective {cfg.objective} needs a tokenizer with a mask token")
         changes.update(objective=cfg.objective, bidirectional=True, mask_token_id=mask_token_id)
     if base.hf_family is not None and any(k not in ("vocab_size", "context_length", "n_layers", "n_heads",
-                                                    "d_model", "d_mlp", "dropout", "objective",
+                                                    "d_model", "d_mlp", "dropout", "branch_drop", "objective",
                                                     "bidirectional", "mask_token_id") for k in changes):
         changes["hf_family"] = None  # an architecture change leaves the HF family
     return base.replace(**changes)
