@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from decoderlab.training import TrainConfig, train
-from decoderlab.training.budget import DROPOUT, TIERS, budget_seconds, plan_regularisation, plan_shape, tier_for
+from decoderlab.training.budget import BRANCH_DROP, TIERS, budget_seconds, plan_regularisation, plan_shape, tier_for
 
 
 @pytest.fixture(autouse=True)
@@ -52,19 +52,23 @@ def test_flags_override_the_plan():
     assert (cfg.context_length, cfg.batch_size, cfg.compile) == (48, 8, False)
     assert cfg.model["n_layers"] == 3 and "n_layers" not in plan.applied
     plan = plan_regularisation(cfg, plan, train_tokens=1000)  # many epochs, but dropout was set
-    assert cfg.model["dropout"] == 0.0 and "dropout" not in plan.applied
+    assert cfg.model["dropout"] == 0.0 and "dropout" not in plan.applied and "branch_drop" not in cfg.model
+    other = _cfg(time="5m", model={"branch_drop": 0.3})
+    plan = plan_regularisation(other, plan_shape(other), train_tokens=1000)
+    assert other.model["branch_drop"] == 0.3 and "branch_drop" not in plan.applied and "dropout" not in other.model
 
 
-def test_dropout_follows_the_epochs_the_run_will_see():
+def test_regularisation_follows_the_epochs_the_run_will_see():
     small, large, shallow = _cfg(steps=20_000), _cfg(steps=20_000), _cfg(steps=1000)
     plan_small = plan_regularisation(small, plan_shape(small), train_tokens=1_000_000)  # 41M tokens: 41 epochs
     plan_large = plan_regularisation(large, plan_shape(large), train_tokens=100_000_000)
-    assert small.model["n_layers"] == 4 and small.model["dropout"] == DROPOUT
+    assert small.model["n_layers"] == 4 and small.model["branch_drop"] == BRANCH_DROP
+    assert "dropout" not in small.model and "branch_drop=0.1" in plan_small.describe()
     assert plan_small.epochs == pytest.approx(20_000 * 8 * 256 / 1_000_000)
-    assert large.model["dropout"] == 0.0 and "epochs" in plan_large.describe()
-    # The 2-layer tiers never get dropout (it measured worse there even when they overfit).
+    assert large.model["branch_drop"] == 0.0 and "epochs" in plan_large.describe()
+    # The 2-layer tiers are never regularised (dropout measured worse there even when they overfit).
     plan_regularisation(shallow, plan_shape(shallow), train_tokens=1000)
-    assert shallow.model["n_layers"] == 2 and shallow.model["dropout"] == 0.0
+    assert shallow.model["n_layers"] == 2 and shallow.model["branch_drop"] == 0.0
 
 
 def _tiny_corpus(tmp_path):
@@ -81,7 +85,8 @@ def test_a_run_records_and_prints_its_plan(tmp_path, capfd):
     saved = json.loads((result.run_dir / "train_config.json").read_text())
     # Recorded as resolved values, so that --resume continues the same run whatever the rule says later.
     assert (saved["context_length"], saved["batch_size"], saved["compile"]) == (64, 32, False)
-    assert saved["model"]["n_layers"] == 2 and saved["model"]["d_model"] == 64 and saved["model"]["dropout"] == 0.0
+    assert saved["model"]["n_layers"] == 2 and saved["model"]["d_model"] == 64
+    assert saved["model"]["branch_drop"] == 0.0
     err = capfd.readouterr().err
     assert "budget ~" in err and "context=64" in err and "n_layers=2" in err and "d_model=" not in err
 
@@ -92,7 +97,7 @@ def test_presets_and_finetuning_keep_fixed_defaults(tmp_path):
                    sample_tokens=0, model={"n_layers": 1, "d_model": 32, "n_heads": 1})
     saved = json.loads((result.run_dir / "train_config.json").read_text())
     assert (saved["context_length"], saved["batch_size"], saved["compile"]) == (None, 32, False)
-    assert "dropout" not in saved["model"]
+    assert "dropout" not in saved["model"] and "branch_drop" not in saved["model"]
     from decoderlab.finetuning import FinetuneConfig
 
     assert FinetuneConfig.__dataclass_fields__["batch_size"].default == 8

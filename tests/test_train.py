@@ -642,3 +642,32 @@ def test_memory_estimate_refuses_only_what_cannot_fit():
     accum = TrainConfig(batch_size=256, grad_accum=8, context_length=64)
     assert estimate_memory(accum, model).rows == 32  # activations are per micro-batch
     assert available_memory() is None or available_memory() > 0
+
+
+def test_embedding_and_head_take_their_own_learning_rates(corpus, tmp_path):
+    from decoderlab.training.optim import build_optimizers
+
+    def rates(model, **kwargs):
+        adam = build_optimizers(model, TrainConfig(data=["x"], steps=1, **kwargs), torch.device("cpu"))[0]
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: g["lr"] for g in adam.param_groups for p in g["params"]}, len(adam.param_groups)
+
+    torch.manual_seed(0)
+    untied = decoderlab.Transformer(decoderlab.ModelConfig(vocab_size=40, n_layers=1, n_heads=2, d_model=32,
+                                                           tie_embeddings=False, norm="rmsnorm"))
+    lrs, groups = rates(untied, embed_lr=0.05, head_lr=0.005)
+    assert lrs["embed.weight"] == 0.05 and lrs["lm_head.weight"] == 0.005 and groups == 4
+    assert {lr for name, lr in lrs.items() if "norm" in name} == {0.01}
+    # Unset (a run from before these fields, fine-tuning) or tied: `lr` for all, in the original two groups, so
+    # that an old snapshot's optimizer state still loads.
+    lrs, groups = rates(untied)
+    assert set(lrs.values()) == {0.01} and groups == 2
+    tied = decoderlab.Transformer(decoderlab.ModelConfig(vocab_size=40, n_layers=1, n_heads=2, d_model=32))
+    lrs, groups = rates(tied, embed_lr=0.05, head_lr=0.005)
+    assert set(lrs.values()) == {0.01}
+    # A fresh run of the recipe records the rates it resolved (5x and 0.5x lr), and resumes with them.
+    result = train(data=[str(corpus)], out=str(tmp_path / "run"), steps=4, batch_size=4, context_length=16,
+                   model=TINY, progress=False, sample_tokens=0, eval_interval=2)
+    saved = json.loads((result.run_dir / "train_config.json").read_text())
+    assert (saved["embed_lr"], saved["head_lr"]) == (0.05, 0.005)
+    train(out=str(tmp_path / "run"), resume=True, extend=decoderlab.training.Budget(steps=2), progress=False)

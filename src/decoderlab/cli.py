@@ -102,6 +102,9 @@ def train(
     optimizer: str = typer.Option(None, help="muon (default) or adamw."),
     lr: float = typer.Option(None, help="AdamW learning rate."),
     muon_lr: float = typer.Option(None, help="Muon learning rate."),
+    embed_lr: float = typer.Option(None, help="AdamW learning rate of the token embedding (default with Muon: 5x "
+                                   "--lr)."),
+    head_lr: float = typer.Option(None, help="AdamW learning rate of the LM head (default with Muon: 0.5x --lr)."),
     schedule: str = typer.Option(None, help="wsd (default), cosine or constant."),
     warmup: float = typer.Option(None, help="Warmup as a fraction of the run."),
     weight_decay: float = typer.Option(None, help="Weight decay."),
@@ -147,6 +150,7 @@ def train(
     given = dict(data=data or None, tokenizer=tokenizer, vocab_size=vocab_size, time=time, steps=steps,
                  tokens=tokens, out=out, preset=preset, model=model or None, context_length=context,
                  batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr, muon_lr=muon_lr,
+                 embed_lr=embed_lr, head_lr=head_lr,
                  schedule=schedule, warmup=warmup, weight_decay=weight_decay, dtype=dtype, compile=compile,
                  objective=objective, n_future=n_future, switch_to=switch_to, switch_at=switch_at,
                  eval_interval=eval_interval, save_interval=save_interval,

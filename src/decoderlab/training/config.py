@@ -22,8 +22,8 @@ MASKED_OBJECTIVES = ("mlm", "diffusion")
 DTYPES = ("auto", "bf16", "fp32")
 # Changing these on --resume would make the run a different run.
 FROZEN_ON_RESUME = ("data", "tokenizer", "vocab_size", "preset", "model", "seed", "objective", "n_future",
-                    "switch_to", "switch_at", "batch_size", "context_length", "optimizer", "lr", "muon_lr", "betas",
-                    "weight_decay", "schedule", "warmup", "decay", "lr_floor", "packed", "fsdp")
+                    "switch_to", "switch_at", "batch_size", "context_length", "optimizer", "lr", "muon_lr", "embed_lr",
+                    "head_lr", "betas", "weight_decay", "schedule", "warmup", "decay", "lr_floor", "packed", "fsdp")
 # The run's budget: frozen in its schedule; on resume only `--extend` takes new values (for the extra training).
 BUDGET = ("steps", "tokens", "time")
 
@@ -62,6 +62,10 @@ class TrainConfig:
     optimizer: str = "muon"
     lr: float = 0.01  # AdamW's lr for embeddings/head/norms (and everything, with --optimizer adamw)
     muon_lr: float = 0.03
+    # AdamW's lr for the token embedding and for the LM head (untied). None: a fresh Muon run takes the recipe's
+    # EMBED_LR_FACTOR and HEAD_LR_FACTOR times `lr` (recorded in train_config.json); otherwise `lr`.
+    embed_lr: float | None = None
+    head_lr: float | None = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float | None = 1.0
@@ -116,7 +120,8 @@ class TrainConfig:
              "batch_size and grad_accum must be at least 1")
         need(self.batch_size is None or self.batch_size % self.grad_accum == 0,
              f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
-        need(self.lr > 0 and self.muon_lr > 0, "learning rates must be positive")
+        need(self.lr > 0 and self.muon_lr > 0 and all(v is None or v > 0 for v in (self.embed_lr, self.head_lr)),
+             "learning rates must be positive")
         for name in ("steps", "tokens", "eval_interval", "save_interval", "eval_batches", "context_length",
                      "eval_limit"):
             value = getattr(self, name)
@@ -161,6 +166,12 @@ class TrainConfig:
             data["betas"] = tuple(data["betas"])
         return cls(**data)
 
+
+# The recipe's AdamW rates for the token embedding and the LM head, as multiples of `lr` (with Muon): a fast
+# embedding and a slow head (as modded-nanogpt's). On tinyshakespeare, 2 seeds each: 10 s 1.846 -> 1.790, 90 s
+# 1.524 -> 1.500 (benchmarks/README.md, "Training for a budget").
+EMBED_LR_FACTOR = 5.0
+HEAD_LR_FACTOR = 0.5
 
 # Our recipe for a small model on a CPU, from ablations on tinyshakespeare at a fixed token budget
 # (benchmarks/README.md): shallow and wide enough, RoPE, SwiGLU, QK-norm, no biases, untied embeddings.

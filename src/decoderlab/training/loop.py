@@ -38,6 +38,7 @@ from ..finetuning.objectives import MASK_TOKEN
 from ..masked import Noised, diffusion_nll, diffusion_noise, masked_loss, mlm_noise, scored_slots
 from ..model import Transformer
 from ..tokenizer import Tokenizer
+from . import config as train_config
 from . import distributed as dist
 from . import snapshot as snap
 from .budget import BudgetPlan, plan_regularisation, plan_shape
@@ -195,6 +196,10 @@ class Trainer:
         plan = None
         if self.plans_budget and not resume and cfg.preset is None:
             plan = plan_shape(cfg)
+        if self.plans_budget and not resume and cfg.optimizer == "muon":
+            # Resolved (and so recorded) for fresh runs only: a resumed run from before these fields keeps `lr`.
+            cfg.embed_lr = cfg.embed_lr or train_config.EMBED_LR_FACTOR * cfg.lr
+            cfg.head_lr = cfg.head_lr or train_config.HEAD_LR_FACTOR * cfg.lr
         if cfg.batch_size is None:
             cfg.batch_size = 32
         if cfg.compile is None:

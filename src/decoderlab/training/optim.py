@@ -125,9 +125,24 @@ def build_optimizers(model: nn.Module, cfg, device: torch.device) -> list[torch.
         (hidden if is_matrix and cfg.optimizer == "muon" else other).append(p)
     fused = {"fused": True} if device.type in ("cpu", "cuda") and not cfg.fsdp else {}
     muon = cfg.optimizer == "muon"
+    # The token embedding and the LM head get their own learning rates where the config gives them (a training
+    # run of the recipe: `TrainConfig.embed_lr`, `head_lr`); a tied matrix, fine-tuning and runs from before
+    # these fields keep `lr` (and the optimizer's original groups, so their snapshots still load).
+    rates = {"embed.": getattr(cfg, "embed_lr", None), "lm_head.": getattr(cfg, "head_lr", None)}
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    own: dict[str, list[nn.Parameter]] = {k: [] for k, lr in rates.items() if lr and lr != cfg.lr and not tied}
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p in other:
+        prefix = next((k for k in own if names[id(p)].startswith(k)), None)
+        if prefix is not None:
+            own[prefix].append(p)
+    mine = {id(p) for ps in own.values() for p in ps}
+    other = [p for p in other if id(p) not in mine]
     # Weight decay on matrices only (as nanoGPT): decaying norm gains and biases only hurts.
-    groups = [{"params": [p for p in other if p.dim() >= 2], "weight_decay": 0.0 if muon else cfg.weight_decay},
+    decay = 0.0 if muon else cfg.weight_decay
+    groups = [{"params": [p for p in other if p.dim() >= 2], "weight_decay": decay},
               {"params": [p for p in other if p.dim() < 2], "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": decay, "lr": rates[prefix]} for prefix, ps in own.items()]
     groups = [g for g in groups if g["params"]]
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas,
                                                            eps=1e-10 if muon else 1e-8, **fused)]
